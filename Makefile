@@ -1,0 +1,32 @@
+# The two commands a newcomer types: `make test` and `make demo`. Both create/refresh .venv first.
+#
+# torch: nnU-Net's trainer lookup imports timm -> torchvision, so torch and torchvision must be a matching
+# pair. We pin torch 2.14.1 + torchvision 0.29.1 (PyPI's default builds, CUDA 13 inside, they run on CPU
+# too). On this project's machines pip takes both, and the nvidia-* wheels, from a local wheel mirror (about
+# 1 min, no download); elsewhere they come from PyPI. Override for another CUDA build, e.g.
+#   make test TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/nndiff demo
+
+clean:
+	rm -rf $(VENV) nndiff_demo .pytest_cache build *.egg-info

@@ -1,0 +1,149 @@
+"""The ``nndiff`` command. Training and prediction are nnU-Net's own console scripts; ``nndiff`` adds what
+they cannot do: print the one line of set-up (``env``), list trainers (``trainers``), pass predict-time
+diffusion options as flags (``predict``), make synthetic data (``make-synthetic``) and run the demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import NNDiffError
+
+
+def ext_trainer_dir() -> str:
+    """The folder nnU-Net's ``nnUNet_extTrainer`` must name: it holds only the re-exporting module."""
+    return str(Path(__file__).resolve().parent / "nnunet_ext")
+
+
+def ext_trainer_value(current: str | None = None) -> str:
+    """``nnUNet_extTrainer`` with our folder appended (kept once; the user's own folders stay first)."""
+    current = os.environ.get("nnUNet_extTrainer", "") if current is None else current
+    parts = [p for p in current.split(os.pathsep) if p]
+    ours = ext_trainer_dir()
+    if ours not in parts:
+        parts.append(ours)
+    return os.pathsep.join(parts)
+
+
+def environment_with_trainers(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer", ""))
+    return env
+
+
+def cmd_env(args) -> int:
+    import shlex
+    print(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value())}")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(var):
+            print(f"# {var} is not set: nnU-Net needs it (nnU-Net's documentation/setting_up_paths.md)")
+    return 0
+
+
+def cmd_trainers(args) -> int:
+    from . import config
+    from .trainers import TRAINERS
+    for name, cls in sorted(TRAINERS.items()):
+        desc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        if cls.variant:
+            desc = config.load(cls.head)["variants"][cls.variant].get("description", "")
+        print(f"{name:32s} {desc}")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from .dataset_conversion.synthetic import make_synthetic_dataset
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        raise NNDiffError("give the nnU-Net raw folder (--raw) or set nnUNet_raw")
+    out = make_synthetic_dataset(raw, args.d, args.name, args.n, args.n_test, tuple(args.shape),
+                                 seed=args.seed, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+PREDICT_FLAGS = (("--steps", "NNDIFF_STEPS"), ("--samples", "NNDIFF_SAMPLES"), ("--seed", "NNDIFF_SEED"),
+                 ("--sampler", "NNDIFF_SAMPLER"), ("--tta-refine", "NNDIFF_TTA_REFINE"))
+
+
+def cmd_predict(args, rest: list[str]) -> int:
+    """Set the NNDIFF_* variables from the flags, then run nnU-Net's own nnUNetv2_predict entry point."""
+    from .inference.options import SamplingOptions, options_from_env
+    env = environment_with_trainers()
+    for flag, var in PREDICT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            env[var] = str(value)
+    if args.no_refine:
+        env["NNDIFF_REFINE"] = "0"
+    options_from_env(SamplingOptions(), 10 ** 9, env)  # check the values before nnU-Net starts
+    os.environ.update(env)
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    sys.argv = ["nnUNetv2_predict", *rest]
+    predict_entry_point()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nndiff", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("env", help="print the shell line that lets nnU-Net find our trainers: "
+                                   "eval \"$(nndiff env)\"")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("trainers", help="list the trainers (-tr names) this package provides")
+    p.set_defaults(func=cmd_trainers)
+
+    p = sub.add_parser("make-synthetic", help="write a small synthetic 4-channel tumour dataset (nnU-Net raw)")
+    p.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("-d", type=int, default=990, help="dataset id (default 990)")
+    p.add_argument("--name", default="NNDiffSynthetic")
+    p.add_argument("-n", type=int, default=8, help="training cases (default 8)")
+    p.add_argument("--n-test", type=int, default=2, help="test cases, written to imagesTs/labelsTs")
+    p.add_argument("--shape", type=int, nargs=3, default=(32, 40, 36), metavar=("Z", "Y", "X"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("predict", help="nnUNetv2_predict with diffusion options as flags; every other argument "
+                                       "goes to nnUNetv2_predict unchanged",
+                       epilog="example: nndiff predict --steps 10 --sampler ddim -i imagesTs -o pred -d 501 "
+                              "-c 3d_fullres -f 0 -tr nnUNetTrainerNNDM")
+    p.add_argument("--steps", type=int, help="reverse diffusion steps (NNDIFF_STEPS)")
+    p.add_argument("--samples", type=int, help="refinement samples averaged (NNDIFF_SAMPLES)")
+    p.add_argument("--seed", type=int, help="sampling seed (NNDIFF_SEED)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="NNDIFF_SAMPLER")
+    p.add_argument("--tta-refine", choices=("window", "mirror"), help="NNDIFF_TTA_REFINE")
+    p.add_argument("--no-refine", action="store_true", help="backbone output only (NNDIFF_REFINE=0)")
+    p.set_defaults(func=cmd_predict, passthrough=True)
+
+    p = sub.add_parser("demo", help="the whole road on synthetic data: dataset, plan, train baseline and NNDM, "
+                                    "predict with and without refinement, Dice")
+    p.add_argument("--workdir", default="nndiff_demo", help="folder for raw/preprocessed/results (default "
+                                                            "./nndiff_demo); re-running reuses finished steps")
+    p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    p.add_argument("--variant", default="demo", help="trainer variant to train (default: demo; tiny is faster)")
+    p.set_defaults(func=None)
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.cmd == "predict":
+            return cmd_predict(args, rest)
+        if args.cmd == "demo":
+            from .demo import run_demo
+            return run_demo(Path(args.workdir), fresh=args.fresh, variant=args.variant)
+        return args.func(args)
+    except NNDiffError as e:
+        print(f"nndiff {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nndiff {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""trainer_configs/*.toml: each head's paper hyper-parameters ([defaults]) and named variants ([variants.X]).
+
+A variant is data: ``nnUNetTrainerNNDM_tiny`` is the class ``nnUNetTrainerNNDM`` with the keys of
+``[variants.tiny]`` laid over ``[defaults]``. Variant classes are generated from these files (see
+``trainers/registry.py``), so adding a variant never means copying a class.
+"""
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from importlib import resources
+
+from .errors import NNDiffConfigError
+
+# keys every trainer understands (nnU-Net's own training-length knobs); heads add their own keys
+TRAINING_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every",
+                 "initial_lr", "weight_decay", "oversample_foreground_percent")
+META_KEYS = ("description",)
+
+
+def _config_file(head: str):
+    return resources.files("nnunet_diffusion.trainer_configs").joinpath(f"{head}.toml")
+
+
+@lru_cache(maxsize=None)
+def load(head: str) -> dict:
+    """The parsed trainer_configs/<head>.toml (``defaults`` and ``variants`` tables)."""
+    f = _config_file(head)
+    if not f.is_file():
+        raise NNDiffConfigError(f"no trainer config for head {head!r}: {f} does not exist")
+    try:
+        data = tomllib.loads(f.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise NNDiffConfigError(f"trainer config {f} is not valid TOML: {e}") from None
+    defaults = data.get("defaults", {})
+    variants = data.get("variants", {})
+    allowed = set(defaults) | set(META_KEYS)
+    for name, overrides in variants.items():
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise NNDiffConfigError(f"{f}: variant [{name}] sets unknown key(s) {unknown}; "
+                                    f"known keys are those of [defaults]: {sorted(defaults)}")
+        if not name.isidentifier():
+            raise NNDiffConfigError(f"{f}: variant name {name!r} must be a Python identifier "
+                                    f"(it becomes part of a class name)")
+    return {"defaults": defaults, "variants": variants, "file": str(f)}
+
+
+def variant_names(head: str) -> list[str]:
+    return sorted(load(head)["variants"])
+
+
+def resolve(head: str, variant: str | None = None) -> dict:
+    """``[defaults]`` with ``[variants.<variant>]`` laid over it."""
+    cfg = load(head)
+    out = dict(cfg["defaults"])
+    if variant is not None:
+        if variant not in cfg["variants"]:
+            raise NNDiffConfigError(f"unknown {head} variant {variant!r}; known variants: "
+                                    f"{', '.join(variant_names(head)) or '(none)'} (declared in {cfg['file']})")
+        out.update({k: v for k, v in cfg["variants"][variant].items() if k not in META_KEYS})
+    return out

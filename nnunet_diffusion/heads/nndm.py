@@ -1,0 +1,113 @@
+"""NNDM (Mekanaboyina 2025, ../shared/papers/NNDM.md) as plain torch: no nnU-Net imports.
+
+The paper numbers no equations; each function names the formula it implements by section:
+- §4.2 residual:        e = y − ŷ                                         (``residual``)
+- §4.2 forward process: q(e_t | e_{t−1}) = N(√(1−β_t) e_{t−1}, β_t I)      (``diffusion_loss`` via the core's q_sample)
+- §4.2 reverse process: p_φ(e_{t−1} | e_t, x)                             (``refine`` via the core's sampler)
+- §4.2 L_diff:          E ||ε_t − ε_φ(e_t, t, x)||²                          (``diffusion_loss``)
+- §4.3 L_total:         L_seg + λ L_diff                                   (``total_loss``)
+- §4.3 refinement:      ŷ_T = DiffRefine(ŷ_0, x; φ)                          (``refine`` + ``refined_probabilities``)
+
+Conventions: ŷ are the backbone's probabilities (softmax over classes including background, or one
+sigmoid per region when the dataset is region-based as BraTS is); y is the matching one-hot / region
+target; e ∈ [−1, 1] per channel. The refiner is conditioned on the image x *and* on ŷ (the paper's
+"ŷ_0 ... serves as the conditioning input"), i.e. ε_φ(e_t, t, x ⊕ ŷ).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..diffusion import NoiseSchedule, noise_prediction_loss, sample
+
+
+def probabilities(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
+    """ŷ from the backbone's logits: sigmoid per region, softmax over classes otherwise (float32)."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if has_regions else torch.softmax(logits, 1)
+
+
+def target_channels(target: torch.Tensor, num_heads: int, has_regions: bool,
+                    ignore_label: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """y in the layout of ŷ, plus a (B,1,…) mask of voxels that count (None when nothing is ignored).
+
+    Region targets arrive from nnU-Net already as one channel per region (+ a trailing ignore channel
+    when the dataset has an ignore label); label targets arrive as (B,1,…) integer maps.
+    """
+    if has_regions:
+        y = target.float()
+        if ignore_label is not None:
+            mask = 1.0 - y[:, -1:]
+            return y[:, :-1], mask
+        return y, None
+    labels = target[:, 0].long()
+    mask = None
+    if ignore_label is not None:
+        mask = (labels != ignore_label).unsqueeze(1).float()
+        labels = torch.where(labels == ignore_label, torch.zeros_like(labels), labels)
+    y = torch.nn.functional.one_hot(labels, num_heads).movedim(-1, 1).float()
+    return y, mask
+
+
+def residual(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """NNDM §4.2: e = y − ŷ (the residual the diffusion model learns)."""
+    return y.float() - y_hat.float()
+
+
+def refiner_input(e_t: torch.Tensor, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """The denoiser's input: noisy residual e_t ⊕ image x ⊕ baseline probabilities ŷ (channel concat)."""
+    return torch.cat([e_t.to(x.dtype), x, y_hat.to(x.dtype)], 1)
+
+
+def diffusion_loss(refiner, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
+                   mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """NNDM §4.2 L_diff = E_{e,t,ε} ||ε − ε_φ(e_t, t, x)||² with e = y − ŷ and
+    e_t = √ᾱ_t e + √(1−ᾱ_t) ε (the closed form of q(e_t | e_{t−1}) iterated, DDPM eq. 4)."""
+    e = residual(y, y_hat)
+    t = schedule.sample_timesteps(e.shape[0], e.device, generator)
+    noise = torch.randn(e.shape, device=e.device, dtype=torch.float32, generator=generator)
+    e_t = schedule.q_sample(e, noise, t)
+    predicted = refiner(refiner_input(e_t, x, y_hat), t)
+    return noise_prediction_loss(noise, predicted, mask)
+
+
+def total_loss(seg_loss: torch.Tensor, diff_loss: torch.Tensor, lam: float) -> torch.Tensor:
+    """NNDM §4.3: L_total = L_seg + λ L_diff."""
+    return seg_loss + lam * diff_loss
+
+
+@torch.no_grad()
+def refine(refiner, schedule: NoiseSchedule, x: torch.Tensor, y_hat: torch.Tensor, steps: int,
+           sampler: str = "ddim", num_samples: int = 1, seed: int = 0) -> torch.Tensor:
+    """NNDM §4.3 DiffRefine: ê ~ p_φ(e | x, ŷ_0) by ``steps`` reverse steps from e_T ~ N(0, I)
+    (§4.2 reverse process), averaged over ``num_samples`` draws. Returns ê (float32, shape of ŷ).
+
+    Reproducible: draw i uses a generator seeded with ``seed + i`` on x's device, so the same window
+    gives the same ê whatever else was predicted before it.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    total = None
+    for i in range(num_samples):
+        gen = torch.Generator(device=x.device).manual_seed(int(seed) + i)
+        e_hat = sample(lambda e_t, t: refiner(refiner_input(e_t, x, y_hat), t), y_hat.shape, schedule, steps,
+                       sampler, generator=gen, device=x.device, clip=1.0)
+        total = e_hat if total is None else total + e_hat
+    return total / num_samples
+
+
+def refined_probabilities(y_hat: torch.Tensor, e_hat: torch.Tensor, has_regions: bool) -> torch.Tensor:
+    """ŷ_T = ŷ_0 + ê, kept a valid probability map: clipped to [0, 1]; for softmax outputs renormalised to
+    sum to one over classes (y and ŷ both sum to one, so the learnt e sums to ≈ 0 already)."""
+    p = (y_hat.float() + e_hat.float()).clamp(0.0, 1.0)
+    if not has_regions:
+        p = p / p.sum(1, keepdim=True).clamp_min(1e-6)
+    return p
+
+
+def probabilities_to_logits(p: torch.Tensor, has_regions: bool, eps: float = 1e-4) -> torch.Tensor:
+    """Logits whose sigmoid (regions) / softmax (classes) is ``p``, bounded to ±log((1−eps)/eps) ≈ ±9.2 so
+    nnU-Net's float16 sliding-window buffer (Gaussian weight ≤ 10) can never overflow to inf."""
+    p = p.float().clamp(eps, 1.0 - eps)
+    return torch.log(p) - torch.log1p(-p) if has_regions else torch.log(p)

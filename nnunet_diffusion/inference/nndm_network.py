@@ -1,0 +1,162 @@
+"""The nn.Module nnU-Net trains, checkpoints and predicts with for NNDM: planned backbone + refiner.
+
+nnU-Net's predictor builds this module through the trainer's static ``build_network_architecture``,
+strict-loads ``network_weights`` and calls ``forward`` once per window and mirror. So everything the
+prediction needs lives here: the refiner's weights, whether the outputs are regions (a persistent
+buffer, because ``build_network_architecture`` is not told), and the sampling options (trainer config +
+NNDIFF_* environment variables, see ``options.py``). The sliding window, Gaussian weighting, mirroring
+and export stay nnU-Net's.
+
+Forward in eval mode: logits → ŷ_0 → ê = DiffRefine(ŷ_0, x) → ŷ_T = ŷ_0 + ê → logits of ŷ_T (NNDM §4.3).
+With NNDIFF_REFINE=0 it returns the backbone's logits untouched.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..diffusion import NoiseSchedule
+from ..errors import NNDiffCheckpointError
+from ..heads import nndm
+from .options import SamplingOptions
+
+
+class NNDMNetwork(nn.Module):
+    def __init__(self, backbone: nn.Module, refiner: nn.Module, schedule: NoiseSchedule,
+                 sampling: SamplingOptions, region_based: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.refiner = refiner
+        self.schedule = schedule
+        self.sampling = sampling
+        # persistent: the predictor learns from the checkpoint whether outputs are sigmoid regions
+        self.register_buffer("region_based", torch.tensor(int(region_based), dtype=torch.uint8))
+        # persistent: number of optimiser steps the refiner has had (0 = never trained, e.g. stage 1 only)
+        self.register_buffer("refiner_updates", torch.zeros((), dtype=torch.long))
+        self._window_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._warned_untrained = False
+
+    # nnU-Net's set_deep_supervision_enabled reaches for ``network.decoder``
+    @property
+    def decoder(self):
+        return self.backbone.decoder
+
+    @property
+    def has_regions(self) -> bool:
+        return bool(self.region_based.item())
+
+    # ------------------------------------------------------------------ training
+    def training_forward(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor],
+                         train_backbone: bool, train_refiner: bool, detach_y_hat: bool):
+        """Backbone output, L_diff (None when the refiner is not trained in this stage) and a zero-valued
+        term that ties every frozen parameter into the graph: DistributedDataParallel requires every
+        parameter to take part in every forward (nnU-Net wraps without find_unused_parameters)."""
+        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+            out = self.backbone(x)
+        l_diff = None
+        if train_refiner:
+            logits = out[0] if isinstance(out, (list, tuple)) else out
+            y_hat = nndm.probabilities(logits, self.has_regions)
+            if detach_y_hat or not train_backbone:
+                y_hat = y_hat.detach()
+            l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask)
+        frozen = ([] if train_backbone else [self.backbone]) + ([] if train_refiner else [self.refiner])
+        zero = x.new_zeros((), dtype=torch.float32)
+        for m in frozen:
+            for p in m.parameters():
+                zero = zero + 0.0 * p.float().sum()
+        return out, l_diff, zero
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                train_backbone: bool = True, train_refiner: bool = False, detach_y_hat: bool = False):
+        if y is not None:
+            return self.training_forward(x, y, mask, train_backbone, train_refiner, detach_y_hat)
+        out = self.backbone(x)
+        if self.training or not self._refinement_active():
+            return out
+        logits = out[0] if isinstance(out, (list, tuple)) else out
+        refined = self.refine_logits(x, logits)
+        return [refined, *out[1:]] if isinstance(out, (list, tuple)) else refined
+
+    # ------------------------------------------------------------------ inference
+    def _refinement_active(self) -> bool:
+        if not self.sampling.refine:
+            return False
+        if int(self.refiner_updates) == 0:
+            if not self._warned_untrained:
+                warnings.warn("NNDM: this network's refiner has never been trained (the checkpoint is from "
+                              "stage 1, the plain nnU-Net stage); predicting with the nnU-Net backbone alone.",
+                              stacklevel=2)
+                self._warned_untrained = True
+            return False
+        return True
+
+    def refine_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """NNDM §4.3: logits of ŷ_T = ŷ_0 + ê for one window (a fresh tensor: the predictor adds into it)."""
+        regions = self.has_regions
+        y_hat = nndm.probabilities(logits, regions)
+        e_hat = self._residual(x, y_hat)
+        p = nndm.refined_probabilities(y_hat, e_hat, regions)
+        return nndm.probabilities_to_logits(p, regions).to(logits.dtype)
+
+    def _residual(self, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        """ê for this window. With tta_refine='window' a mirrored copy of the previous window (nnU-Net's
+        test-time mirroring calls forward with flip(x) right after x) reuses that window's ê, flipped:
+        the refiner then runs once per window instead of once per mirror, while every mirror still gets its
+        own backbone pass. Matching is exact (torch.equal), never approximate."""
+        opts = self.sampling
+        if opts.tta_refine == "window" and self._window_cache is not None:
+            cached_x, cached_e = self._window_cache
+            if cached_x.shape == x.shape and cached_x.device == x.device:
+                spatial = range(2, x.ndim)
+                for r in range(len(spatial) + 1):
+                    for axes in itertools.combinations(spatial, r):
+                        if torch.equal(x, cached_x.flip(axes) if axes else cached_x):
+                            return cached_e.flip(axes) if axes else cached_e
+        e_hat = nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler, opts.samples,
+                            opts.seed)
+        if opts.tta_refine == "window":
+            self._window_cache = (x.detach().clone(), e_hat)
+        return e_hat
+
+    def set_sampling(self, sampling: SamplingOptions) -> None:
+        self.sampling = sampling
+        self._window_cache = None
+
+    def train(self, mode: bool = True):
+        self._window_cache = None
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict with a message that says *why* weights do not fit."""
+        self._window_cache = None
+        if strict:
+            own = self.state_dict()
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+            if missing or unexpected or wrong:
+                raise NNDiffCheckpointError(describe_weight_mismatch(missing, unexpected, wrong))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def describe_weight_mismatch(missing, unexpected, wrong) -> str:
+    if missing and all(k.startswith(("refiner.", "backbone.", "region_based", "refiner_updates")) for k in missing) \
+            and unexpected and not any(k.startswith(("backbone.", "refiner.")) for k in unexpected):
+        return ("these weights are a plain nnU-Net network (no 'backbone.'/'refiner.' keys), not an NNDM "
+                "checkpoint. To start NNDM from a trained nnU-Net baseline, set NNDIFF_BASELINE (see README, "
+                "'Starting NNDM from a trained nnU-Net').")
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} tensor(s) have other shapes (first: {wrong[0]})")
+    if missing:
+        parts.append(f"{len(missing)} expected key(s) missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
+    return ("NNDM weights do not fit this network: " + "; ".join(parts) + ". The checkpoint was written by a "
+            "different trainer variant (refiner width/depth), plans or configuration.")

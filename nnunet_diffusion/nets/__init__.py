@@ -1,0 +1,4 @@
+"""Denoisers and the papers' network modules."""
+from .time_unet import TimeConditionedUNet
+
+__all__ = ["TimeConditionedUNet"]

@@ -1,0 +1,15 @@
+"""nnUNetTrainer subclasses, one module per paper, plus every variant declared in trainer_configs/.
+
+``nnunet_diffusion/nnunet_ext/nnunet_diffusion_trainers.py`` re-exports ``TRAINERS`` for nnU-Net's
+``nnUNet_extTrainer`` lookup; the classes themselves live (once) in the modules below.
+"""
+from . import baseline, nndm
+
+TRAINERS = {name: getattr(m, name) for m in (baseline, nndm) for name in m.__all__}
+
+# trainer-name prefix -> config head: an unknown name with one of these prefixes is explained with the list of
+# known variants (not "nnUNetTrainer_", which other packages' trainers use too)
+HEAD_PREFIXES = {"nnUNetTrainerNNDM_": "nndm"}
+
+__all__ = ["TRAINERS", "HEAD_PREFIXES", *sorted(TRAINERS)]
+globals().update(TRAINERS)

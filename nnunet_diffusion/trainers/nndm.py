@@ -1,0 +1,330 @@
+"""nnUNetTrainerNNDM: NNDM (Mekanaboyina 2025) wired into nnU-Net's hooks.
+
+Stages by epoch (trainer_configs/nndm.toml):
+  1. nnU-Net alone, exactly nnUNetTrainer's training (same loss, deep supervision, SGD, poly LR).
+  2. the refiner alone learns e = y − ŷ on the frozen backbone (L_diff, NNDM §4.2).
+  3. joint fine-tuning, L_total = L_seg + λ L_diff (NNDM §4.3).
+With ``NNDIFF_BASELINE`` set (a trained nnU-Net of the same plans, configuration and fold) stage 1 is
+skipped and the backbone starts from that checkpoint's weights.
+
+The network is :class:`~nnunet_diffusion.inference.nndm_network.NNDMNetwork` (backbone + refiner), so
+checkpoints, DDP, ``nnUNetv2_predict`` and the final validation handle both parts with nnU-Net's own code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from ..diffusion import NoiseSchedule, ScheduleConfig
+from ..errors import NNDiffCheckpointError, NNDiffConfigError, NNDiffTrainingError
+from ..heads import nndm
+from ..inference.nndm_network import NNDMNetwork
+from ..inference.options import SamplingOptions, options_from_env
+from ..nets import TimeConditionedUNet
+from .base import ConfiguredTrainer, make_variants
+
+BASELINE_ENV = "NNDIFF_BASELINE"
+
+
+def _poly(lr0: float, step: int, total: int) -> float:
+    """nnU-Net's PolyLRScheduler formula: lr0 · (1 − step/total)^0.9."""
+    return lr0 * (1 - step / max(total, 1)) ** 0.9
+
+
+class StagedPolyLR:
+    """Per-stage learning rates: stage 1 nnU-Net's poly schedule from ``initial_lr`` over stage 1; stage 2
+    backbone frozen (lr 0); stage 3 poly from ``joint_backbone_lr``. The refiner (Adam) decays from
+    ``refiner_lr`` over stages 2 + 3. ``step(epoch)`` is called by nnU-Net's on_train_epoch_start."""
+
+    def __init__(self, trainer: "nnUNetTrainerNNDM"):
+        self.trainer = trainer
+
+    def step(self, epoch: int) -> None:
+        tr, hp = self.trainer, self.trainer.hparams()
+        s1, s2, s3 = tr.stage_epochs
+        stage = tr.stage_of(epoch)
+        if stage == 1:
+            lr = _poly(tr.initial_lr, epoch, s1)
+        elif stage == 2:
+            lr = 0.0
+        else:
+            lr = _poly(hp["joint_backbone_lr"], epoch - s1 - s2, s3)
+        for g in tr.optimizer.param_groups:
+            g["lr"] = lr
+        refiner_lr = 0.0 if stage == 1 else _poly(hp["refiner_lr"], epoch - s1, s2 + s3)
+        for g in tr.refiner_optimizer.param_groups:
+            g["lr"] = refiner_lr
+
+
+class nnUNetTrainerNNDM(ConfiguredTrainer):
+    """NNDM with the paper's hyper-parameters (trainer_configs/nndm.toml [defaults])."""
+    head = "nndm"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        hp = self.hparams()
+        self.lambda_diff = float(hp["lambda_diff"])
+        self.baseline_checkpoint = self._resolve_baseline(os.environ.get(BASELINE_ENV))
+        self.stage_epochs = [0 if self.baseline_checkpoint else int(hp["stage1_epochs"]),
+                             int(hp["stage2_epochs"]), int(hp["stage3_epochs"])]
+        self.num_epochs = sum(self.stage_epochs)
+        if self.num_epochs < 1:
+            raise NNDiffConfigError(f"{self.__class__.__name__}: the stages have 0 epochs in total "
+                                    f"({self.stage_epochs}); nothing to train")
+        self.refiner_optimizer = None
+        self._resumed = False
+        for key in ("nndm_stage", "nndm_train_seg_losses", "nndm_train_diff_losses"):
+            self.logger.local_logger.my_fantastic_logging[key] = []
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def schedule(cls) -> NoiseSchedule:
+        hp = cls.hparams()
+        return NoiseSchedule(ScheduleConfig(int(hp["num_train_timesteps"]), hp["beta_schedule"],
+                                            float(hp["beta_start"]), float(hp["beta_end"])))
+
+    @classmethod
+    def sampling_defaults(cls, validation: bool = False) -> SamplingOptions:
+        hp = cls.hparams()
+        if validation:
+            return SamplingOptions(True, int(hp["val_sampling_steps"]), hp["val_sampler"], 1, 0, hp["tta_refine"])
+        return SamplingOptions(True, int(hp["sampling_steps"]), hp["sampler"], int(hp["num_samples"]), 0,
+                               hp["tta_refine"])
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True) -> NNDMNetwork:
+        """nnU-Net's planned network (unchanged) + the refiner; also what nnUNetv2_predict builds."""
+        backbone = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager,
+                                                            num_input_channels, num_output_channels,
+                                                            enable_deep_supervision)
+        hp = cls.hparams()
+        dim = len(configuration_manager.patch_size)
+        channels = list(hp["refiner_channels"])
+        strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
+        channels = channels[:len(strides) + 1]  # never more levels than the plans can downsample
+        refiner = TimeConditionedUNet(dim, 2 * num_output_channels + num_input_channels, num_output_channels,
+                                      channels, strides[:len(channels) - 1], int(hp["refiner_res_blocks"]))
+        schedule = cls.schedule()
+        sampling = options_from_env(cls.sampling_defaults(), schedule.num_train_timesteps)
+        return NNDMNetwork(backbone, refiner, schedule, sampling)
+
+    def stage_of(self, epoch: int) -> int:
+        s1, s2, _ = self.stage_epochs
+        return 1 if epoch < s1 else 2 if epoch < s1 + s2 else 3
+
+    # ------------------------------------------------------------------ start from a trained baseline
+    def _resolve_baseline(self, value):
+        """NNDIFF_BASELINE: a checkpoint file, a model folder (its fold_<f>/checkpoint_final.pth) or the
+        name of a trainer whose result folder in $nnUNet_results has the same dataset, plans and config."""
+        if not value:
+            return None
+        if isfile(value):
+            return os.path.abspath(value)
+        candidates = []
+        if isdir(value):
+            candidates = [join(value, "checkpoint_final.pth"), join(value, f"fold_{self.fold}", "checkpoint_final.pth")]
+        elif os.sep not in value and nnUNet_results.is_set():
+            candidates = [join(str(nnUNet_results), self.plans_manager.dataset_name,
+                               f"{value}__{self.plans_manager.plans_name}__{self.configuration_name}",
+                               f"fold_{self.fold}", "checkpoint_final.pth")]
+        for c in candidates:
+            if isfile(c):
+                return os.path.abspath(c)
+        looked = "; ".join(candidates) if candidates else "(not a file, folder or trainer name)"
+        raise NNDiffConfigError(f"{BASELINE_ENV}={value!r}: no finished baseline checkpoint found. Looked for: "
+                                f"{looked}. Train the baseline first (nnUNetv2_train ... -tr {value}) or give "
+                                f"the path of its checkpoint_final.pth.")
+
+    def _load_baseline(self) -> None:
+        path = self.baseline_checkpoint
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        args = ckpt.get("init_args", {})
+        problems = []
+        if args.get("configuration") != self.configuration_name:
+            problems.append(f"configuration {args.get('configuration')!r} != {self.configuration_name!r}")
+        if str(args.get("fold")) != str(self.fold):
+            problems.append(f"fold {args.get('fold')!r} != {self.fold!r} (a baseline trained on another fold has "
+                            f"seen this fold's validation cases)")
+        their_plans = args.get("plans", {})
+        if their_plans.get("plans_name") != self.plans_manager.plans_name or \
+                their_plans.get("dataset_name") != self.plans_manager.dataset_name:
+            problems.append(f"plans {their_plans.get('dataset_name')}/{their_plans.get('plans_name')} != "
+                            f"{self.plans_manager.dataset_name}/{self.plans_manager.plans_name}")
+        elif their_plans.get("configurations", {}).get(self.configuration_name) != \
+                self.plans_manager.plans["configurations"][self.configuration_name]:
+            problems.append(f"the '{self.configuration_name}' configuration in its plans differs from ours "
+                            f"(re-planned dataset?)")
+        backbone = self.unwrapped_network().backbone
+        own = backbone.state_dict()
+        weights = ckpt.get("network_weights", {})
+        if set(weights) != set(own) or any(tuple(weights[k].shape) != tuple(own[k].shape) for k in own):
+            problems.append(f"its network (trainer {ckpt.get('trainer_name')!r}) is not the planned nnU-Net "
+                            f"architecture of this configuration")
+        if problems:
+            raise NNDiffCheckpointError(f"{BASELINE_ENV}: {path} cannot start NNDM: " + "; ".join(problems))
+        backbone.load_state_dict(weights)
+        self.print_to_log_file(f"NNDM: backbone initialised from the trained baseline {path} "
+                               f"(trainer {ckpt.get('trainer_name')}); stage 1 skipped")
+
+    # ------------------------------------------------------------------ nnU-Net hooks
+    def initialize(self):
+        super().initialize()
+        net = self.unwrapped_network()
+        net.region_based.fill_(int(self.label_manager.has_regions))
+        if nnUNetTrainer._do_i_compile(self):
+            self.print_to_log_file("Using torch.compile on the backbone and the refiner (in place)")
+            net.backbone.compile()
+            net.refiner.compile()
+
+    def _do_i_compile(self):
+        # NNDMNetwork.forward holds Python control flow (stages, sampling loop); compiling it whole would
+        # unroll the sampler. initialize() compiles the two convolutional parts in place instead (same
+        # state_dict keys, so checkpoints stay loadable without torch.compile).
+        return False
+
+    def configure_optimizers(self):
+        net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
+        optimizer = torch.optim.SGD(net.backbone.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        hp = self.hparams()
+        self.refiner_optimizer = torch.optim.AdamW(net.refiner.parameters(), lr=float(hp["refiner_lr"]),
+                                                   weight_decay=float(hp["refiner_weight_decay"]))
+        return optimizer, StagedPolyLR(self)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.baseline_checkpoint and not self._resumed and self.current_epoch == 0:
+            self._load_baseline()
+        elif os.environ.get(BASELINE_ENV) and self._resumed:
+            self.print_to_log_file(f"{BASELINE_ENV} ignored: resuming from a checkpoint")
+        self.print_to_log_file(f"NNDM stages (epochs): nnU-Net {self.stage_epochs[0]}, refiner "
+                               f"{self.stage_epochs[1]}, joint {self.stage_epochs[2]}; "
+                               f"lambda = {self.lambda_diff}")
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        stage = self.stage_of(self.current_epoch)
+        self.print_to_log_file(f"NNDM stage {stage} ({['', 'nnU-Net', 'refiner', 'joint'][stage]}); refiner lr "
+                               f"{self.refiner_optimizer.param_groups[0]['lr']:.2e}")
+        self.logger.log("nndm_stage", stage, self.current_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        stage = self.stage_of(self.current_epoch)
+        hp = self.hparams()
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        full_res_target = target[0] if isinstance(target, list) else target
+        y, mask = nndm.target_channels(full_res_target, self.label_manager.num_segmentation_heads,
+                                       self.label_manager.has_regions, self.label_manager.ignore_label)
+
+        train_backbone, train_refiner = stage != 2, stage != 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.refiner_optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out, l_diff, zero = self.network(data, y=y, mask=mask, train_backbone=train_backbone,
+                                             train_refiner=train_refiner,
+                                             detach_y_hat=not hp["joint_grad_through_residual"])
+            l_seg = self.loss(out, target)
+            if stage == 1:
+                loss = l_seg + zero
+            elif stage == 2:
+                loss = l_diff + zero
+            else:
+                loss = nndm.total_loss(l_seg, l_diff, self.lambda_diff) + zero
+        if not torch.isfinite(loss):
+            self._stop_on_non_finite(stage, l_seg, l_diff)
+
+        net = self.unwrapped_network()
+        optimizers = ([self.optimizer] if train_backbone else []) + ([self.refiner_optimizer] if train_refiner else [])
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            for opt in optimizers:
+                self.grad_scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if train_backbone:
+            torch.nn.utils.clip_grad_norm_(net.backbone.parameters(), 12)
+        if train_refiner:
+            torch.nn.utils.clip_grad_norm_(net.refiner.parameters(), float(hp["refiner_grad_clip"]))
+        for opt in optimizers:
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(opt)
+            else:
+                opt.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+        if train_refiner:
+            net.refiner_updates += 1
+        return {"loss": loss.detach().cpu().numpy(), "seg_loss": l_seg.detach().float().cpu().numpy(),
+                "diff_loss": np.float32(np.nan) if l_diff is None else l_diff.detach().cpu().numpy()}
+
+    def _stop_on_non_finite(self, stage, l_seg, l_diff):
+        good = [f"{f} (epoch {torch.load(join(self.output_folder, f), map_location='cpu', weights_only=False)['current_epoch']})"
+                for f in ("checkpoint_latest.pth", "checkpoint_best.pth")
+                if self.output_folder and isfile(join(self.output_folder, f))]
+        which = "L_diff" if l_diff is not None and not torch.isfinite(l_diff) else "L_seg"
+        raise NNDiffTrainingError(
+            f"NNDM stage {stage}, epoch {self.current_epoch}: the {which} loss is not finite "
+            f"(L_seg={float(l_seg.detach()):.4g}, L_diff={'-' if l_diff is None else f'{float(l_diff.detach()):.4g}'}). Training "
+            f"stopped before the optimiser step, so no weights were changed. Last good checkpoint(s) in "
+            f"{self.output_folder}: {', '.join(good) if good else 'none written yet'}. Resume with --c after "
+            f"fixing the cause (e.g. lower refiner_lr / lambda_diff in trainer_configs/nndm.toml, check the data).")
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        for key, name in (("seg_loss", "nndm_train_seg_losses"), ("diff_loss", "nndm_train_diff_losses")):
+            values = [float(o[key]) for o in train_outputs]
+            self.logger.log(name, float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan"),
+                            self.current_epoch)
+        self.print_to_log_file(f"NNDM L_seg {self.logger.get_value('nndm_train_seg_losses', -1):.4f}, "
+                               f"L_diff {self.logger.get_value('nndm_train_diff_losses', -1):.4f}")
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        # online validation (pseudo Dice, checkpoint_best): cheap config sampling, none before the refiner trains
+        net = self.unwrapped_network()
+        opts = options_from_env(self.sampling_defaults(validation=True), net.schedule.num_train_timesteps, environ={})
+        net.set_sampling(replace(opts, refine=self.stage_of(self.current_epoch) != 1))
+
+    def on_validation_epoch_end(self, val_outputs):
+        super().on_validation_epoch_end(val_outputs)
+        self._set_predict_sampling()
+
+    def _set_predict_sampling(self):
+        net = self.unwrapped_network()
+        net.set_sampling(options_from_env(self.sampling_defaults(), net.schedule.num_train_timesteps))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # the final validation predicts exactly as nnUNetv2_predict would (config + NNDIFF_* variables)
+        self._set_predict_sampling()
+        super().perform_actual_validation(save_probabilities)
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> dict:
+        return {"nndm_stage_epochs": list(self.stage_epochs), "nndm_baseline": self.baseline_checkpoint,
+                "refiner_optimizer_state": self.refiner_optimizer.state_dict()}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        if "refiner_optimizer_state" not in state:
+            raise NNDiffCheckpointError("checkpoint has no NNDM state (refiner optimiser, stage epochs)")
+        self.refiner_optimizer.load_state_dict(state["refiner_optimizer_state"])
+        self.stage_epochs = list(state["nndm_stage_epochs"])
+        self.num_epochs = sum(self.stage_epochs)
+        self.baseline_checkpoint = state.get("nndm_baseline")
+        self._resumed = True
+
+
+VARIANTS = make_variants(nnUNetTrainerNNDM)
+globals().update(VARIANTS)
+__all__ = ["nnUNetTrainerNNDM", *sorted(VARIANTS)]

@@ -1,0 +1,111 @@
+"""The diffusion core: schedule identities, forward process statistics, reverse steps against MONAI's."""
+import math
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from nnunet_diffusion.diffusion import (NoiseSchedule, ScheduleConfig, inference_timesteps, noise_prediction_loss,
+                                        reverse_step, sample)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule(ScheduleConfig(1000, "linear_beta", 1e-4, 0.02))
+
+
+def test_alpha_bar_is_cumulative_product_of_one_minus_beta(schedule):
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # NNDM §5.1: linear 1e-4 -> 0.02, T = 1000
+    assert torch.allclose(schedule.betas, betas, atol=1e-7)
+    for t in (0, 1, 10, 500, 999):
+        expected = math.prod(1.0 - float(b) for b in betas[: t + 1])
+        assert schedule.alpha_bar(t) == pytest.approx(expected, rel=1e-5)
+    assert schedule.alpha_bar(-1) == 1.0
+    assert schedule.alpha_bar(999) < 1e-4  # the chain ends in (almost) pure noise
+
+
+def test_q_sample_mean_and_variance(schedule):
+    torch.manual_seed(0)
+    x0 = torch.full((20000, 1), 0.7)
+    for t in (10, 300, 900):
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+        xt = schedule.q_sample(x0, torch.randn_like(x0), tt)
+        a = schedule.alpha_bar(t)
+        assert xt.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=0.02)
+        assert xt.var().item() == pytest.approx(1 - a, rel=0.05, abs=1e-3)
+
+
+def test_ddim_step_with_oracle_noise_recovers_x0(schedule):
+    torch.manual_seed(1)
+    x0 = torch.rand(2, 3, 6, 7, 5) * 2 - 1
+    noise = torch.randn_like(x0)
+    for t in (999, 500, 20):
+        xt = schedule.q_sample(x0, noise, torch.full((2,), t))
+        x_prev, x0_hat = reverse_step(schedule, noise, t, -1, xt, eta=0.0)
+        assert torch.allclose(x0_hat, x0, atol=1e-4)
+        assert torch.allclose(x_prev, x0, atol=1e-4)
+
+
+def test_sampling_loop_with_oracle_recovers_x0_for_any_step_count(schedule):
+    torch.manual_seed(2)
+    x0 = torch.rand(1, 2, 8, 8) * 2 - 1
+    for steps in (1, 3, 10, 1000):
+        def oracle(x_t, t):  # the exact ε that explains x_t given x0
+            a = schedule.alpha_bar(int(t[0]))
+            return (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        out = sample(oracle, x0.shape, schedule, steps, "ddim", generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out, x0, atol=1e-3), steps
+
+
+def test_ddpm_step_equals_monai_ddpm_scheduler_at_full_length(schedule):
+    monai = DDPMScheduler(1000, "linear_beta", beta_start=1e-4, beta_end=0.02, clip_sample=True)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8)
+    eps = torch.randn_like(x)
+    for t in (999, 600, 50, 1, 0):
+        ref, _ = monai.step(eps, t, x, generator=torch.Generator().manual_seed(7))
+        ours, _ = reverse_step(schedule, eps, t, t - 1, x, eta=1.0, generator=torch.Generator().manual_seed(7))
+        assert torch.allclose(ours, ref, atol=1e-3), t
+
+
+def test_ddim_step_equals_monai_ddim_scheduler_on_a_uniform_stride(schedule):
+    monai = DDIMScheduler(1000, "linear_beta", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    monai.num_inference_steps = 10  # MONAI's step assumes prev = t - T // K
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8)
+    eps = torch.randn_like(x)
+    for t in (999, 500, 99):
+        ref, _ = monai.step(eps, t, x)
+        ours, _ = reverse_step(schedule, eps, t, t - 100, x, eta=0.0, clip=None)
+        assert torch.allclose(ours, ref, atol=1e-5), t
+
+
+def test_inference_timesteps_start_at_noise_and_descend():
+    for steps in (1, 2, 3, 7, 10, 1000):
+        ts = inference_timesteps(1000, steps)
+        assert len(ts) == steps and ts[0] == 999
+        assert all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0
+    with pytest.raises(ValueError, match="1..1000"):
+        inference_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="1..1000"):
+        inference_timesteps(1000, 1001)
+
+
+def test_ddpm_sampling_is_stochastic_ddim_is_not(schedule):
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    a = sample(zero, (1, 1, 4, 4), schedule, 5, "ddim", generator=torch.Generator().manual_seed(0))
+    b = sample(zero, (1, 1, 4, 4), schedule, 5, "ddim", generator=torch.Generator().manual_seed(0))
+    c = sample(zero, (1, 1, 4, 4), schedule, 5, "ddpm", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(zero, (1, 1, 4, 4), schedule, 5, "euler")
+
+
+def test_noise_prediction_loss_respects_mask():
+    noise = torch.zeros(1, 2, 4, 4)
+    pred = torch.zeros(1, 2, 4, 4)
+    pred[..., :2] = 3.0  # wrong only in the left half
+    mask = torch.ones(1, 1, 4, 4)
+    assert noise_prediction_loss(noise, pred).item() == pytest.approx(4.5)
+    mask[..., :2] = 0
+    assert noise_prediction_loss(noise, pred, mask).item() == 0.0

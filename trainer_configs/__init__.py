@@ -1,0 +1,1 @@
+"""Trainer configurations (TOML): each head's paper hyper-parameters and named variants."""
