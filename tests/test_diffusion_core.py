@@ -57,6 +57,16 @@ def test_sampling_loop_with_oracle_recovers_x0_for_any_step_count(schedule):
         assert torch.allclose(out, x0, atol=1e-3), steps
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_loop_with_an_oracle_sample_predictor_recovers_x0(schedule, sampler):
+    x0 = torch.rand(1, 2, 5, 6, 4) * 2 - 1
+    out = sample(lambda x_t, t: x0, x0.shape, schedule, 7, sampler, generator=torch.Generator().manual_seed(0),
+                 prediction_type="sample")
+    assert torch.allclose(out, x0, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        reverse_step(schedule, x0, 10, 5, x0, 0.0, prediction_type="v")
+
+
 def test_ddpm_step_equals_monai_ddpm_scheduler_at_full_length(schedule):
     monai = DDPMScheduler(1000, "linear_beta", beta_start=1e-4, beta_end=0.02, clip_sample=True)
     torch.manual_seed(3)

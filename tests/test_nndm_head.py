@@ -82,21 +82,24 @@ def test_refine_is_reproducible_for_a_seed_and_varies_across_seeds():
     assert torch.allclose(avg, (a + c) / 2, atol=1e-6)  # samples i use seed + i
 
 
-@pytest.mark.parametrize("dim", [2, 3])
-def test_training_the_refiner_lowers_the_diffusion_loss(dim):
+@pytest.mark.parametrize("dim,prediction_type", [(2, "epsilon"), (3, "epsilon"), (3, "sample")])
+def test_training_the_refiner_lowers_the_diffusion_loss(dim, prediction_type):
     refiner, x, y, y_hat = _toy(dim)
     sched = NoiseSchedule(ScheduleConfig(100))
 
+    def loss(seed):
+        return nndm.diffusion_loss(refiner, sched, x, y, y_hat, generator=torch.Generator().manual_seed(seed),
+                                   prediction_type=prediction_type)
+
     def eval_loss():
         with torch.no_grad():
-            return sum(nndm.diffusion_loss(refiner, sched, x, y, y_hat, generator=torch.Generator().manual_seed(s))
-                       for s in range(8)).item() / 8
+            return sum(loss(s) for s in range(8)).item() / 8
 
     before = eval_loss()
     opt = torch.optim.Adam(refiner.parameters(), lr=3e-3)
     for step in range(40):
         opt.zero_grad()
-        nndm.diffusion_loss(refiner, sched, x, y, y_hat, generator=torch.Generator().manual_seed(100 + step)).backward()
+        loss(100 + step).backward()
         opt.step()
     after = eval_loss()
     assert after < 0.8 * before, (before, after)

@@ -16,6 +16,9 @@ References (equation numbers of Ho et al. 2020, "DDPM", and Song et al. 2021, "D
 - DDPM eq. 14: L_simple = E ||ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)||²
 - DDPM eqs. 6–7 / DDIM eq. 12 (η = 1): ancestral posterior step
 - DDIM eq. 12 (η = 0): deterministic step
+
+Two parameterisations of the denoiser's output (``prediction_type``): "epsilon" (ε̂, DDPM's) and "sample"
+(x̂_0 itself). The reverse step is the same for both; only how x̂_0 and ε̂ are read off the output differs.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from monai.networks.schedulers import DDPMScheduler
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim")
+PREDICTION_TYPES = ("epsilon", "sample")
 
 
 @dataclass(frozen=True)
@@ -70,15 +74,20 @@ class NoiseSchedule:
         return self._monai.add_noise(x0.float(), noise.float(), t)
 
 
-def noise_prediction_loss(noise: torch.Tensor, predicted: torch.Tensor,
-                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """DDPM eq. 14 (L_simple): mean of ||ε − ε_θ||² over voxels (and channels); ``mask`` (B,1,…) excludes
-    voxels (e.g. nnU-Net's ignore label) from the mean."""
-    err = (noise.float() - predicted.float()) ** 2
+def masked_mse(target: torch.Tensor, predicted: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of (target − predicted)² over voxels and channels; ``mask`` (B,1,…) excludes voxels (e.g. nnU-Net's
+    ignore label) from the mean. Computed in float32."""
+    err = (target.float() - predicted.float()) ** 2
     if mask is None:
         return err.mean()
     mask = mask.to(err.dtype).expand_as(err)
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def noise_prediction_loss(noise: torch.Tensor, predicted: torch.Tensor,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DDPM eq. 14 (L_simple): E ||ε − ε_θ||² (mean over voxels and channels, ``mask`` as in masked_mse)."""
+    return masked_mse(noise, predicted, mask)
 
 
 def inference_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -90,24 +99,34 @@ def inference_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(round(num_train_timesteps - 1 - i * stride)) for i in range(steps)]
 
 
-def reverse_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
-                 eta: float, generator: Optional[torch.Generator] = None, clip: Optional[float] = 1.0):
+def reverse_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
+                 eta: float, generator: Optional[torch.Generator] = None, clip: Optional[float] = 1.0,
+                 prediction_type: str = "epsilon"):
     """One reverse step x_t → x_{t'} (t' < t, t' = −1 means the clean sample). Returns (x_{t'}, x̂_0).
 
     DDIM eq. 12: x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z, with x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t and
     σ = η √((1−ᾱ_{t'})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}) (DDIM eq. 16). η = 0 is DDIM; η = 1 is DDPM's ancestral
-    sampler (DDPM eqs. 6–7 with σ² = β̃), exactly so when t' = t − 1.
+    sampler (DDPM eqs. 6–7 with σ² = β̃), exactly so when t' = t − 1. ``model_output`` is ε̂
+    (prediction_type "epsilon") or x̂_0 ("sample"); x̂_0 is clipped to ±``clip`` and ε̂ made consistent with it.
     """
     a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-    x_t32, eps32 = x_t.float(), eps.float()
-    x0 = (x_t32 - (1.0 - a_t) ** 0.5 * eps32) / a_t ** 0.5
+    x_t32, out32 = x_t.float(), model_output.float()
+    if prediction_type == "epsilon":
+        x0 = (x_t32 - (1.0 - a_t) ** 0.5 * out32) / a_t ** 0.5
+        eps = out32
+    elif prediction_type == "sample":
+        x0, eps = out32, None
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
-        eps32 = (x_t32 - a_t ** 0.5 * x0) / max(1.0 - a_t, 1e-12) ** 0.5  # ε consistent with the clipped x̂_0
+        eps = None
+    if eps is None:  # ε consistent with the (clipped) x̂_0
+        eps = (x_t32 - a_t ** 0.5 * x0) / max(1.0 - a_t, 1e-12) ** 0.5
     var = 0.0
     if eta > 0 and t_prev >= 0:
         var = eta ** 2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-    x_prev = a_prev ** 0.5 * x0 + max(1.0 - a_prev - var, 0.0) ** 0.5 * eps32
+    x_prev = a_prev ** 0.5 * x0 + max(1.0 - a_prev - var, 0.0) ** 0.5 * eps
     if var > 0:
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
         x_prev = x_prev + var ** 0.5 * z
@@ -116,12 +135,14 @@ def reverse_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, t_prev: int
 
 def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, schedule: NoiseSchedule,
            steps: int, sampler: str = "ddim", generator: Optional[torch.Generator] = None,
-           device=None, clip: Optional[float] = 1.0, progress: bool = False) -> torch.Tensor:
+           device=None, clip: Optional[float] = 1.0, prediction_type: str = "epsilon",
+           progress: bool = False) -> torch.Tensor:
     """The sampling loop (DDPM Algorithm 2 / DDIM): x_T ~ N(0, I), then K reverse steps.
 
-    ``denoise(x_t, t)`` returns ε̂ for a batch; ``t`` is a (B,) long tensor. ``sampler`` is "ddpm"
-    (ancestral, η = 1) or "ddim" (deterministic, η = 0). All arithmetic is float32 whatever the network's
-    autocast dtype. ``generator`` makes the result reproducible (it lives on ``device``).
+    ``denoise(x_t, t)`` returns the network output for a batch (ε̂ or x̂_0, see ``prediction_type``); ``t`` is a
+    (B,) long tensor. ``sampler`` is "ddpm" (ancestral, η = 1) or "ddim" (deterministic, η = 0). All
+    arithmetic is float32 whatever the network's autocast dtype. ``generator`` (on ``device``) makes the
+    result reproducible.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}")
@@ -131,6 +152,6 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape,
     for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = denoise(x, t_batch)
-        x, _ = reverse_step(schedule, eps, t, t_prev, x, eta, generator=generator, clip=clip)
+        x, _ = reverse_step(schedule, denoise(x, t_batch), t, t_prev, x, eta, generator=generator, clip=clip,
+                            prediction_type=prediction_type)
     return x

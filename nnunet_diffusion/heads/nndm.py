@@ -4,7 +4,7 @@ The paper numbers no equations; each function names the formula it implements by
 - §4.2 residual:        e = y − ŷ                                         (``residual``)
 - §4.2 forward process: q(e_t | e_{t−1}) = N(√(1−β_t) e_{t−1}, β_t I)      (``diffusion_loss`` via the core's q_sample)
 - §4.2 reverse process: p_φ(e_{t−1} | e_t, x)                             (``refine`` via the core's sampler)
-- §4.2 L_diff:          E ||ε_t − ε_φ(e_t, t, x)||²                          (``diffusion_loss``)
+- §4.2 L_diff:          E ||ε_t − ε_φ(e_t, t, x)||²                          (``diffusion_loss``, "epsilon")
 - §4.3 L_total:         L_seg + λ L_diff                                   (``total_loss``)
 - §4.3 refinement:      ŷ_T = DiffRefine(ŷ_0, x; φ)                          (``refine`` + ``refined_probabilities``)
 
@@ -12,6 +12,10 @@ Conventions: ŷ are the backbone's probabilities (softmax over classes including
 sigmoid per region when the dataset is region-based as BraTS is); y is the matching one-hot / region
 target; e ∈ [−1, 1] per channel. The refiner is conditioned on the image x *and* on ŷ (the paper's
 "ŷ_0 ... serves as the conditioning input"), i.e. ε_φ(e_t, t, x ⊕ ŷ).
+
+``prediction_type`` "epsilon" is the paper's ε-prediction. "sample" (ours, not the paper's) lets the refiner
+predict e itself with the loss ||e − ê_φ(e_t, t, x ⊕ ŷ)||²: on short trainings it learns to generate e from
+noise far sooner (README, "Two parameterisations"); sampling is the same loop for both.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..diffusion import NoiseSchedule, noise_prediction_loss, sample
+from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
 
 
 def probabilities(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
@@ -61,14 +65,18 @@ def refiner_input(e_t: torch.Tensor, x: torch.Tensor, y_hat: torch.Tensor) -> to
 
 
 def diffusion_loss(refiner, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                   prediction_type: str = "epsilon") -> torch.Tensor:
     """NNDM §4.2 L_diff = E_{e,t,ε} ||ε − ε_φ(e_t, t, x)||² with e = y − ŷ and
-    e_t = √ᾱ_t e + √(1−ᾱ_t) ε (the closed form of q(e_t | e_{t−1}) iterated, DDPM eq. 4)."""
+    e_t = √ᾱ_t e + √(1−ᾱ_t) ε (the closed form of q(e_t | e_{t−1}) iterated, DDPM eq. 4).
+    With ``prediction_type="sample"`` the refiner predicts e and the loss is ||e − ê||² (ours)."""
     e = residual(y, y_hat)
     t = schedule.sample_timesteps(e.shape[0], e.device, generator)
     noise = torch.randn(e.shape, device=e.device, dtype=torch.float32, generator=generator)
     e_t = schedule.q_sample(e, noise, t)
     predicted = refiner(refiner_input(e_t, x, y_hat), t)
+    if prediction_type == "sample":
+        return masked_mse(e, predicted, mask)
     return noise_prediction_loss(noise, predicted, mask)
 
 
@@ -79,7 +87,8 @@ def total_loss(seg_loss: torch.Tensor, diff_loss: torch.Tensor, lam: float) -> t
 
 @torch.no_grad()
 def refine(refiner, schedule: NoiseSchedule, x: torch.Tensor, y_hat: torch.Tensor, steps: int,
-           sampler: str = "ddim", num_samples: int = 1, seed: int = 0) -> torch.Tensor:
+           sampler: str = "ddim", num_samples: int = 1, seed: int = 0,
+           prediction_type: str = "epsilon") -> torch.Tensor:
     """NNDM §4.3 DiffRefine: ê ~ p_φ(e | x, ŷ_0) by ``steps`` reverse steps from e_T ~ N(0, I)
     (§4.2 reverse process), averaged over ``num_samples`` draws. Returns ê (float32, shape of ŷ).
 
@@ -92,7 +101,7 @@ def refine(refiner, schedule: NoiseSchedule, x: torch.Tensor, y_hat: torch.Tenso
     for i in range(num_samples):
         gen = torch.Generator(device=x.device).manual_seed(int(seed) + i)
         e_hat = sample(lambda e_t, t: refiner(refiner_input(e_t, x, y_hat), t), y_hat.shape, schedule, steps,
-                       sampler, generator=gen, device=x.device, clip=1.0)
+                       sampler, generator=gen, device=x.device, clip=1.0, prediction_type=prediction_type)
         total = e_hat if total is None else total + e_hat
     return total / num_samples
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion import NoiseSchedule
+from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffCheckpointError
 from ..heads import nndm
 from .options import SamplingOptions
@@ -27,8 +27,11 @@ from .options import SamplingOptions
 
 class NNDMNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, refiner: nn.Module, schedule: NoiseSchedule,
-                 sampling: SamplingOptions, region_based: bool = False):
+                 sampling: SamplingOptions, region_based: bool = False, prediction_type: str = "epsilon"):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+        self.prediction_type = prediction_type
         self.backbone = backbone
         self.refiner = refiner
         self.schedule = schedule
@@ -63,7 +66,8 @@ class NNDMNetwork(nn.Module):
             y_hat = nndm.probabilities(logits, self.has_regions)
             if detach_y_hat or not train_backbone:
                 y_hat = y_hat.detach()
-            l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask)
+            l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask,
+                                         prediction_type=self.prediction_type)
         frozen = ([] if train_backbone else [self.backbone]) + ([] if train_refiner else [self.refiner])
         zero = x.new_zeros((), dtype=torch.float32)
         for m in frozen:
@@ -118,7 +122,7 @@ class NNDMNetwork(nn.Module):
                         if torch.equal(x, cached_x.flip(axes) if axes else cached_x):
                             return cached_e.flip(axes) if axes else cached_e
         e_hat = nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler, opts.samples,
-                            opts.seed)
+                            opts.seed, self.prediction_type)
         if opts.tta_refine == "window":
             self._window_cache = (x.detach().clone(), e_hat)
         return e_hat

@@ -115,7 +115,7 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
                                       channels, strides[:len(channels) - 1], int(hp["refiner_res_blocks"]))
         schedule = cls.schedule()
         sampling = options_from_env(cls.sampling_defaults(), schedule.num_train_timesteps)
-        return NNDMNetwork(backbone, refiner, schedule, sampling)
+        return NNDMNetwork(backbone, refiner, schedule, sampling, prediction_type=hp["prediction_type"])
 
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
