@@ -14,6 +14,7 @@ PACKAGES = [
     "nnunet_diffusion.heads",
     "nnunet_diffusion.trainers",
     "nnunet_diffusion.inference",
+    "nnunet_diffusion.evaluation",
     "nnunet_diffusion.trainer_configs",
     "nnunet_diffusion.dataset_conversion",
 ]
@@ -40,6 +41,8 @@ setup(
         # diffusion noise schedules (monai.networks.schedulers) and timestep embeddings
         "monai>=1.4,<1.7",
         "SimpleITK>=2.2.1",
+        # the MNI152 template and tissue maps inside its wheel feed the BraTS-like phantom generator
+        "nilearn>=0.10",
         "tqdm",
         "matplotlib",
         "numpy",

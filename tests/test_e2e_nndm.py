@@ -227,3 +227,22 @@ def test_non_finite_diffusion_loss_stops_with_a_message_and_changes_nothing(trai
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert hashes == {p.name: _sha(p) for p in folder.glob("checkpoint_*.pth")}
+
+
+def test_trainer_checkpoint_save_load_round_trip(trained, nnunet_paths, tmp_path):
+    folder = model_folder(trained, "nnUNetTrainerNNDM_tiny") / "fold_0"
+    a = make_trainer(trained, TRAINERS["nnUNetTrainerNNDM_tiny"], fold=0)
+    a.load_checkpoint(str(folder / "checkpoint_final.pth"))
+    copy = tmp_path / "copy.pth"
+    a.save_checkpoint(str(copy))
+    b = make_trainer(trained, TRAINERS["nnUNetTrainerNNDM_tiny"], fold=0)
+    b.load_checkpoint(str(copy))
+    sa, sb = a.unwrapped_network().state_dict(), b.unwrapped_network().state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ra, rb = a.refiner_optimizer.state_dict()["state"], b.refiner_optimizer.state_dict()["state"]
+    assert ra.keys() == rb.keys() and len(ra) > 0
+    assert all(torch.equal(ra[i]["exp_avg"], rb[i]["exp_avg"]) for i in ra)
+    assert (b.stage_epochs, b.num_epochs) == (a.stage_epochs, a.num_epochs)
+    assert b.current_epoch == a.current_epoch + 1  # nnU-Net's convention: a checkpoint stores current_epoch + 1
+    np.testing.assert_equal(b.logger.get_value("nndm_train_diff_losses", None),  # NaN in stage 1: equal here
+                            a.logger.get_value("nndm_train_diff_losses", None))

@@ -1,0 +1,1 @@
+"""Evaluation: the papers' metrics per case and region, tables across heads and folds, pictures."""
