@@ -64,7 +64,8 @@ def cmd_make_synthetic(args) -> int:
 
 
 PREDICT_FLAGS = (("--steps", "NNDIFF_STEPS"), ("--samples", "NNDIFF_SAMPLES"), ("--seed", "NNDIFF_SEED"),
-                 ("--sampler", "NNDIFF_SAMPLER"), ("--tta-refine", "NNDIFF_TTA_REFINE"))
+                 ("--sampler", "NNDIFF_SAMPLER"), ("--tta-refine", "NNDIFF_TTA_REFINE"),
+                 ("--fusion", "NNDIFF_FUSION"))
 
 
 def cmd_predict(args, rest: list[str]) -> int:
@@ -80,8 +81,16 @@ def cmd_predict(args, rest: list[str]) -> int:
     options_from_env(SamplingOptions(), 10 ** 9, env)  # check the values before nnU-Net starts
     os.environ.update(env)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    keep_probabilities = "--save_probabilities" in rest
+    if args.uncertainty and not keep_probabilities:
+        rest = [*rest, "--save_probabilities"]
     sys.argv = ["nnUNetv2_predict", *rest]
     predict_entry_point()
+    if args.uncertainty:
+        from .inference.uncertainty import write_uncertainty_maps
+        output = rest[rest.index("-o") + 1]
+        written = write_uncertainty_maps(output, remove_probabilities=not keep_probabilities)
+        print(f"uncertainty maps: {len(written)} files in {Path(output) / 'uncertainty'}")
     return 0
 
 
@@ -107,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_synthetic)
 
+    # --- BraTS conversion and phantoms: dataset_conversion/commands.py registers its subcommands here ---
+    # --- evaluation: nnunet_diffusion/evaluation/commands.py registers its subcommands here ---
+
     p = sub.add_parser("predict", help="nnUNetv2_predict with diffusion options as flags; every other argument "
                                        "goes to nnUNetv2_predict unchanged",
                        epilog="example: nndiff predict --steps 10 --sampler ddim -i imagesTs -o pred -d 501 "
@@ -116,7 +128,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, help="sampling seed (NNDIFF_SEED)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="NNDIFF_SAMPLER")
     p.add_argument("--tta-refine", choices=("window", "mirror"), help="NNDIFF_TTA_REFINE")
+    p.add_argument("--fusion", choices=("mean", "staple"), help="NNDIFF_FUSION")
     p.add_argument("--no-refine", action="store_true", help="backbone output only (NNDIFF_REFINE=0)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write voxel-wise uncertainty maps (entropy of the fused probabilities) to "
+                        "<output>/uncertainty/")
     p.set_defaults(func=cmd_predict, passthrough=True)
 
     p = sub.add_parser("demo", help="the whole road on synthetic data: dataset, plan, train baseline and NNDM, "

@@ -96,7 +96,7 @@ def test_window_mode_reuses_the_flipped_residual_exactly():
     x = torch.randn(1, 4, 16, 16, 16)
     with torch.no_grad():
         net(x)
-        cached_e = net._window_cache[1].clone()
+        cached_e = net._mirror_cache._entry[1].clone()
         flipped = net(torch.flip(x, (2, 4)))
         y_hat = torch.sigmoid(net.backbone(torch.flip(x, (2, 4))).float())
     expected = torch.logit((y_hat + torch.flip(cached_e, (2, 4))).clamp(1e-4, 1 - 1e-4))

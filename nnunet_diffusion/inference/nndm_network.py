@@ -12,7 +12,6 @@ With NNDIFF_REFINE=0 it returns the backbone's logits untouched.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Optional
 
@@ -22,6 +21,7 @@ from torch import nn
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffCheckpointError
 from ..heads import nndm
+from .mirror_cache import MirrorCache
 from .options import SamplingOptions
 
 
@@ -40,7 +40,7 @@ class NNDMNetwork(nn.Module):
         self.register_buffer("region_based", torch.tensor(int(region_based), dtype=torch.uint8))
         # persistent: number of optimiser steps the refiner has had (0 = never trained, e.g. stage 1 only)
         self.register_buffer("refiner_updates", torch.zeros((), dtype=torch.long))
-        self._window_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._mirror_cache = MirrorCache()
         self._warned_untrained = False
 
     # nnU-Net's set_deep_supervision_enabled reaches for ``network.decoder``
@@ -109,36 +109,27 @@ class NNDMNetwork(nn.Module):
 
     def _residual(self, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """ê for this window. With tta_refine='window' a mirrored copy of the previous window (nnU-Net's
-        test-time mirroring calls forward with flip(x) right after x) reuses that window's ê, flipped:
-        the refiner then runs once per window instead of once per mirror, while every mirror still gets its
-        own backbone pass. Matching is exact (torch.equal), never approximate."""
+        test-time mirroring calls forward with flip(x) right after x) reuses that window's ê, flipped
+        (:class:`MirrorCache`): the refiner runs once per window instead of once per mirror, while every mirror
+        still gets its own backbone pass."""
         opts = self.sampling
-        if opts.tta_refine == "window" and self._window_cache is not None:
-            cached_x, cached_e = self._window_cache
-            if cached_x.shape == x.shape and cached_x.device == x.device:
-                spatial = range(2, x.ndim)
-                for r in range(len(spatial) + 1):
-                    for axes in itertools.combinations(spatial, r):
-                        if torch.equal(x, cached_x.flip(axes) if axes else cached_x):
-                            return cached_e.flip(axes) if axes else cached_e
-        e_hat = nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler, opts.samples,
-                            opts.seed, self.prediction_type)
-        if opts.tta_refine == "window":
-            self._window_cache = (x.detach().clone(), e_hat)
-        return e_hat
+        return self._mirror_cache.get_or_compute(
+            x, lambda: nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler, opts.samples,
+                                   opts.seed, self.prediction_type),
+            enabled=opts.tta_refine == "window")
 
     def set_sampling(self, sampling: SamplingOptions) -> None:
         self.sampling = sampling
-        self._window_cache = None
+        self._mirror_cache.clear()
 
     def train(self, mode: bool = True):
-        self._window_cache = None
+        self._mirror_cache.clear()
         return super().train(mode)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module.load_state_dict with a message that says *why* weights do not fit."""
-        self._window_cache = None
+        self._mirror_cache.clear()
         if strict:
             own = self.state_dict()
             missing = [k for k in own if k not in state_dict]

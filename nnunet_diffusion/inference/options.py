@@ -19,11 +19,14 @@ ENV_VARS = {
     "NNDIFF_SAMPLER": "ddpm (ancestral, stochastic) or ddim (deterministic) (default: the trainer config's)",
     "NNDIFF_SAMPLES": "number of refinement samples averaged per window, >= 1 (default: the trainer config's)",
     "NNDIFF_SEED": "seed of the sampling noise, integer >= 0 (default 0); same seed, same prediction",
-    "NNDIFF_TTA_REFINE": "with test-time mirroring: 'window' refines once per window and adds the mirrored "
-                         "residual to every mirror's backbone output (default); 'mirror' samples a residual for "
-                         "every mirror (8x the refiner cost in 3D)",
+    "NNDIFF_TTA_REFINE": "with test-time mirroring: 'window' samples once per window and reuses the result, "
+                         "flipped, for the mirrored passes (NNDM: every mirror still gets its own backbone pass) "
+                         "(default); 'mirror' samples for every mirror (8x the sampling cost in 3D)",
+    "NNDIFF_FUSION": "how several samples become one mask (heads that segment by sampling, e.g. MedSegDiff): "
+                     "mean (default) or staple",
 }
 TTA_MODES = ("window", "mirror")
+FUSIONS = ("mean", "staple")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class SamplingOptions:
     samples: int = 1
     seed: int = 0
     tta_refine: str = "window"
+    fusion: str = "mean"
 
     def validate(self, num_train_timesteps: int, source: str = "trainer config") -> "SamplingOptions":
         if not 1 <= self.steps <= num_train_timesteps:
@@ -48,6 +52,8 @@ class SamplingOptions:
         if self.tta_refine not in TTA_MODES:
             raise NNDiffConfigError(f"{source}: tta_refine must be one of {', '.join(TTA_MODES)}; "
                                     f"got {self.tta_refine!r}")
+        if self.fusion not in FUSIONS:
+            raise NNDiffConfigError(f"{source}: fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
         return self
 
 
@@ -76,10 +82,9 @@ def options_from_env(defaults: SamplingOptions, num_train_timesteps: int, enviro
     for key, name in (("steps", "NNDIFF_STEPS"), ("samples", "NNDIFF_SAMPLES"), ("seed", "NNDIFF_SEED")):
         if name in env:
             over[key] = _int(name, env[name])
-    if "NNDIFF_SAMPLER" in env:
-        over["sampler"] = env["NNDIFF_SAMPLER"].strip().lower()
-    if "NNDIFF_TTA_REFINE" in env:
-        over["tta_refine"] = env["NNDIFF_TTA_REFINE"].strip().lower()
+    for key, name in (("sampler", "NNDIFF_SAMPLER"), ("tta_refine", "NNDIFF_TTA_REFINE"), ("fusion", "NNDIFF_FUSION")):
+        if name in env:
+            over[key] = env[name].strip().lower()
     opts = replace(defaults, **over)
     if over:
         opts.validate(num_train_timesteps, source="environment (" + ", ".join(

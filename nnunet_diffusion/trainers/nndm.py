@@ -22,13 +22,13 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from ..diffusion import NoiseSchedule, ScheduleConfig
-from ..errors import NNDiffCheckpointError, NNDiffConfigError, NNDiffTrainingError
+from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import nndm
 from ..inference.nndm_network import NNDMNetwork
-from ..inference.options import SamplingOptions, options_from_env
+from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
-from .base import ConfiguredTrainer, make_variants
+from .base import make_variants
+from .diffusion_base import DiffusionTrainer
 
 BASELINE_ENV = "NNDIFF_BASELINE"
 
@@ -63,9 +63,10 @@ class StagedPolyLR:
             g["lr"] = refiner_lr
 
 
-class nnUNetTrainerNNDM(ConfiguredTrainer):
+class nnUNetTrainerNNDM(DiffusionTrainer):
     """NNDM with the paper's hyper-parameters (trainer_configs/nndm.toml [defaults])."""
     head = "nndm"
+    compiled_parts = ("backbone", "refiner")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -86,20 +87,6 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
 
     # ------------------------------------------------------------------ configuration
     @classmethod
-    def schedule(cls) -> NoiseSchedule:
-        hp = cls.hparams()
-        return NoiseSchedule(ScheduleConfig(int(hp["num_train_timesteps"]), hp["beta_schedule"],
-                                            float(hp["beta_start"]), float(hp["beta_end"])))
-
-    @classmethod
-    def sampling_defaults(cls, validation: bool = False) -> SamplingOptions:
-        hp = cls.hparams()
-        if validation:
-            return SamplingOptions(True, int(hp["val_sampling_steps"]), hp["val_sampler"], 1, 0, hp["tta_refine"])
-        return SamplingOptions(True, int(hp["sampling_steps"]), hp["sampler"], int(hp["num_samples"]), 0,
-                               hp["tta_refine"])
-
-    @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision: bool = True) -> NNDMNetwork:
         """nnU-Net's planned network (unchanged) + the refiner; also what nnUNetv2_predict builds."""
@@ -114,8 +101,8 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
         refiner = TimeConditionedUNet(dim, 2 * num_output_channels + num_input_channels, num_output_channels,
                                       channels, strides[:len(channels) - 1], int(hp["refiner_res_blocks"]))
         schedule = cls.schedule()
-        sampling = options_from_env(cls.sampling_defaults(), schedule.num_train_timesteps)
-        return NNDMNetwork(backbone, refiner, schedule, sampling, prediction_type=hp["prediction_type"])
+        return NNDMNetwork(backbone, refiner, schedule, cls.predict_sampling(schedule.num_train_timesteps),
+                           prediction_type=hp["prediction_type"])
 
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
@@ -176,21 +163,6 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
                                f"(trainer {ckpt.get('trainer_name')}); stage 1 skipped")
 
     # ------------------------------------------------------------------ nnU-Net hooks
-    def initialize(self):
-        super().initialize()
-        net = self.unwrapped_network()
-        net.region_based.fill_(int(self.label_manager.has_regions))
-        if nnUNetTrainer._do_i_compile(self):
-            self.print_to_log_file("Using torch.compile on the backbone and the refiner (in place)")
-            net.backbone.compile()
-            net.refiner.compile()
-
-    def _do_i_compile(self):
-        # NNDMNetwork.forward holds Python control flow (stages, sampling loop); compiling it whole would
-        # unroll the sampler. initialize() compiles the two convolutional parts in place instead (same
-        # state_dict keys, so checkpoints stay loadable without torch.compile).
-        return False
-
     def configure_optimizers(self):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
         optimizer = torch.optim.SGD(net.backbone.parameters(), self.initial_lr, weight_decay=self.weight_decay,
@@ -243,7 +215,8 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
             else:
                 loss = nndm.total_loss(l_seg, l_diff, self.lambda_diff) + zero
         if not torch.isfinite(loss):
-            self._stop_on_non_finite(stage, l_seg, l_diff)
+            self.stop_on_non_finite(f"NNDM stage {stage}", {"L_seg": l_seg, "L_diff": l_diff},
+                                    "e.g. lower refiner_lr / lambda_diff in trainer_configs/nndm.toml, check the data")
 
         net = self.unwrapped_network()
         optimizers = ([self.optimizer] if train_backbone else []) + ([self.refiner_optimizer] if train_refiner else [])
@@ -269,18 +242,6 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
         return {"loss": loss.detach().cpu().numpy(), "seg_loss": l_seg.detach().float().cpu().numpy(),
                 "diff_loss": np.float32(np.nan) if l_diff is None else l_diff.detach().cpu().numpy()}
 
-    def _stop_on_non_finite(self, stage, l_seg, l_diff):
-        good = [f"{f} (epoch {torch.load(join(self.output_folder, f), map_location='cpu', weights_only=False)['current_epoch']})"
-                for f in ("checkpoint_latest.pth", "checkpoint_best.pth")
-                if self.output_folder and isfile(join(self.output_folder, f))]
-        which = "L_diff" if l_diff is not None and not torch.isfinite(l_diff) else "L_seg"
-        raise NNDiffTrainingError(
-            f"NNDM stage {stage}, epoch {self.current_epoch}: the {which} loss is not finite "
-            f"(L_seg={float(l_seg.detach()):.4g}, L_diff={'-' if l_diff is None else f'{float(l_diff.detach()):.4g}'}). Training "
-            f"stopped before the optimiser step, so no weights were changed. Last good checkpoint(s) in "
-            f"{self.output_folder}: {', '.join(good) if good else 'none written yet'}. Resume with --c after "
-            f"fixing the cause (e.g. lower refiner_lr / lambda_diff in trainer_configs/nndm.toml, check the data).")
-
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
         for key, name in (("seg_loss", "nndm_train_seg_losses"), ("diff_loss", "nndm_train_diff_losses")):
@@ -290,25 +251,9 @@ class nnUNetTrainerNNDM(ConfiguredTrainer):
         self.print_to_log_file(f"NNDM L_seg {self.logger.get_value('nndm_train_seg_losses', -1):.4f}, "
                                f"L_diff {self.logger.get_value('nndm_train_diff_losses', -1):.4f}")
 
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        # online validation (pseudo Dice, checkpoint_best): cheap config sampling, none before the refiner trains
-        net = self.unwrapped_network()
-        opts = options_from_env(self.sampling_defaults(validation=True), net.schedule.num_train_timesteps, environ={})
-        net.set_sampling(replace(opts, refine=self.stage_of(self.current_epoch) != 1))
-
-    def on_validation_epoch_end(self, val_outputs):
-        super().on_validation_epoch_end(val_outputs)
-        self._set_predict_sampling()
-
-    def _set_predict_sampling(self):
-        net = self.unwrapped_network()
-        net.set_sampling(options_from_env(self.sampling_defaults(), net.schedule.num_train_timesteps))
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        # the final validation predicts exactly as nnUNetv2_predict would (config + NNDIFF_* variables)
-        self._set_predict_sampling()
-        super().perform_actual_validation(save_probabilities)
+    def validation_sampling(self) -> SamplingOptions:
+        # no refinement in online validation before the refiner has trained (stage 1)
+        return replace(super().validation_sampling(), refine=self.stage_of(self.current_epoch) != 1)
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:

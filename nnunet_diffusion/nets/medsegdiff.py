@@ -1,0 +1,162 @@
+"""MedSegDiff's denoiser (Wu et al., ../shared/papers/MedSegDiff.md §II), in 2D and 3D, sized from nnU-Net plans.
+
+ε_θ(x_t, I, t) = D((E^I_t + E^x_t, t), t)                                   (MedSegDiff eq. 2)
+- two encoders, E^I for the raw image I and E^x for the noisy mask x_t: a stem, then residual stages
+  (GroupNorm–SiLU–conv blocks, the time embedding Linear–SiLU–Linear added after the first conv of each
+  block, §II-C), each stage after the first starting with a strided convolution at nnU-Net's planned stride;
+- dynamic conditional encoding on the middle two stages:
+  A(m_I, m_x) = (LN(m_I) ⊗ LN(m_x)) ⊗ m_I                                  (MedSegDiff eq. 3)
+- the two encodings are added and sent to the last encoding stage;
+- a U-Net decoder whose skip connections pass through FF-Parsers:
+  M = F[m], M' = A ⊙ M, m' = F⁻¹[M']                                       (MedSegDiff eqs. 4–6)
+  with a learnable complex map A sized from the planned patch at that stage (identity at initialisation).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+from .time_unet import TimeResBlock, _conv, _convT, _groups
+
+
+class FFParser(nn.Module):
+    """MedSegDiff eqs. 4–6: m' = F⁻¹[A ⊙ F[m]] over the spatial axes (2D or 3D), A ∈ ℂ^{C×spatial} learnable.
+
+    The real FFT is used (m is real), so A covers the non-redundant half-spectrum; A starts at 1 + 0i, which
+    makes the parser the identity. A is sized for ``spatial`` (the planned patch at this stage); another input
+    size resamples A (so windows of any size still run), which never happens inside nnU-Net's sliding window."""
+
+    def __init__(self, channels: int, spatial: Sequence[int]):
+        super().__init__()
+        spatial = tuple(int(s) for s in spatial)
+        half = spatial[:-1] + (spatial[-1] // 2 + 1,)
+        weight = torch.zeros(channels, *half, 2)
+        weight[..., 0] = 1.0
+        self.weight = nn.Parameter(weight)
+        self.spatial = spatial
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, m.ndim))
+        size = tuple(m.shape[2:])
+        spectrum = torch.fft.rfftn(m.float(), dim=dims, norm="ortho")                  # eq. 4
+        w = torch.view_as_complex(self.weight)
+        if tuple(w.shape[1:]) != tuple(spectrum.shape[2:]):
+            w = torch.complex(*(F.interpolate(p.unsqueeze(0), size=spectrum.shape[2:], mode="nearest")[0]
+                                for p in (w.real, w.imag)))
+        out = torch.fft.irfftn(spectrum * w.unsqueeze(0), s=size, dim=dims, norm="ortho")  # eqs. 5–6
+        return out.to(m.dtype)
+
+
+class DynamicConditioning(nn.Module):
+    """MedSegDiff eq. 3: A(m_I, m_x) = (LN(m_I) ⊗ LN(m_x)) ⊗ m_I; LN normalises over channels and space
+    (GroupNorm with one group, the layer norm of a feature map), with its own affine parameters per input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.ln_image = nn.GroupNorm(1, channels)
+        self.ln_mask = nn.GroupNorm(1, channels)
+
+    def forward(self, m_image: torch.Tensor, m_mask: torch.Tensor) -> torch.Tensor:
+        affinity = self.ln_image(m_image) * self.ln_mask(m_mask)
+        return affinity * m_image
+
+
+class _Stage(nn.Module):
+    def __init__(self, dim, cin, cout, stride, blocks, temb, groups):
+        super().__init__()
+        self.down = _conv(dim)(cin, cout, 3, stride=stride, padding=1) if stride is not None else None
+        c = cout if stride is not None else cin
+        self.blocks = nn.ModuleList([TimeResBlock(dim, c if i == 0 else cout, cout, temb, groups)
+                                     for i in range(blocks)])
+
+    def forward(self, h, temb):
+        if self.down is not None:
+            h = self.down(h)
+        for b in self.blocks:
+            h = b(h, temb)
+        return h
+
+
+class MedSegDiffUNet(nn.Module):
+    """ε_θ(x_t, I, t) of MedSegDiff eq. 2.
+
+    Args:
+        dim: 2 or 3.
+        image_channels / mask_channels: channels of I and of x_t (= output channels).
+        channels: width per stage (n stages; the first at full resolution).
+        strides: n − 1 strides (nnU-Net's pool_op_kernel_sizes[1:n]).
+        blocks: residual blocks per encoder stage (n entries).
+        patch_size: the planned patch; sizes the FF-Parsers.
+        dynamic_conditioning / ff_parser: the paper's Table II ablation switches.
+    """
+
+    def __init__(self, dim: int, image_channels: int, mask_channels: int, channels: Sequence[int],
+                 strides: Sequence[Sequence[int]], blocks: Sequence[int], patch_size: Sequence[int],
+                 dynamic_conditioning: bool = True, ff_parser: bool = True, norm_groups: int = 8):
+        super().__init__()
+        channels, blocks = [int(c) for c in channels], [int(b) for b in blocks]
+        strides = [tuple(int(v) for v in s) for s in strides]
+        n = len(channels)
+        if n < 3:
+            raise ValueError(f"MedSegDiff needs at least 3 stages (two encoder stages + the shared last one); "
+                             f"got channels {channels}")
+        if len(strides) != n - 1 or len(blocks) != n:
+            raise ValueError(f"need {n - 1} strides and {n} block counts for {n} stages; got {strides}, {blocks}")
+        self.dim, self.channels, self.strides = dim, channels, strides
+        temb = channels[0] * 4
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
+
+        def encoder(cin):
+            stem = _conv(dim)(cin, channels[0], 3, padding=1)
+            stages = nn.ModuleList([_Stage(dim, channels[0] if i == 0 else channels[i - 1], channels[i],
+                                           None if i == 0 else strides[i - 1], blocks[i], temb, norm_groups)
+                                    for i in range(n - 1)])
+            return stem, stages
+
+        self.image_stem, self.image_stages = encoder(image_channels)
+        self.mask_stem, self.mask_stages = encoder(mask_channels)
+        # "the middle two stages" of the n − 1 separate encoder stages
+        mid = (n - 1) // 2
+        self.dyn_stages = sorted({max(mid - 1, 0), min(mid, n - 2)}) if dynamic_conditioning else []
+        self.dyn = nn.ModuleDict({str(k): DynamicConditioning(channels[k]) for k in self.dyn_stages})
+        self.last_stage = _Stage(dim, channels[n - 2], channels[n - 1], strides[n - 2], blocks[n - 1], temb,
+                                 norm_groups)
+        # skip sizes: the planned patch divided by the cumulative strides
+        sizes, size = [], [int(p) for p in patch_size]
+        for i in range(n - 1):
+            if i > 0:
+                size = [(a + s - 1) // s for a, s in zip(size, strides[i - 1])]
+            sizes.append(list(size))
+        self.ff = nn.ModuleList([FFParser(channels[i], sizes[i]) for i in range(n - 1)]) if ff_parser else None
+        self.upsamples = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(n - 1)):
+            self.upsamples.append(_convT(dim)(channels[i + 1], channels[i], strides[i], stride=strides[i]))
+            self.up_blocks.append(TimeResBlock(dim, 2 * channels[i], channels[i], temb, norm_groups))
+        self.out_norm = nn.GroupNorm(_groups(channels[0], norm_groups), channels[0])
+        self.out = _conv(dim)(channels[0], mask_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(get_timestep_embedding(t, self.channels[0]).to(image.dtype))
+        h_i, h_x = self.image_stem(image), self.mask_stem(x_t.to(image.dtype))
+        skips = []
+        for k, (stage_i, stage_x) in enumerate(zip(self.image_stages, self.mask_stages)):
+            h_i, h_x = stage_i(h_i, temb), stage_x(h_x, temb)
+            if k in self.dyn_stages:
+                h_i = self.dyn[str(k)](h_i, h_x)                                      # eq. 3
+            skip = h_i + h_x
+            skips.append(self.ff[k](skip) if self.ff is not None else skip)            # eqs. 4–6
+        h = self.last_stage(h_i + h_x, temb)                                           # E^I + E^x → last stage
+        for up, block in zip(self.upsamples, self.up_blocks):
+            skip = skips.pop()
+            h = up(h)
+            if h.shape[2:] != skip.shape[2:]:
+                h = h[(slice(None), slice(None)) + tuple(slice(0, s) for s in skip.shape[2:])]
+            h = block(torch.cat([h, skip], 1), temb)
+        return self.out(F.silu(self.out_norm(h)))                                      # D(·, t) → ε̂

@@ -1,0 +1,97 @@
+"""nnUNetTrainerMedSegDiff: MedSegDiff (Wu et al.) on nnU-Net's plans, data pipeline and predictor.
+
+The network is a diffusion model over the segmentation mask (no nnU-Net segmentation network): MedSegDiff's
+two-encoder denoiser (eqs. 2–6) trained with eq. 7 on nnU-Net's augmented patches, AdamW at 1e-4 (paper
+§III-B) with nnU-Net's poly decay. The size variant (S/B/L/++: 4/5/6/6 downsamplings) is capped by the
+number of stages nnU-Net planned for the patch; widths are the plans' features per stage × ``width``.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.helpers import dummy_context
+
+from ..errors import NNDiffConfigError
+from ..heads.common import target_channels
+from ..inference.medsegdiff_network import MedSegDiffNetwork
+from ..nets.medsegdiff import MedSegDiffUNet
+from .base import make_variants
+from .diffusion_base import DiffusionTrainer
+
+# MedSegDiff §III-B: "UNet with 4x, 5x, 6x, 6x downsamples" for S, B, L, ++
+DOWNSAMPLINGS = {"S": 4, "B": 5, "L": 6, "++": 6}
+RESNET34_BLOCKS = (3, 4, 6, 3)  # §II-C: residual blocks per stage "following that of ResNet34"
+
+
+class nnUNetTrainerMedSegDiff(DiffusionTrainer):
+    """MedSegDiff-B with the paper's settings (trainer_configs/medsegdiff.toml [defaults])."""
+    head = "medsegdiff"
+    compiled_parts = ("denoiser",)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False  # a diffusion model over the mask has one full-resolution output
+        self.initial_lr = float(self.hparams()["lr"])
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True) -> MedSegDiffNetwork:
+        hp = cls.hparams()
+        if hp["size"] not in DOWNSAMPLINGS:
+            raise NNDiffConfigError(f"medsegdiff size must be one of {sorted(DOWNSAMPLINGS)}; got {hp['size']!r}")
+        pools = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes]
+        n = min(len(pools), DOWNSAMPLINGS[hp["size"]] + 1)
+        if n < 3:
+            raise NNDiffConfigError(f"MedSegDiff needs at least 2 downsamplings; the plans of this configuration "
+                                    f"have {len(pools) - 1}")
+        features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
+        channels = [max(8, int(round(f * float(hp["width"])))) for f in features]
+        blocks = list(hp["blocks"]) if hp["blocks"] else \
+            [RESNET34_BLOCKS[min(i, 2)] for i in range(n - 1)] + [RESNET34_BLOCKS[3]]
+        if len(blocks) < n:
+            blocks = blocks + [blocks[-1]] * (n - len(blocks))
+        denoiser = MedSegDiffUNet(len(configuration_manager.patch_size), num_input_channels, num_output_channels,
+                                  channels, pools[1:n], blocks[:n], configuration_manager.patch_size,
+                                  bool(hp["dynamic_conditioning"]), bool(hp["ff_parser"]))
+        schedule = cls.schedule()
+        return MedSegDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
+                                 num_output_channels)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # no deep supervision: nothing to switch
+
+    def configure_optimizers(self):
+        hp = self.hparams()
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                      weight_decay=float(hp["weight_decay"]))
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        y, mask = target_channels(target, self.label_manager.num_segmentation_heads, self.label_manager.has_regions,
+                                  self.label_manager.ignore_label)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.network(data, y=y, mask=mask)
+        if not torch.isfinite(loss):
+            self.stop_on_non_finite("MedSegDiff", {"L (eq. 7)": loss}, "e.g. lower lr in trainer_configs/"
+                                                                       "medsegdiff.toml, check the data")
+        grad_clip = float(self.hparams()["grad_clip"])
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), grad_clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+
+VARIANTS = make_variants(nnUNetTrainerMedSegDiff)
+globals().update(VARIANTS)
+__all__ = ["nnUNetTrainerMedSegDiff", *sorted(VARIANTS)]

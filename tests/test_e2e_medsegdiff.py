@@ -1,0 +1,62 @@
+"""MedSegDiff end to end through nnU-Net's console scripts on the tiny synthetic dataset: train the fast
+variant, predict with an ensemble and an uncertainty map, reproducibility per seed."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import BIN, DATASET_ID, model_folder, run, train
+from test_e2e_nndm import _preprocessed_case, assert_valid_label_maps
+
+pytestmark = pytest.mark.e2e
+TRAINER = "nnUNetTrainerMedSegDiff_tiny"
+
+
+@pytest.fixture(scope="module")
+def trained_msd(planned):
+    planned.train_msd = train(planned.env, TRAINER, 0)
+    return planned
+
+
+def test_console_scripts_train_medsegdiff(trained_msd):
+    out = trained_msd.train_msd.output
+    assert f"Using trainer '{TRAINER}' from" in out
+    fold = model_folder(trained_msd, TRAINER) / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == TRAINER and int(ckpt["network_weights"]["region_based"]) == 1
+    assert any(k.startswith("denoiser.ff.") for k in ckpt["network_weights"])  # FF-Parsers are in the model
+
+
+def test_predict_ensemble_with_uncertainty_maps(trained_msd, tmp_path):
+    images = trained_msd.raw / "imagesTs"
+    out = tmp_path / "pred"
+    run([BIN / "nndiff", "predict", "--uncertainty", "--samples", "3", "--seed", "3", "-i", images, "-o", out,
+         "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+        trained_msd.env)
+    cases = ["synth_ts_000", "synth_ts_001"]
+    assert_valid_label_maps(out, images, cases)
+    assert not list(out.glob("*.npz"))  # probabilities were only a means to the maps
+    for case in cases:
+        pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        for name in ("", "_whole_tumor", "_tumor_core", "_enhancing_tumor"):
+            unc = sitk.ReadImage(str(out / "uncertainty" / f"{case}{name}.nii.gz"))
+            assert unc.GetSize() == pred.GetSize() and np.allclose(unc.GetSpacing(), pred.GetSpacing())
+            arr = sitk.GetArrayFromImage(unc)
+            assert arr.min() >= 0 and arr.max() <= 1 and arr.max() > 0
+
+
+def test_same_seed_same_prediction(trained_msd, nnunet_paths, monkeypatch):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    data = _preprocessed_case(trained_msd)
+
+    def logits(seed):
+        monkeypatch.setenv("NNDIFF_SEED", str(seed))
+        monkeypatch.setenv("NNDIFF_SAMPLER", "ddpm")
+        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False,
+                            use_mirroring=False)
+        p.initialize_from_trained_model_folder(str(model_folder(trained_msd, TRAINER)), (0,))
+        return p.predict_logits_from_preprocessed_data(data)
+
+    a, b, c = logits(5), logits(5), logits(6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
