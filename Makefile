@@ -18,6 +18,10 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
+	# the official BraTS evaluator, only for the cross-check test: its pins (numpy<2.3, pandas<3 via panoptica)
+	# would downgrade nnU-Net's stack, so it goes in without its dependencies plus the few it really imports
+	$(PY) -m pip install --quiet "ruamel.yaml>=0.18.6,<1" "plotly>=5.16.1,<6" "typer>=0.15,<1"
+	$(PY) -m pip install --quiet --no-deps "panoptica==2.1.7" "brats-evaluation==0.0.10"
 	touch $@
 
 install: $(VENV)/.installed

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_make_synthetic)
 
     # --- BraTS conversion and phantoms: dataset_conversion/commands.py registers its subcommands here ---
-    # --- evaluation: nnunet_diffusion/evaluation/commands.py registers its subcommands here ---
+    from .evaluation.commands import register as register_evaluation
+    register_evaluation(sub)
 
     p = sub.add_parser("predict", help="nnUNetv2_predict with diffusion options as flags; every other argument "
                                        "goes to nnUNetv2_predict unchanged",

@@ -1,0 +1,87 @@
+"""``nndiff evaluate`` and ``nndiff compare``: registered on the ``nndiff`` parser by :func:`register`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .metrics import BRATS_EMPTY_HD95, HD95_MODES
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: nnU-Net's nnUNet_def_n_proc, at most the CPU count)")
+    p.add_argument("--hd95-mode", choices=HD95_MODES, default="brats",
+                   help="brats (default): 95th percentile of the pooled surface distances of both directions, as "
+                        "the official brats-evaluation package; monai: the larger directed 95th percentile "
+                        "(monai.metrics.compute_hausdorff_distance)")
+    p.add_argument("--empty-hd95", type=float, default=BRATS_EMPTY_HD95,
+                   help=f"HD95 in mm when exactly one of prediction and reference is empty (default "
+                        f"{BRATS_EMPTY_HD95:g}, brats-evaluation's penalty)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_folder
+    res = evaluate_folder(args.pred_dir, args.ref_dir, args.output, dataset=args.d, dataset_json=args.dataset_json,
+                          num_processes=args.num_processes, hd95_mode=args.hd95_mode, empty_hd95=args.empty_hd95,
+                          only_predicted=args.only_predicted, progress=not args.no_progress)
+    print(res.table, end="")
+    print(f"\nwritten: {Path(args.output) / 'per_case.csv'}, summary.json, table.md")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_trainers
+    res = compare_trainers(args.d, args.tr, args.output, folds=args.f, configuration=args.c, plans=args.p,
+                           baseline=args.baseline, results_dir=args.results, reference_dir=args.ref,
+                           images_dir=args.images, dataset_json=args.dataset_json, cases=args.cases,
+                           n_cases=args.n_cases, num_processes=args.num_processes, hd95_mode=args.hd95_mode,
+                           empty_hd95=args.empty_hd95, plots=not args.no_plots, progress=not args.no_progress)
+    print(res.table, end="")
+    print(f"\nwritten to {res.output_dir}: per_case.csv, paired.csv, summary.json, table.md, "
+          f"{len(res.figures)} figure(s)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the ``evaluate`` and ``compare`` subcommands to the nndiff parser's subparsers object."""
+    p = sub.add_parser(
+        "evaluate", help="Dice, IoU, HD95 (mm), VS, PA, sensitivity, specificity and volumes per case and region",
+        description="Evaluate the label maps in PRED_DIR against the same-named references in REF_DIR, per case and "
+                    "per region (BraTS: whole tumour, tumour core, enhancing) or label, as read from the "
+                    "dataset's dataset.json. Writes per_case.csv, summary.json and table.md into OUT_DIR.",
+        epilog="example: nndiff evaluate pred $nnUNet_raw/Dataset501_BraTS/labelsTs -d 501 -o eval_pred")
+    p.add_argument("pred_dir", help="folder of predicted label maps (<case><file_ending>)")
+    p.add_argument("ref_dir", help="folder of reference label maps with the same names")
+    p.add_argument("-d", metavar="ID", help="nnU-Net dataset id or name: regions/labels from its dataset.json")
+    p.add_argument("--dataset-json", help="a dataset.json to take regions/labels from (instead of -d)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--only-predicted", action="store_true",
+                   help="evaluate only the cases that have a prediction (references without one are not an error)")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "compare", help="evaluate trainers' validation predictions across folds: tables, paired tests, pictures",
+        description="For every trainer (-tr) and fold (-f), evaluate $nnUNet_results/<Dataset>/<trainer>__<plans>__"
+                    "<configuration>/fold_<f>/validation against $nnUNet_preprocessed/<Dataset>/gt_segmentations, "
+                    "then write one table per region (Method | DSC | HD95 | VS | IoU, mean ± std over cases and "
+                    "over folds), paired per-case differences against the baseline with Wilcoxon p-values, box "
+                    "plots and slice pictures of chosen cases.",
+        epilog="example: nndiff compare -d 501 -tr nnUNetTrainer nnUNetTrainerNNDM -f 0 1 2 3 4 -o cmp")
+    p.add_argument("-d", required=True, metavar="ID", help="nnU-Net dataset id or name")
+    p.add_argument("-tr", nargs="+", required=True, metavar="TRAINER", help="trainers to compare")
+    p.add_argument("-f", nargs="+", default=["0"], metavar="FOLD", help="folds: 0 1 2 3 4 and/or all (default 0)")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--baseline", help="trainer to take paired differences against (default: the first -tr)")
+    p.add_argument("--cases", nargs="+", help="cases to draw (default: the --n-cases with the largest Dice change)")
+    p.add_argument("--n-cases", type=int, default=2, help="how many cases to draw when --cases is not given")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--results", help="results folder (default $nnUNet_results)")
+    p.add_argument("--ref", help="reference folder (default $nnUNet_preprocessed/<Dataset>/gt_segmentations)")
+    p.add_argument("--images", help="image folder for the pictures (default $nnUNet_raw/<Dataset>/imagesTr)")
+    p.add_argument("--dataset-json", help="dataset.json to take regions/labels from (default: the dataset's)")
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,494 @@
+"""Compare trainers (heads) across folds on their nnU-Net validation predictions: tables, paired tests, pictures.
+
+``compare_trainers(dataset, ["nnUNetTrainer", "nnUNetTrainerNNDM"], "cmp", folds=[0, 1, 2, 3, 4])`` (or
+``nndiff compare -d ID -tr nnUNetTrainer nnUNetTrainerNNDM -f 0 1 2 3 4 -o cmp``) reads
+``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>/fold_<f>/validation/*`` for every trainer and
+fold, evaluates each against ``$nnUNet_preprocessed/<Dataset>/gt_segmentations`` (what nnU-Net's own validation
+uses) and writes into the output folder:
+
+* ``<trainer>/fold_<f>/`` — that folder's per_case.csv, summary.json and table.md (as ``nndiff evaluate``);
+* ``per_case.csv`` — all rows, with trainer and fold columns (and the per-case mean over regions);
+* ``table.md`` — per region "Method | DSC | HD95 | VS | IoU": mean ± std over cases (all folds pooled) and, in a
+  second table, mean ± std over folds (of the per-fold means); then the paired per-case differences of every
+  trainer against the baseline (same fold, same case) with the Wilcoxon signed-rank p-value;
+* ``paired.csv``, ``summary.json`` — the same numbers;
+* ``figures/box_<metric>.png`` — box plots per metric, one panel per region, one box per trainer;
+* ``figures/case_<case>.png`` — for chosen cases, axial/coronal/sagittal slices through the tumour showing FLAIR
+  and T1ce (as named in dataset.json; else the first channel) with the reference, baseline and other trainers'
+  contours, and the uncertainty map ``uncertainty/<case><file_ending>`` where a trainer wrote one beside its
+  prediction (``nndiff predict --uncertainty``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .evaluate import (ALL_REGIONS, UNCERTAINTY_DIR, EvaluationError, build_result, conventions, describe,
+                       fmt, load_dataset_json, match_cases, per_case_region_mean, regions_from_dataset_json,
+                       rows_to_frame, run_cases, table_notes, to_json, unknown_dataset_message,
+                       write_text_atomic)
+from .metrics import BRATS_EMPTY_HD95, HD95_MODES, METRIC_NAMES, region_mask
+
+COMPARE_METRICS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"))
+_SOURCE_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+_REFERENCE_COLOUR = "#2ca02c"
+_LINESTYLES = ("solid", "dashed", "dotted", "dashdot")
+
+
+@dataclass
+class CompareResult:
+    per_case: "object"       # DataFrame: trainer, fold, case, region, metrics (incl. 'mean over regions' rows)
+    paired: "object"         # DataFrame: trainer, baseline, region, metric, mean/std/median of the differences, n, p
+    summary: dict
+    table: str
+    output_dir: Path
+    figures: list[Path] = field(default_factory=list)
+
+
+def parse_folds(folds: Sequence[int | str]) -> list[str]:
+    """nnU-Net fold names: non-negative integers or 'all'."""
+    out = []
+    for f in folds:
+        f = str(f).strip()
+        if f != "all" and not f.isdigit():
+            raise EvaluationError(f"a fold is a non-negative integer or 'all'; got {f!r}")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise EvaluationError("no fold given")
+    return out
+
+
+def _dataset_name(dataset: int | str, results_dir: Path | None = None) -> str:
+    """DatasetNNN_Name from an id or name, as nnU-Net resolves it (also looking into ``results_dir``)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if str(dataset).startswith("Dataset"):
+        return str(dataset)
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        if results_dir is not None and str(dataset).isdigit():
+            hits = sorted(p.name for p in results_dir.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
+            if len(hits) == 1:
+                return hits[0]
+        raise EvaluationError(unknown_dataset_message(dataset, e)) from None
+
+
+def _env_dir(var: str, given, *parts: str) -> Path:
+    if given is not None:
+        return Path(given)
+    value = os.environ.get(var)
+    if not value:
+        raise EvaluationError(f"{var} is not set; set it (as for nnU-Net) or pass the folder explicitly")
+    return Path(value, *parts)
+
+
+def validation_folder(results_dir: Path, dataset_name: str, trainer: str, plans: str, configuration: str,
+                      fold: str) -> Path:
+    return results_dir / dataset_name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}" / "validation"
+
+
+def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: str | os.PathLike,
+                     folds: Sequence[int | str] = (0,), configuration: str = "3d_fullres",
+                     plans: str = "nnUNetPlans", baseline: str | None = None,
+                     results_dir: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
+                     images_dir: str | os.PathLike | None = None, dataset_json: str | os.PathLike | None = None,
+                     cases: Sequence[str] | None = None, n_cases: int = 2, num_processes: int | None = None,
+                     hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, plots: bool = True,
+                     progress: bool = True) -> CompareResult:
+    """Evaluate the validation predictions of ``trainers`` on ``folds`` and compare them (see module docstring).
+
+    ``baseline`` (default: the first trainer) is what paired differences are taken against. ``cases`` picks the
+    cases drawn as slice figures; by default the ``n_cases`` cases whose first-region Dice changed most between
+    the baseline and the second trainer (the worst cases when there is one trainer). The folders default to
+    nnU-Net's: ``$nnUNet_results``, ``$nnUNet_preprocessed/<Dataset>/gt_segmentations`` and
+    ``$nnUNet_raw/<Dataset>/imagesTr``.
+    """
+    import pandas as pd
+    trainers = list(dict.fromkeys(trainers))
+    if not trainers:
+        raise EvaluationError("give at least one trainer (-tr)")
+    if hd95_mode not in HD95_MODES:
+        raise EvaluationError(f"hd95 mode must be one of {', '.join(HD95_MODES)}; got {hd95_mode!r}")
+    baseline = trainers[0] if baseline is None else baseline
+    if baseline not in trainers:
+        raise EvaluationError(f"baseline {baseline!r} is not among the trainers {trainers}")
+    folds = parse_folds(folds)
+    results_dir = _env_dir("nnUNet_results", results_dir)
+    name = _dataset_name(dataset, results_dir)
+    reference_dir = _env_dir("nnUNet_preprocessed", reference_dir, name, "gt_segmentations")
+    if dataset_json is None:
+        try:
+            dj, dj_source = load_dataset_json(dataset)
+        except EvaluationError:
+            own = validation_folder(results_dir, name, trainers[0], plans, configuration, folds[0]).parents[1]
+            dj, dj_source = load_dataset_json(dataset_json=own / "dataset.json")
+    else:
+        dj, dj_source = load_dataset_json(dataset_json=dataset_json)
+    regions, ignore_label = regions_from_dataset_json(dj)
+    file_ending = dj.get("file_ending", ".nii.gz")
+
+    # every (trainer, fold) folder's cases, evaluated in one pool
+    tasks, folders = [], {}
+    for tr in trainers:
+        for f in folds:
+            vf = validation_folder(results_dir, name, tr, plans, configuration, f)
+            if not vf.is_dir():
+                raise EvaluationError(f"no validation predictions for {tr} fold {f}: {vf} does not exist (train "
+                                      f"it with nnUNetv2_train, or re-run its validation with --val)")
+            matched = match_cases(vf, reference_dir, file_ending, only_predicted=True)
+            folders[(tr, f)] = (vf, matched)
+            tasks += [({"trainer": tr, "fold": f}, c, str(p), str(r), regions, ignore_label, hd95_mode,
+                       float(empty_hd95)) for c, p, r in matched]
+    if cases is not None:
+        known = {c for _, matched in folders.values() for c, _, _ in matched}
+        unknown = [c for c in cases if c not in known]
+        if unknown:
+            raise EvaluationError(f"case(s) {', '.join(unknown)} to draw have no prediction in the compared "
+                                  f"folders")
+    rows = run_cases(tasks, num_processes, progress, desc=f"evaluate {len(folders)} folder(s)")
+
+    out = Path(output_dir)
+    region_names = [n for n, _ in regions]
+    for (tr, f), (vf, _) in folders.items():
+        sub = [{k: v for k, v in r.items() if k not in ("trainer", "fold")} for r in rows
+               if r["trainer"] == tr and r["fold"] == f]
+        build_result(sub, regions, ignore_label, hd95_mode, empty_hd95,
+                     {"prediction_folder": str(vf), "reference_folder": str(reference_dir),
+                      "dataset_json": dj_source}, f"{tr}, fold {f}", out / tr / f"fold_{f}")
+
+    df = rows_to_frame(rows, regions, extra_columns=("trainer", "fold"))
+    df["trainer"] = pd.Categorical(df["trainer"], categories=trainers, ordered=True)
+    df = df.sort_values(["trainer", "fold", "case"], kind="stable").reset_index(drop=True)
+    df["trainer"] = df["trainer"].astype(str)
+    if len(region_names) > 1:
+        allr = per_case_region_mean(df)[["trainer", "fold", "case", "region", *METRIC_NAMES]]
+        df = pd.concat([df, allr], ignore_index=True)
+    shown_regions = region_names + ([ALL_REGIONS] if len(region_names) > 1 else [])
+
+    stats = _summaries(df, trainers, shown_regions)
+    paired = paired_differences(df, trainers, baseline, shown_regions)
+    conv = conventions(hd95_mode, empty_hd95)
+    summary = {"dataset": name, "configuration": configuration, "plans": plans, "folds": folds,
+               "trainers": trainers, "baseline": baseline, "reference_folder": str(reference_dir),
+               "dataset_json": dj_source, "hd95_mode": hd95_mode, "empty_hd95_mm": float(empty_hd95),
+               "conventions": conv,
+               "n_cases": {tr: int(df[df["trainer"] == tr][["fold", "case"]].drop_duplicates().shape[0])
+                           for tr in trainers},
+               "metrics": stats, "paired": paired.to_dict(orient="records")}
+    table = compare_table(stats, paired, trainers, baseline, shown_regions, folds, name, conv)
+
+    write_text_atomic(out / "per_case.csv", df.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(out / "paired.csv", paired.to_csv(index=False, float_format="%.6g"))
+    write_text_atomic(out / "summary.json", to_json(summary) + "\n")
+    write_text_atomic(out / "table.md", table)
+    result = CompareResult(per_case=df, paired=paired, summary=summary, table=table, output_dir=out)
+
+    if plots:
+        figs = out / "figures"
+        for metric, label in COMPARE_METRICS:
+            result.figures.append(box_plot(df, trainers, region_names, metric, label, figs / f"box_{metric}.png"))
+        chosen = list(cases) if cases is not None else choose_cases(df, trainers, baseline, region_names[0],
+                                                                     n_cases)
+        images_dir = _env_dir("nnUNet_raw", images_dir, name, "imagesTr") if chosen else None
+        for case in chosen:
+            preds = {}
+            for tr in trainers:
+                for f in folds:
+                    vf, matched = folders[(tr, f)]
+                    hit = [p for c, p, _ in matched if c == case]
+                    if hit:
+                        unc = vf / UNCERTAINTY_DIR / f"{case}{file_ending}"
+                        preds[tr] = (hit[0], unc if unc.is_file() else None)
+                        break
+            ref = reference_dir / f"{case}{file_ending}"
+            result.figures.append(case_figure(case, ref, preds, baseline, regions, dj, Path(images_dir),
+                                              file_ending, figs / f"case_{_safe(case)}.png"))
+    return result
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _summaries(df, trainers, regions) -> dict:
+    """{trainer: {region: {metric: {"cases": describe over all cases, "folds": describe of per-fold means}}}}."""
+    out = {}
+    for tr in trainers:
+        out[tr] = {}
+        for reg in regions:
+            sub = df[(df["trainer"] == tr) & (df["region"] == reg)]
+            out[tr][reg] = {}
+            for m in METRIC_NAMES:
+                fold_means = [describe(g[m])["mean"] for _, g in sub.groupby("fold", sort=True)]
+                out[tr][reg][m] = {"cases": describe(sub[m]), "folds": describe(fold_means)}
+    return out
+
+
+def paired_differences(df, trainers, baseline, regions, metrics=("dice", "hd95", "vs", "iou")):
+    """Per trainer ≠ baseline, region and metric: the per-case differences trainer − baseline on the cases both
+    evaluated (same fold and case; NaN pairs dropped), their mean/std/median, n, and the two-sided Wilcoxon
+    signed-rank p-value (scipy.stats.wilcoxon; zero differences dropped as in Wilcoxon's original method; p = 1 when
+    all differences are zero, NaN when there is no pair)."""
+    import pandas as pd
+    from scipy.stats import wilcoxon
+    records = []
+    base = df[df["trainer"] == baseline]
+    for tr in trainers:
+        if tr == baseline:
+            continue
+        other = df[df["trainer"] == tr]
+        merged = other.merge(base, on=["fold", "case", "region"], suffixes=("", "_base"))
+        for reg in regions:
+            sub = merged[merged["region"] == reg]
+            for m in metrics:
+                d = (sub[m] - sub[f"{m}_base"]).to_numpy(dtype=np.float64)
+                d = d[np.isfinite(d)]
+                st = describe(d)
+                if d.size == 0:
+                    p = float("nan")
+                elif np.all(d == 0):
+                    p = 1.0
+                else:
+                    p = float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+                records.append({"trainer": tr, "baseline": baseline, "region": reg, "metric": m,
+                                "mean_diff": st["mean"], "std_diff": st["std"], "median_diff": st["median"],
+                                "n": st["n"], "wilcoxon_p": p})
+    return pd.DataFrame(records, columns=["trainer", "baseline", "region", "metric", "mean_diff", "std_diff",
+                                          "median_diff", "n", "wilcoxon_p"])
+
+
+def _fmt_p(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _fmt_diff(mean, sd, metric) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    k = 100.0 if metric in ("dice", "iou", "vs", "pa", "sensitivity", "specificity") else 1.0
+    s = f"{mean * k:+.2f}"
+    if sd is not None and not (isinstance(sd, float) and math.isnan(sd)):
+        s += f" ± {sd * k:.2f}"
+    return s
+
+
+def compare_table(stats, paired, trainers, baseline, regions, folds, dataset_name, conv) -> str:
+    head = "| Method | " + " | ".join(lbl for _, lbl in COMPARE_METRICS) + " | n |"
+    sep = "|" + "---|" * (len(COMPARE_METRICS) + 2)
+    lines = [f"# {dataset_name}: {', '.join(trainers)} (folds {', '.join(folds)})", ""]
+    for reg in regions:
+        lines += [f"## {reg}", "", "Mean ± std over cases (all folds pooled):", "", head, sep]
+        for tr in trainers:
+            s = stats[tr][reg]
+            n = s["dice"]["cases"]["n"]
+            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["cases"], m) for m, _ in COMPARE_METRICS) + f" | {n} |")
+        lines += ["", "Mean ± std over folds (of the per-fold means):", "", head.replace(" n |", " folds |"), sep]
+        for tr in trainers:
+            s = stats[tr][reg]
+            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["folds"], m) for m, _ in COMPARE_METRICS)
+                         + f" | {s['dice']['folds']['n']} |")
+        lines.append("")
+    if len(trainers) > 1:
+        lines += [f"## Paired per-case differences against {baseline}", "",
+                  "Method − baseline on the same fold and case: mean ± std of the differences, and the two-sided "
+                  "Wilcoxon signed-rank p-value.", "",
+                  "| Method − baseline | Region | " + " | ".join(f"Δ{lbl} | p" for _, lbl in COMPARE_METRICS)
+                  + " | n |", "|" + "---|" * (2 * len(COMPARE_METRICS) + 3)]
+        for tr in trainers:
+            if tr == baseline:
+                continue
+            for reg in regions:
+                cells, n = [], 0
+                for m, _ in COMPARE_METRICS:
+                    row = paired[(paired["trainer"] == tr) & (paired["region"] == reg) & (paired["metric"] == m)]
+                    r = row.iloc[0]
+                    cells += [_fmt_diff(r["mean_diff"], r["std_diff"], m), _fmt_p(r["wilcoxon_p"])]
+                    n = max(n, int(r["n"]))
+                lines.append(f"| {tr} − {baseline} | {reg} | " + " | ".join(cells) + f" | {n} |")
+        lines.append("")
+    lines += ["Notes:", *[f"- {n}" for n in table_notes(conv)],
+              f"- '{ALL_REGIONS}': per case the mean over the regions, then summarised."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pictures
+
+
+def _mpl():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import tempfile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def box_plot(df, trainers, regions, metric: str, label: str, path: Path) -> Path:
+    """One panel per region, one box per trainer (all cases of all folds), points overlaid."""
+    plt = _mpl()
+    k = 100.0 if "%" in label else 1.0
+    fig, axes = plt.subplots(1, len(regions), figsize=(max(3.2, 1.1 * len(trainers) + 1.5) * len(regions), 3.8),
+                             squeeze=False)
+    for ax, reg in zip(axes[0], regions):
+        data = []
+        for tr in trainers:
+            v = df[(df["trainer"] == tr) & (df["region"] == reg)][metric].to_numpy(dtype=np.float64) * k
+            data.append(v[np.isfinite(v)])
+        ax.boxplot(data, showmeans=True)
+        for i, v in enumerate(data, start=1):
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(len(v))
+            ax.scatter(np.full(len(v), i) + jitter, v, s=10, alpha=0.6, color=_SOURCE_COLOURS[(i - 1) % 7],
+                       zorder=3)
+        ax.set_xticks(range(1, len(trainers) + 1))
+        ax.set_xticklabels(trainers, rotation=20, ha="right", fontsize=8)
+        ax.set_title(reg)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{label} per case")
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def choose_cases(df, trainers, baseline, region: str, n: int) -> list[str]:
+    """The n cases whose Dice in ``region`` changed most (|Δ|) from the baseline to the first other trainer; with
+    one trainer, its n worst cases."""
+    if n <= 0:
+        return []
+    base = df[(df["trainer"] == baseline) & (df["region"] == region)]
+    others = [t for t in trainers if t != baseline]
+    if not others:
+        return list(base.sort_values("dice")["case"].drop_duplicates()[:n])
+    other = df[(df["trainer"] == others[0]) & (df["region"] == region)]
+    m = other.merge(base, on=["fold", "case"], suffixes=("", "_base"))
+    m = m.assign(change=(m["dice"] - m["dice_base"]).abs()).sort_values(["change", "case"],
+                                                                           ascending=[False, True])
+    return list(m["case"].drop_duplicates()[:n])
+
+
+def _norm_channel(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def pick_channels(dataset_json: dict) -> list[tuple[int, str]]:
+    """[(channel index, name)]: FLAIR and T1ce (T1Gd, T1c) when dataset.json names them, else channel 0."""
+    names = {int(k): v for k, v in (dataset_json.get("channel_names") or dataset_json.get("modality") or {}).items()}
+    picked = []
+    for wanted in (("flair",), ("t1ce", "t1gd", "t1c", "t1contrast", "t1post")):
+        for i, v in sorted(names.items()):
+            if _norm_channel(v) in wanted:
+                picked.append((i, v))
+                break
+    return picked or [(0, names.get(0, "channel 0"))]
+
+
+def _slice(volume: np.ndarray, view: int, index: int) -> np.ndarray:
+    return np.take(volume, index, axis=view)
+
+
+def case_figure(case: str, reference: Path, predictions: dict, baseline: str, regions, dataset_json: dict,
+                images_dir: Path, file_ending: str, path: Path) -> Path:
+    """Axial / coronal / sagittal slices through the tumour's centre of mass: each picked image channel with the
+    contours of every region (line style) for the reference and every trainer (colour), then one row per
+    uncertainty map. ``predictions``: {trainer: (prediction file, uncertainty file or None)}."""
+    import SimpleITK as sitk
+    plt = _mpl()
+    from matplotlib.lines import Line2D
+
+    def read(p):
+        img = sitk.ReadImage(str(p))
+        return sitk.GetArrayFromImage(img), img.GetSpacing()[::-1]
+
+    ref, spacing = read(reference)
+    segs = {"reference": ref}
+    uncert = {}
+    for tr, (pred, unc) in predictions.items():
+        segs[tr] = read(pred)[0]
+        if unc is not None:
+            uncert[tr] = read(unc)[0].astype(np.float32)
+    images = []
+    for ch, label in pick_channels(dataset_json):
+        f = images_dir / f"{case}_{ch:04d}{file_ending}"
+        if f.is_file():
+            images.append((label, read(f)[0].astype(np.float32)))
+    if not images:  # no raw image found: draw the contours on the reference label map itself
+        images.append(("reference labels (image not found)", ref.astype(np.float32)))
+
+    fg = ref > 0
+    if not fg.any():
+        fg = np.any([s > 0 for s in segs.values()], axis=0)
+    centre = (np.round(np.argwhere(fg).mean(axis=0)).astype(int) if fg.any()
+              else np.array(ref.shape) // 2)
+    views = (("axial", 0), ("coronal", 1), ("sagittal", 2))
+    aspects = {0: spacing[1] / spacing[2], 1: spacing[0] / spacing[2], 2: spacing[0] / spacing[1]}
+    colours = {"reference": _REFERENCE_COLOUR}
+    others = [t for t in predictions if t != baseline]
+    order = ([baseline] if baseline in predictions else []) + others
+    for i, tr in enumerate(order):
+        colours[tr] = _SOURCE_COLOURS[i % len(_SOURCE_COLOURS)]
+
+    n_rows = len(images) + len(uncert)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(10.5, 3.4 * n_rows + 0.8), squeeze=False)
+    for row, (label, img) in enumerate(images):
+        lo, hi = np.percentile(img, (1, 99.5))
+        for col, (vname, axis) in enumerate(views):
+            ax = axes[row][col]
+            origin = "upper" if axis == 0 else "lower"
+            ax.imshow(_slice(img, axis, centre[axis]), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                      origin=origin, aspect=aspects[axis], interpolation="nearest")
+            for src, seg in segs.items():
+                for k, (_, region) in enumerate(regions):
+                    mask = region_mask(_slice(seg, axis, centre[axis]), region)
+                    if mask.any() and not mask.all():
+                        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colours[src]],
+                                   linestyles=[_LINESTYLES[k % len(_LINESTYLES)]], linewidths=1.1, origin=origin)
+            ax.set_title(f"{label}, {vname} {centre[axis]}", fontsize=9)
+            ax.axis("off")
+    first_region = regions[0][1]
+    for r, (tr, u) in enumerate(uncert.items(), start=len(images)):
+        finite = u[np.isfinite(u)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        for col, (vname, axis) in enumerate(views):
+            ax = axes[r][col]
+            origin = "upper" if axis == 0 else "lower"
+            im = ax.imshow(_slice(u, axis, centre[axis]), cmap="magma", origin=origin, aspect=aspects[axis],
+                           interpolation="nearest", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
+            mask = region_mask(_slice(ref, axis, centre[axis]), first_region)
+            if mask.any() and not mask.all():  # the reference's outline, for orientation
+                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[_REFERENCE_COLOUR], linewidths=1.0,
+                           origin=origin)
+            ax.set_title(f"uncertainty {tr}, {vname}", fontsize=9)
+            ax.axis("off")
+        fig.colorbar(im, cax=axes[r][2].inset_axes((1.03, 0.0, 0.04, 1.0)))
+    handles = [Line2D([], [], color=c, lw=2, label=s) for s, c in colours.items()]
+    handles += [Line2D([], [], color="k", lw=1.2, linestyle=_LINESTYLES[k % len(_LINESTYLES)], label=name)
+                for k, (name, _) in enumerate(regions)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"case {case}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,438 @@
+"""Evaluate a folder of predicted label maps against a folder of references, per case and per region.
+
+``evaluate_folder(pred_dir, ref_dir, output_dir, dataset=ID)`` (or ``nndiff evaluate PRED REF -d ID -o OUT``)
+writes into ``output_dir``:
+
+* ``per_case.csv`` — one row per case and region: case, region, dice, iou, hd95, vs, pa, sensitivity,
+  specificity, volume_pred, volume_ref (volumes in mm³, HD95 in mm with the images' spacing);
+* ``summary.json`` — mean, std (sample, ddof = 1), median and count per region and metric, plus a
+  "mean over regions" entry (per case the mean over regions, then summarised), and the conventions used;
+* ``table.md`` — a Markdown table shaped like the papers' (DSC %, HD95 mm, VS %, IoU %, PA %, …).
+
+Regions and labels come from the dataset's ``dataset.json`` exactly as nnU-Net reads them
+(``LabelManager``): a label whose value is a list is a region (BraTS: whole tumour (1, 2, 3), tumour core (2, 3),
+enhancing (3)), and a voxel belongs to a region when its label is in the region's tuple; datasets without regions
+are evaluated per foreground label. Voxels of an ignore label in the reference are left out.
+Metric definitions and empty-mask conventions: :mod:`nnunet_diffusion.evaluation.metrics`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import NNDiffError
+from .metrics import BRATS_EMPTY_HD95, EMPTY_MASK_CONVENTIONS, HD95_MODES, METRIC_NAMES, mask_metrics, region_mask
+
+UNCERTAINTY_DIR = "uncertainty"
+"""``nndiff predict --uncertainty`` writes a case's uncertainty map to ``<prediction folder>/uncertainty/<case>
+<file_ending>`` (see nnunet_diffusion/inference/uncertainty.py): a subfolder, so listing predictions never
+picks it up."""
+
+PERCENT_METRICS = ("dice", "iou", "vs", "pa", "sensitivity", "specificity")
+TABLE_COLUMNS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"),
+                 ("pa", "PA (%)"), ("sensitivity", "Sensitivity (%)"), ("specificity", "Specificity (%)"))
+ALL_REGIONS = "mean over regions"
+
+
+class EvaluationError(NNDiffError, ValueError):
+    """Evaluation inputs are missing or inconsistent (files, cases, geometry, dataset)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dataset.json: regions and labels
+
+
+def unknown_dataset_message(dataset, error: Exception) -> str:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+    if "more than one" in str(error).lower():
+        return f"dataset id {dataset} is ambiguous: {str(error).splitlines()[0]}"
+    where = ", ".join(f"{v.env_var_name}={v.get()}" for v in (nnUNet_raw, nnUNet_preprocessed, nnUNet_results))
+    return (f"unknown dataset {dataset}: no Dataset{str(dataset).zfill(3)}_* folder found ({where})"
+            if str(dataset).isdigit() else f"unknown dataset {dataset}: {str(error).splitlines()[0]}")
+
+
+def find_dataset_json(dataset: int | str) -> Path:
+    """dataset.json of an nnU-Net dataset given by id or name, from nnUNet_raw, nnUNet_preprocessed or
+    nnUNet_results (first found)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise EvaluationError(unknown_dataset_message(dataset, e)) from None
+    candidates = []
+    for root in (nnUNet_raw, nnUNet_preprocessed):
+        if root.is_set():
+            candidates.append(Path(root.get()) / name / "dataset.json")
+    if nnUNet_results.is_set():
+        candidates += sorted((Path(nnUNet_results.get()) / name).glob("*/dataset.json"))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise EvaluationError(f"dataset {name} has no dataset.json in {', '.join(str(c) for c in candidates) or '-'}")
+
+
+def load_dataset_json(dataset: int | str | None = None, dataset_json: str | os.PathLike | dict | None = None
+                      ) -> tuple[dict, str]:
+    """(dataset.json content, where it came from) from a dataset id/name or a dataset.json path (or dict)."""
+    if isinstance(dataset_json, dict):
+        return dataset_json, "<dict>"
+    if dataset_json is not None:
+        path = Path(dataset_json)
+        if path.is_dir():
+            path = path / "dataset.json"
+        if not path.is_file():
+            raise EvaluationError(f"dataset.json not found: {path}")
+    elif dataset is not None:
+        path = find_dataset_json(dataset)
+    else:
+        raise EvaluationError("say which labels/regions to evaluate: give a dataset id (-d ID) or --dataset-json")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{path} is not valid JSON: {e}") from None
+
+
+def regions_from_dataset_json(dataset_json: dict) -> tuple[list[tuple[str, int | tuple[int, ...]]], int | None]:
+    """([(name, label or region tuple), ...], ignore label) as nnU-Net's LabelManager defines them."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict):
+        raise EvaluationError("dataset.json has no 'labels' dictionary")
+    try:
+        lm = LabelManager(labels, dataset_json.get("regions_class_order"))
+    except (AssertionError, RuntimeError) as e:
+        raise EvaluationError(f"dataset.json labels are not usable by nnU-Net: {e}") from None
+
+    def norm(v):
+        return tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else int(v)
+
+    names = {}
+    for k, v in labels.items():
+        if k in ("background", "ignore"):
+            continue
+        names.setdefault(norm(v), k)
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            names.setdefault(int(v[0]), k)
+    items = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    out = []
+    for r in items:
+        key = norm(r)
+        out.append((names.get(key, str(key)), key))
+    return out, lm.ignore_label
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files and cases
+
+
+def list_cases(folder: Path, file_ending: str) -> dict[str, Path]:
+    """{case: file} of the label maps in ``folder`` (files only: the uncertainty/ subfolder is not listed)."""
+    return {p.name[: -len(file_ending)]: p for p in sorted(folder.iterdir())
+            if p.is_file() and p.name.endswith(file_ending)}
+
+
+def _few(names: Iterable[str], k: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def match_cases(pred_dir: Path, ref_dir: Path, file_ending: str, only_predicted: bool = False,
+                cases: Sequence[str] | None = None) -> list[tuple[str, Path, Path]]:
+    """[(case, prediction, reference)]; explains missing folders and unmatched cases."""
+    for what, d in (("prediction", pred_dir), ("reference", ref_dir)):
+        if not d.is_dir():
+            raise EvaluationError(f"{what} folder does not exist: {d}")
+    preds = list_cases(pred_dir, file_ending)
+    refs = list_cases(ref_dir, file_ending)
+    if cases is not None:
+        wanted = set(cases)
+        missing = wanted - set(preds)
+        if missing:
+            raise EvaluationError(f"no prediction for case(s) {_few(missing)} in {pred_dir}")
+        preds = {c: p for c, p in preds.items() if c in wanted}
+        only_predicted = True
+    if not preds:
+        raise EvaluationError(f"no prediction files (*{file_ending}) in {pred_dir}")
+    no_ref = set(preds) - set(refs)
+    if no_ref:
+        raise EvaluationError(f"{len(no_ref)} prediction(s) without a reference in {ref_dir}: {_few(no_ref)}")
+    no_pred = set(refs) - set(preds)
+    if no_pred and not only_predicted:
+        raise EvaluationError(f"{len(no_pred)} reference(s) without a prediction in {pred_dir}: {_few(no_pred)} "
+                              f"(pass --only-predicted / only_predicted=True to evaluate just the predicted cases)")
+    return [(c, preds[c], refs[c]) for c in sorted(preds)]
+
+
+def _read(path: Path):
+    import SimpleITK as sitk
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise EvaluationError(f"cannot read {path}: {str(e).strip().splitlines()[-1]}") from None
+
+
+def _check_geometry(case: str, pred, ref) -> None:
+    if pred.GetSize() != ref.GetSize():
+        raise EvaluationError(f"geometry mismatch in case {case}: prediction size {pred.GetSize()} vs reference "
+                              f"size {ref.GetSize()} (x, y, z)")
+    checks = (("spacing", pred.GetSpacing(), ref.GetSpacing(), 1e-4),
+              ("origin", pred.GetOrigin(), ref.GetOrigin(), 1e-3),
+              ("direction", pred.GetDirection(), ref.GetDirection(), 1e-4))
+    for what, a, b, tol in checks:
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        scale = np.maximum(1.0, np.abs(b)) if what == "spacing" else 1.0
+        if a.shape != b.shape or np.any(np.abs(a - b) > tol * scale):
+            raise EvaluationError(f"geometry mismatch in case {case}: prediction {what} "
+                                  f"{tuple(round(float(x), 6) for x in a)} vs reference "
+                                  f"{tuple(round(float(x), 6) for x in b)}")
+
+
+def evaluate_case(case: str, pred_path, ref_path, regions: Sequence[tuple[str, int | tuple[int, ...]]],
+                  ignore_label: int | None = None, hd95_mode: str = "brats",
+                  empty_hd95: float = BRATS_EMPTY_HD95) -> list[dict]:
+    """Rows (case, region, metrics...) for one case: both files read with SimpleITK, geometry checked, spacing
+    taken from the reference (SimpleITK's (x, y, z) spacing, reversed to the array's (z, y, x) order)."""
+    import SimpleITK as sitk
+    pred_img, ref_img = _read(Path(pred_path)), _read(Path(ref_path))
+    _check_geometry(case, pred_img, ref_img)
+    pred = sitk.GetArrayViewFromImage(pred_img)
+    ref = sitk.GetArrayViewFromImage(ref_img)
+    if pred.ndim != ref.ndim or pred.shape != ref.shape:
+        raise EvaluationError(f"geometry mismatch in case {case}: array shapes {pred.shape} vs {ref.shape}")
+    spacing = tuple(float(s) for s in ref_img.GetSpacing())[::-1]
+    ignore = (ref == ignore_label) if ignore_label is not None else None
+    rows = []
+    for name, region in regions:
+        m = mask_metrics(region_mask(pred, region), region_mask(ref, region), spacing, ignore=ignore,
+                         hd95_mode=hd95_mode, empty_hd95=empty_hd95)
+        rows.append({"case": case, "region": name, **m})
+    return rows
+
+
+def _evaluate_task(task):
+    tags, case, pred_path, ref_path, regions, ignore_label, hd95_mode, empty_hd95 = task
+    return [{**tags, **row} for row in evaluate_case(case, pred_path, ref_path, regions, ignore_label, hd95_mode,
+                                                      empty_hd95)]
+
+
+def _worker_init():
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def default_num_processes(n_tasks: int) -> int:
+    from nnunetv2.configuration import default_num_processes as nnunet_default
+    return max(1, min(int(nnunet_default), os.cpu_count() or 1, n_tasks))
+
+
+def run_cases(tasks: list[tuple], num_processes: int | None, progress: bool, desc: str) -> list[dict]:
+    """Evaluate the case tasks ``(tags, case, prediction, reference, regions, ignore_label, hd95_mode,
+    empty_hd95)``, in parallel worker processes when num_processes > 1, with a progress bar; returns all rows
+    (each row carries its task's ``tags``). Workers are spawned, as nnU-Net's own evaluation does: a script that
+    calls this must guard its entry point with ``if __name__ == "__main__":``."""
+    from tqdm import tqdm
+    n = len(tasks)
+    num_processes = default_num_processes(n) if num_processes is None else max(1, min(int(num_processes), n))
+    rows: list[dict] = []
+    if num_processes == 1:
+        for t in tqdm(tasks, desc=desc, disable=not progress, unit="case"):
+            rows += _evaluate_task(t)
+        return rows
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_processes, initializer=_worker_init) as pool:
+        for r in tqdm(pool.imap_unordered(_evaluate_task, tasks), total=n, desc=desc, disable=not progress,
+                      unit="case"):
+            rows += r
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# summaries and tables
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return _clean(x.item())
+    return x
+
+
+def describe(values) -> dict:
+    """{mean, std (ddof=1), median, n, n_nan} of the finite values (NaN = undefined, skipped)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    n_nan = int(np.count_nonzero(~np.isfinite(v)))
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0, "n_nan": n_nan}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+            "median": float(np.median(v)), "n": int(v.size), "n_nan": n_nan}
+
+
+def per_case_region_mean(df):
+    """Per case, the mean over regions of every metric (NaN skipped): the 'mean over regions' rows."""
+    g = df.groupby([c for c in df.columns if c not in METRIC_NAMES and c != "region"], sort=True, dropna=False)
+    out = g[list(METRIC_NAMES)].mean().reset_index()
+    out["region"] = ALL_REGIONS
+    return out
+
+
+def summarize(df, region_names: Sequence[str]) -> dict:
+    """{region: {metric: describe(...)}} for every region and for the mean over regions."""
+    out = {}
+    for name in region_names:
+        sub = df[df["region"] == name]
+        out[name] = {m: describe(sub[m]) for m in METRIC_NAMES}
+    if len(region_names) > 1:
+        allr = per_case_region_mean(df[["case", "region", *METRIC_NAMES]])
+        out[ALL_REGIONS] = {m: describe(allr[m]) for m in METRIC_NAMES}
+    return out
+
+
+def fmt(stats: dict, metric: str, std: bool = True) -> str:
+    """'mean ± std' of a describe() dict, in % for overlap metrics and mm for HD95."""
+    mean, sd = stats.get("mean"), stats.get("std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    k = 100.0 if metric in PERCENT_METRICS else 1.0
+    s = f"{mean * k:.2f}"
+    if std and sd is not None and not (isinstance(sd, float) and math.isnan(sd)):
+        s += f" ± {sd * k:.2f}"
+    return s
+
+
+def conventions(hd95_mode: str, empty_hd95: float) -> dict:
+    conv = {k: v.format(empty_hd95=empty_hd95) for k, v in EMPTY_MASK_CONVENTIONS.items()}
+    conv["hd95"] = ("95th percentile of the pooled symmetric surface distances (brats-evaluation / panoptica)"
+                    if hd95_mode == "brats" else
+                    "max of the two directed 95th percentiles (monai.metrics.compute_hausdorff_distance)")
+    conv["hd95"] += "; surface distances from monai.metrics.utils.get_edge_surface_distance with the image spacing"
+    conv["std"] = "sample standard deviation (ddof = 1) over cases; NaN values (undefined) are skipped"
+    return conv
+
+
+def markdown_table(summary: dict, title: str, n_cases: int, notes: Sequence[str] = ()) -> str:
+    head = "| Region | " + " | ".join(c for _, c in TABLE_COLUMNS) + " |"
+    lines = [f"# {title}", "", f"{n_cases} cases; mean ± std over cases.", "", head,
+             "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    for region, stats in summary.items():
+        lines.append(f"| {region} | " + " | ".join(fmt(stats[m], m) for m, _ in TABLE_COLUMNS) + " |")
+    lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json(obj) -> str:
+    def walk(o):
+        if isinstance(o, dict):
+            return {str(k): walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return _clean(o)
+    return json.dumps(walk(obj), indent=2, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the folder evaluation
+
+
+@dataclass
+class EvaluationResult:
+    per_case: "object"  # pandas.DataFrame: one row per case and region
+    summary: dict
+    table: str
+    output_dir: Path | None = None
+    regions: list = field(default_factory=list)
+
+
+def evaluate_folder(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
+                    output_dir: str | os.PathLike | None = None, dataset: int | str | None = None,
+                    dataset_json: str | os.PathLike | dict | None = None, num_processes: int | None = None,
+                    hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, only_predicted: bool = False,
+                    cases: Sequence[str] | None = None, progress: bool = True, title: str | None = None
+                    ) -> EvaluationResult:
+    """Evaluate every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
+
+    Regions/labels come from ``dataset`` (id or name; its dataset.json is looked up in nnUNet_raw,
+    nnUNet_preprocessed or nnUNet_results) or from ``dataset_json`` (path or dict). Every prediction needs a
+    reference and, unless ``only_predicted`` (or ``cases``) is given, every reference a prediction. When
+    ``output_dir`` is given, per_case.csv, summary.json and table.md are written there (each atomically).
+    """
+    if hd95_mode not in HD95_MODES:
+        raise EvaluationError(f"hd95 mode must be one of {', '.join(HD95_MODES)}; got {hd95_mode!r}")
+    dj, dj_source = load_dataset_json(dataset, dataset_json)
+    regions, ignore_label = regions_from_dataset_json(dj)
+    file_ending = dj.get("file_ending", ".nii.gz")
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    matched = match_cases(pred_dir, ref_dir, file_ending, only_predicted=only_predicted, cases=cases)
+    tasks = [({}, c, str(p), str(r), regions, ignore_label, hd95_mode, float(empty_hd95)) for c, p, r in matched]
+    rows = run_cases(tasks, num_processes, progress, desc=f"evaluate {pred_dir.name}")
+    meta = {"prediction_folder": str(pred_dir), "reference_folder": str(ref_dir), "dataset_json": dj_source}
+    return build_result(rows, regions, ignore_label, hd95_mode, empty_hd95, meta,
+                        title or f"Evaluation of {pred_dir}", output_dir)
+
+
+def rows_to_frame(rows: list[dict], regions, extra_columns: Sequence[str] = ()):
+    """DataFrame of metric rows, sorted by the extra columns, case and the dataset's region order."""
+    import pandas as pd
+    order = {name: i for i, (name, _) in enumerate(regions)}
+    df = pd.DataFrame(rows, columns=[*extra_columns, "case", "region", *METRIC_NAMES])
+    keys = [*extra_columns, "case", "region"]
+    return df.sort_values(keys, key=lambda s: s.map(order) if s.name == "region" else s,
+                          kind="stable").reset_index(drop=True)
+
+
+def build_result(rows: list[dict], regions, ignore_label, hd95_mode: str, empty_hd95: float, meta: dict,
+                 title: str, output_dir: str | os.PathLike | None) -> EvaluationResult:
+    """per-case table, summary and Markdown table of one folder's rows; written to output_dir if given."""
+    df = rows_to_frame(rows, regions)
+    region_names = [n for n, _ in regions]
+    stats = summarize(df, region_names)
+    n_cases = int(df["case"].nunique())
+    conv = conventions(hd95_mode, empty_hd95)
+    summary = {
+        **meta, "n_cases": n_cases,
+        "regions": {n: (list(r) if isinstance(r, tuple) else r) for n, r in regions},
+        "ignore_label": ignore_label, "hd95_mode": hd95_mode, "empty_hd95_mm": float(empty_hd95),
+        "conventions": conv, "metrics": stats,
+    }
+    table = markdown_table(stats, title, n_cases, table_notes(conv))
+    result = EvaluationResult(per_case=df, summary=summary, table=table, regions=list(regions))
+    if output_dir is not None:
+        out = Path(output_dir)
+        write_text_atomic(out / "per_case.csv", df.to_csv(index=False, float_format="%.6g"))
+        write_text_atomic(out / "summary.json", to_json(summary) + "\n")
+        write_text_atomic(out / "table.md", table)
+        result.output_dir = out
+    return result
+
+
+def table_notes(conv: dict) -> list[str]:
+    return [f"HD95: {conv['hd95']}.",
+            f"Empty masks: both empty → {conv['both_empty']}; only prediction empty → "
+            f"{conv['only_prediction_empty']}; only reference empty → {conv['only_reference_empty']}.",
+            "VS = 1 − |V_p − V_r| / (V_p + V_r) (NNDM Table 1); PA = (TP + TN) / all voxels (DDMD Table 1); "
+            "IoU = TP / (TP + FP + FN), its mean over cases is DDMD's mIoU."]
