@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_synthetic)
 
-    # --- BraTS conversion and phantoms: dataset_conversion/commands.py registers its subcommands here ---
+    from .dataset_conversion.commands import register as register_brats
+    register_brats(sub)
     from .evaluation.commands import register as register_evaluation
     register_evaluation(sub)
 
