@@ -21,36 +21,27 @@ from torch import nn
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffCheckpointError
 from ..heads import nndm
-from .mirror_cache import MirrorCache
 from .options import SamplingOptions
+from .sampling_network import SamplingNetwork
 
 
-class NNDMNetwork(nn.Module):
+class NNDMNetwork(SamplingNetwork):
     def __init__(self, backbone: nn.Module, refiner: nn.Module, schedule: NoiseSchedule,
                  sampling: SamplingOptions, region_based: bool = False, prediction_type: str = "epsilon"):
-        super().__init__()
+        super().__init__(schedule, sampling, region_based)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         self.prediction_type = prediction_type
         self.backbone = backbone
         self.refiner = refiner
-        self.schedule = schedule
-        self.sampling = sampling
-        # persistent: the predictor learns from the checkpoint whether outputs are sigmoid regions
-        self.register_buffer("region_based", torch.tensor(int(region_based), dtype=torch.uint8))
         # persistent: number of optimiser steps the refiner has had (0 = never trained, e.g. stage 1 only)
         self.register_buffer("refiner_updates", torch.zeros((), dtype=torch.long))
-        self._mirror_cache = MirrorCache()
         self._warned_untrained = False
 
     # nnU-Net's set_deep_supervision_enabled reaches for ``network.decoder``
     @property
     def decoder(self):
         return self.backbone.decoder
-
-    @property
-    def has_regions(self) -> bool:
-        return bool(self.region_based.item())
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor],
@@ -113,23 +104,12 @@ class NNDMNetwork(nn.Module):
         (:class:`MirrorCache`): the refiner runs once per window instead of once per mirror, while every mirror
         still gets its own backbone pass."""
         opts = self.sampling
-        return self._mirror_cache.get_or_compute(
-            x, lambda: nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler, opts.samples,
-                                   opts.seed, self.prediction_type),
-            enabled=opts.tta_refine == "window")
-
-    def set_sampling(self, sampling: SamplingOptions) -> None:
-        self.sampling = sampling
-        self._mirror_cache.clear()
-
-    def train(self, mode: bool = True):
-        self._mirror_cache.clear()
-        return super().train(mode)
+        return self.cached(x, lambda: nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler,
+                                                  opts.samples, opts.seed, self.prediction_type))
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module.load_state_dict with a message that says *why* weights do not fit."""
-        self._mirror_cache.clear()
         if strict:
             own = self.state_dict()
             missing = [k for k in own if k not in state_dict]
