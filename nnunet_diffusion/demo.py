@@ -1,11 +1,13 @@
-"""``nndiff demo`` (``make demo``): the whole road on synthetic data, through nnU-Net's own console scripts.
+"""``nndiff demo`` (``make demo``): the whole road a BraTS user takes, on semi-synthetic phantoms, through
+nnU-Net's own console scripts.
 
-1. a small synthetic 4-channel tumour dataset in nnU-Net raw format (BraTS regions)
-2. nnUNetv2_plan_and_preprocess
-3. nnUNetv2_train ... -tr nnUNetTrainer_<variant>        (the stock trainer, shortened)
-4. nnUNetv2_train ... -tr nnUNetTrainerNNDM_<variant>    (starts from step 3's network: NNDIFF_BASELINE)
-5. nnUNetv2_predict with the baseline, NNDM refined, and NNDM with NNDIFF_REFINE=0
-6. Dice per region (nnU-Net's own evaluator) of all three
+1. phantoms in the BraTS 2021 organisers' layout (training folder with labels, validation folder without)
+2. nndiff convert-brats → Dataset501_BraTS2021 in $nnUNet_raw
+3. nnUNetv2_plan_and_preprocess
+4. nnUNetv2_train fold 0: nnUNetTrainer_<v> (stock, shortened), nnUNetTrainerNNDM_<v> (starting from it, via
+   NNDIFF_BASELINE) and nnUNetTrainerMedSegDiff_<v>
+5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off), table and figures
+6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names
 
 Every step's full output goes to <workdir>/logs/; the terminal shows a progress bar per step. Re-running
 reuses finished steps (delete the workdir or pass --fresh to start over).
@@ -13,7 +15,6 @@ reuses finished steps (delete the workdir or pass --fresh to start over).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,9 +27,10 @@ from tqdm import tqdm
 from .cli import environment_with_trainers
 from .errors import NNDiffError
 
-DATASET_ID = 990
-DATASET = f"Dataset{DATASET_ID}_NNDiffSynthetic"
+DATASET_ID = 501
+DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 BIN = Path(sys.executable).parent
+HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"))
 
 
 def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None) -> float:
@@ -56,21 +58,20 @@ def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str 
     return time.time() - t0
 
 
-def _dice(pred: Path, ref: Path, dataset_json: dict) -> dict:
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-    lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
-    metrics = compute_metrics_on_folder(str(ref), str(pred), str(pred / "summary.json"), SimpleITKIO(),
-                                        dataset_json["file_ending"], lm.foreground_regions, None, num_processes=1)
-    names = {tuple(v) if isinstance(v, list) else (v,): k for k, v in dataset_json["labels"].items()}
-    return {names.get(tuple(r), str(r)): metrics["mean"][r]["Dice"] for r in metrics["mean"]}
+def _epochs(head: str, variant: str) -> int:
+    from . import config
+    hp = config.resolve(head, variant)
+    if head == "nndm":  # stage 1 is skipped: NNDM starts from the trained baseline
+        return hp["stage2_epochs"] + hp["stage3_epochs"]
+    return hp["num_epochs"]
 
 
 def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
     from . import config
-    from .dataset_conversion.synthetic import make_synthetic_dataset
-    config.resolve("nnunet", variant), config.resolve("nndm", variant)  # unknown variant: clear error now
+    from .dataset_conversion.brats import convert_brats, convert_predictions_to_brats
+    from .dataset_conversion.phantoms import make_phantoms
+    for head, _ in HEADS:
+        config.resolve(head, variant)  # an unknown variant: a clear error now, not after minutes of work
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
@@ -79,53 +80,92 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
                nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_compile="0",
                nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"), nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
     env = {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
-    logs = workdir / "logs"
-    baseline, nndm = f"nnUNetTrainer_{variant}", f"nnUNetTrainerNNDM_{variant}"
-    results = Path(env["nnUNet_results"]) / DATASET
+    logs, results = workdir / "logs", Path(env["nnUNet_results"]) / DATASET
     raw = Path(env["nnUNet_raw"]) / DATASET
+    trainers = {head: f"{cls}_{variant}" for head, cls in HEADS}
     timings = {}
     print(f"nndiff demo in {workdir} (logs in {logs})")
 
+    brats = workdir / "BraTS2021_download"
+    if not (brats / "done").is_file():
+        t0 = time.time()
+        print("[1/6] semi-synthetic BraTS 2021 phantoms (MNI152 anatomy, 4 mm): 10 training + 2 validation cases")
+        folders = make_phantoms(brats, edition="2021", n=10, n_val=2, seed=0, spacing=4, crop="brain",
+                                overwrite=True)
+        (brats / "done").write_text(json.dumps({k: str(v) for k, v in folders.items()}))
+        timings["phantoms"] = time.time() - t0
+    folders = json.loads((brats / "done").read_text())
     if not (raw / "dataset.json").is_file():
-        print("[1/6] synthetic dataset: 8 training + 3 test cases, 4 channels, BraTS regions")
-        make_synthetic_dataset(env["nnUNet_raw"], DATASET_ID, num_train=8, num_test=3, overwrite=True)
+        print(f"[2/6] nndiff convert-brats → {raw}")
+        os_env_raw = env["nnUNet_raw"]
+        res = convert_brats([folders["training"], folders["validation"]], "2021", raw_root=os_env_raw,
+                            dataset_id=DATASET_ID, overwrite=True)
+        print(f"      {res.num_training} training cases (imagesTr/labelsTr), {res.num_test} validation (imagesTs)")
     if not (Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").is_file():
         timings["plan_and_preprocess"] = _run(
             [BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1", "-np", "1",
              "--verify_dataset_integrity"], env, logs / "plan_and_preprocess.log",
-            "[2/6] nnUNetv2_plan_and_preprocess")
-    for step, trainer, extra in (("3/6", baseline, {}), ("4/6", nndm, {"NNDIFF_BASELINE": baseline})):
+            "[3/6] nnUNetv2_plan_and_preprocess")
+    for head, trainer in trainers.items():
         if (results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file():
             continue
-        cls_hp = config.resolve("nnunet" if trainer == baseline else "nndm", variant)
-        epochs = cls_hp.get("num_epochs") or (cls_hp["stage2_epochs"] + cls_hp["stage3_epochs"])
+        extra = {"NNDIFF_BASELINE": trainers["nnunet"]} if head == "nndm" else {}
         timings[f"train {trainer}"] = _run(
             [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-            dict(env, **extra), logs / f"train_{trainer}.log", f"[{step}] nnUNetv2_train -tr {trainer}", epochs,
-            r"Epoch \d+$")
+            dict(env, **extra), logs / f"train_{trainer}.log", f"[4/6] nnUNetv2_train -tr {trainer}",
+            _epochs(head, variant), r"Epoch \d+$")
 
-    predictions = {"nnUNetTrainer (baseline)": (baseline, {}), "NNDM refined": (nndm, {}),
-                   "NNDM, NNDIFF_REFINE=0": (nndm, {"NNDIFF_REFINE": "0"})}
-    dice = {}
-    for name, (trainer, extra) in predictions.items():
-        out = workdir / "predictions" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-        if not (out / "summary.json").is_file():
-            shutil.rmtree(out, ignore_errors=True)
-            timings[f"predict {name}"] = _run(
-                [BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
-                 "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], dict(env, **extra),
-                logs / f"predict_{out.name}.log", f"[5/6] nnUNetv2_predict ({name})")
-        dice[name] = _dice(out, raw / "labelsTs", json.loads((raw / "dataset.json").read_text()))
+    # NNDM with its refinement off, on the same validation cases, as one more "method" for the table
+    refine_off = f"{trainers['nndm']}_refine_off"
+    off_val = results / f"{refine_off}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
+    if not off_val.is_dir():
+        split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[0]
+        inputs = workdir / "validation_inputs"
+        shutil.rmtree(inputs, ignore_errors=True)
+        inputs.mkdir()
+        for case in split["val"]:
+            for f in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
+                shutil.copy(f, inputs / f.name)
+        tmp = off_val.with_name("validation.partial")
+        timings["predict NNDM refine off"] = _run(
+            [BIN / "nnUNetv2_predict", "-i", inputs, "-o", tmp, "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0",
+             "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], dict(env, NNDIFF_REFINE="0"),
+            logs / "predict_nndm_refine_off.log", "[5/6] nnUNetv2_predict NNDM, NNDIFF_REFINE=0 (validation cases)")
+        tmp.rename(off_val)
+    compare_dir = workdir / "compare"
+    timings["compare"] = _run(
+        [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", trainers["nnunet"], trainers["nndm"], refine_off,
+         trainers["medsegdiff"], "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
+         "--no-progress"], env, logs / "compare.log", "[5/6] nndiff compare (fold 0 validation cases)")
 
-    print("\n[6/6] Dice on the 3 test cases (nnU-Net's evaluator, mean over cases)")
-    regions = list(next(iter(dice.values())))
-    print(f"{'':26s}" + "".join(f"{r:>17s}" for r in regions))
-    for name, d in dice.items():
-        print(f"{name:26s}" + "".join(f"{d[r]:17.3f}" for r in regions))
+    submission = workdir / "BraTS2021_submission"
+    if not submission.is_dir():
+        pred = workdir / "predictions_validation"
+        shutil.rmtree(pred, ignore_errors=True)
+        timings["predict BraTS validation"] = _run(
+            [BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", pred, "-d", DATASET_ID, "-c", "3d_fullres",
+             "-f", "0", "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], env,
+            logs / "predict_validation.log", "[6/6] nnUNetv2_predict NNDM (BraTS validation cases)")
+        convert_predictions_to_brats(pred, submission, "2021", progress=False)
+
+    summary = json.loads((compare_dir / "summary.json").read_text())
+    print("\nDice (%) on fold 0's validation cases, mean over cases (nndiff compare; full table: "
+          f"{compare_dir / 'table.md'}):")
+    _print_dice(summary)
     for k, v in timings.items():
         print(f"  time {k}: {v:.0f} s")
-    (workdir / "demo_results.json").write_text(json.dumps({"dice": dice, "seconds": timings}, indent=2))
-    print(f"\nwritten: {workdir / 'demo_results.json'}; training curves: "
-          f"{results}/<trainer>__nnUNetPlans__3d_fullres/fold_0/progress.png")
-    print("Tiny, synthetic and briefly trained: these numbers show the road works, not what NNDM achieves on BraTS.")
+    print(f"figures: {compare_dir / 'figures'}")
+    print(f"BraTS-format predictions of the validation cases (labels 1, 2, 4): {submission}")
+    print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS.")
+    (workdir / "demo_results.json").write_text(json.dumps({"seconds": timings}, indent=2))
     return 0
+
+
+def _print_dice(summary: dict) -> None:
+    """The Dice of ``nndiff compare``'s summary.json: metrics → trainer → region → dice → cases → mean."""
+    rows = {trainer: {region: m["dice"]["cases"]["mean"] for region, m in per_region.items()}
+            for trainer, per_region in summary["metrics"].items()}
+    regions = [r for r in next(iter(rows.values())) if r != "mean over regions"]
+    print(f"{'':44s}" + "".join(f"{r:>18s}" for r in regions))
+    for trainer, d in rows.items():
+        print(f"{trainer:44s}" + "".join(f"{100 * d[r]:18.1f}" for r in regions))

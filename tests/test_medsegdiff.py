@@ -70,14 +70,16 @@ def test_table2_switches_remove_the_modules():
     assert sum(p.numel() for p in vanilla.parameters()) < sum(p.numel() for p in full.parameters())
 
 
-def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_a_training_step_lowers_the_loss_on_a_fixed_batch(prediction_type):
     net, patch = _unet()
     sched = NoiseSchedule(ScheduleConfig(100))
     image = torch.randn(2, 4, *patch)
     y = (image[:, :3] > 0.5).float()  # a target the image determines
 
     def loss(seed):
-        return medsegdiff.training_loss(net, sched, image, y, generator=torch.Generator().manual_seed(seed))
+        return medsegdiff.training_loss(net, sched, image, y, generator=torch.Generator().manual_seed(seed),
+                                        prediction_type=prediction_type)
 
     with torch.no_grad():
         before = sum(loss(s) for s in range(6)).item() / 6

@@ -22,14 +22,16 @@ from .sampling_network import SamplingNetwork
 
 class MedSegDiffNetwork(SamplingNetwork):
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, sampling: SamplingOptions,
-                 mask_channels: int, region_based: bool = False):
+                 mask_channels: int, region_based: bool = False, prediction_type: str = "epsilon"):
         super().__init__(schedule, sampling, region_based)
         self.denoiser = denoiser
         self.mask_channels = mask_channels
+        self.prediction_type = prediction_type
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         if y is not None:
-            return medsegdiff.training_loss(self.denoiser, self.schedule, x, y, mask)
+            return medsegdiff.training_loss(self.denoiser, self.schedule, x, y, mask,
+                                            prediction_type=self.prediction_type)
         p = self.cached(x, lambda: self.fused_probabilities(x))
         if not self.has_regions:
             p = p / p.sum(1, keepdim=True).clamp_min(1e-6)
@@ -38,5 +40,5 @@ class MedSegDiffNetwork(SamplingNetwork):
     def fused_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         opts = self.sampling
         samples = medsegdiff.sample_masks(self.denoiser, self.schedule, x, self.mask_channels, opts.steps,
-                                          opts.sampler, opts.samples, opts.seed)
+                                          opts.sampler, opts.samples, opts.seed, self.prediction_type)
         return medsegdiff.fuse(samples, opts.fusion)

@@ -56,7 +56,7 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
                                   bool(hp["dynamic_conditioning"]), bool(hp["ff_parser"]))
         schedule = cls.schedule()
         return MedSegDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                                 num_output_channels)
+                                 num_output_channels, prediction_type=hp["prediction_type"])
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no deep supervision: nothing to switch
