@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from conftest import DATASET, model_folder
 from nnunet_diffusion.evaluation.compare import case_figure, compare_trainers
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e  # every test here uses the trained tiny models
 
 TRAINERS = ("nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny")
 REGIONS = {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
