@@ -43,7 +43,7 @@ import numpy as np
 
 from nnunet_diffusion.errors import NNDiffError
 
-from .synthetic import BRATS_REGIONS_DATASET_JSON
+from .conventions import BRATS_REGIONS_DATASET_JSON
 
 REPORT_NAME = "conversion_report.json"
 
@@ -137,7 +137,6 @@ EDITIONS: dict[str, Edition] = {
         validation_folder="ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData",
         reference="https://www.synapse.org/#!Synapse:syn51156910/wiki/"),
 }
-CHANNEL_TITLES = ("T1", "T1ce", "T2", "FLAIR")
 
 
 def get_edition(edition: str | Edition) -> Edition:

@@ -45,16 +45,9 @@ from typing import Sequence
 import numpy as np
 
 from .brats import BratsConversionError, Edition, _run_tasks, atomic_folder, get_edition
+from .conventions import CHANNELS, TISSUE_INTENSITY, TISSUES  # noqa: F401 (TISSUES: part of this API)
 
-CONTRASTS = ("T1", "T1ce", "T2", "FLAIR")     # nnU-Net channel order
-TISSUES = ("csf", "gm", "wm", "edema", "enhancing", "necrosis")
-# relative intensities per contrast and tissue (literature direction only; absolute values are arbitrary)
-TISSUE_INTENSITY = {
-    "T1":    (0.30, 0.62, 0.86, 0.48, 0.55, 0.32),
-    "T1ce":  (0.30, 0.64, 0.87, 0.50, 1.30, 0.32),
-    "T2":    (1.00, 0.58, 0.42, 0.88, 0.68, 0.95),
-    "FLAIR": (0.12, 0.62, 0.48, 1.00, 0.78, 0.42),
-}
+CONTRASTS = CHANNELS  # nnU-Net channel order
 # nnU-Net's label convention (Dataset137): 1 edema, 2 necrosis / non-enhancing core, 3 enhancing
 EDEMA, NECROSIS, ENHANCING = 1, 2, 3
 

@@ -22,23 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-CHANNELS = ("T1", "T1ce", "T2", "FLAIR")  # nnU-Net's BraTS channel order (Dataset137_BraTS21)
-
-# relative tissue intensities per contrast: background(outside brain), CSF, GM, WM, oedema, enhancing, necrosis
-_TISSUE = ("csf", "gm", "wm", "edema", "enhancing", "necrosis")
-_INTENSITY = {
-    "T1": (0.20, 0.55, 0.75, 0.45, 0.50, 0.25),
-    "T1ce": (0.20, 0.55, 0.75, 0.47, 1.00, 0.25),
-    "T2": (1.00, 0.60, 0.40, 0.85, 0.70, 0.95),
-    "FLAIR": (0.10, 0.55, 0.45, 0.95, 0.80, 0.50),
-}
-
-BRATS_REGIONS_DATASET_JSON = {
-    "channel_names": {str(i): c for i, c in enumerate(CHANNELS)},
-    "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
-    "regions_class_order": [1, 2, 3],
-    "file_ending": ".nii.gz",
-}
+from .conventions import BRATS_REGIONS_DATASET_JSON, CHANNELS  # noqa: F401 (re-exported)
+from .conventions import TISSUE_INTENSITY as _INTENSITY
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
