@@ -32,7 +32,8 @@ def _worker(rank, world, port, result_dir):
             x = torch.randn(1, 4, 16, 16, 16)
             y = torch.randint(0, 2, (1, 3, 16, 16, 16)).float()
             ddp.zero_grad(set_to_none=True)
-            out, l_diff, zero = ddp(x, y=y, train_backbone=train_backbone, train_refiner=train_refiner)
+            out, l_diff, zero = ddp(x, y=y, train_backbone=train_backbone, train_refiner=train_refiner,
+                                  tie_frozen=True)
             loss = zero + (sum(o.float().mean() for o in out) if train_backbone else 0) + \
                 (l_diff if train_refiner else 0)
             loss.backward()

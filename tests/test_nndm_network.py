@@ -149,7 +149,8 @@ def test_training_forward_ties_frozen_parameters_into_the_graph():
     y = torch.randint(0, 2, (2, 3, 16, 16, 16)).float()
     for train_backbone, train_refiner in ((True, False), (False, True), (True, True)):
         net.zero_grad(set_to_none=True)
-        out, l_diff, zero = net(x, y=y, train_backbone=train_backbone, train_refiner=train_refiner)
+        out, l_diff, zero = net(x, y=y, train_backbone=train_backbone, train_refiner=train_refiner,
+                                  tie_frozen=True)
         seg = sum(o.float().mean() for o in out)
         loss = zero + (seg if train_backbone else 0) + (l_diff if train_refiner else 0)
         loss.backward()
@@ -158,3 +159,9 @@ def test_training_forward_ties_frozen_parameters_into_the_graph():
             assert all(torch.count_nonzero(p.grad) == 0 for p in net.backbone.parameters())
         if not train_refiner:
             assert l_diff is None and all(torch.count_nonzero(p.grad) == 0 for p in net.refiner.parameters())
+    # outside DDP the tie is skipped: frozen parts then get no gradient at all
+    net.zero_grad(set_to_none=True)
+    out, l_diff, zero = net(x, y=y, train_backbone=False, train_refiner=True)
+    (zero + l_diff).backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.refiner.parameters())

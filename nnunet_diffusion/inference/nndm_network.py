@@ -45,10 +45,11 @@ class NNDMNetwork(SamplingNetwork):
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor],
-                         train_backbone: bool, train_refiner: bool, detach_y_hat: bool):
+                         train_backbone: bool, train_refiner: bool, detach_y_hat: bool, tie_frozen: bool):
         """Backbone output, L_diff (None when the refiner is not trained in this stage) and a zero-valued
-        term that ties every frozen parameter into the graph: DistributedDataParallel requires every
-        parameter to take part in every forward (nnU-Net wraps without find_unused_parameters)."""
+        term. With ``tie_frozen`` (the trainer sets it under DDP) that term ties every frozen parameter into the
+        graph: DistributedDataParallel requires every parameter to take part in every forward (nnU-Net wraps
+        without find_unused_parameters). Without DDP it is skipped: it would only cost time."""
         with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
             out = self.backbone(x)
         l_diff = None
@@ -59,7 +60,8 @@ class NNDMNetwork(SamplingNetwork):
                 y_hat = y_hat.detach()
             l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask,
                                          prediction_type=self.prediction_type)
-        frozen = ([] if train_backbone else [self.backbone]) + ([] if train_refiner else [self.refiner])
+        frozen = (([] if train_backbone else [self.backbone]) + ([] if train_refiner else [self.refiner])
+                  if tie_frozen else [])
         zero = x.new_zeros((), dtype=torch.float32)
         for m in frozen:
             for p in m.parameters():
@@ -67,9 +69,10 @@ class NNDMNetwork(SamplingNetwork):
         return out, l_diff, zero
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                train_backbone: bool = True, train_refiner: bool = False, detach_y_hat: bool = False):
+                train_backbone: bool = True, train_refiner: bool = False, detach_y_hat: bool = False,
+                tie_frozen: bool = False):
         if y is not None:
-            return self.training_forward(x, y, mask, train_backbone, train_refiner, detach_y_hat)
+            return self.training_forward(x, y, mask, train_backbone, train_refiner, detach_y_hat, tie_frozen)
         out = self.backbone(x)
         if self.training or not self._refinement_active():
             return out

@@ -206,7 +206,8 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out, l_diff, zero = self.network(data, y=y, mask=mask, train_backbone=train_backbone,
                                              train_refiner=train_refiner,
-                                             detach_y_hat=not hp["joint_grad_through_residual"])
+                                             detach_y_hat=not hp["joint_grad_through_residual"],
+                                             tie_frozen=self.is_ddp)
             l_seg = self.loss(out, target)
             if stage == 1:
                 loss = l_seg + zero
