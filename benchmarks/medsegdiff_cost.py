@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .nndm_cost import _env, _time, _trainer, prepare
+from .nndm_cost import _env, _time, prepare, stock_head_case
 
 
 def main(argv=None) -> int:
@@ -34,33 +34,16 @@ def main(argv=None) -> int:
     args.workdir = args.workdir.resolve()
     prepare(args.workdir, args.shape)
     os.environ.update(_env(args.workdir))
-    import numpy as np
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     torch.set_num_threads(os.cpu_count() or 1)
 
-    stock = _trainer("nnUNetTrainer")
-    stock.on_train_start()
-    batch = next(stock.dataloader_train)
+    stock, batch, head, data, predict = stock_head_case(args.trainer)
     res = {"train_step nnUNetTrainer": _time(lambda: stock.train_step(batch), 3)}
-    head = _trainer(args.trainer, fold=1)
-    head.network.train()
     target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
     res[f"train_step {args.trainer}"] = _time(lambda: head.train_step({"data": batch["data"], "target": target}), 3)
     stock.on_train_end()
-
     net = head.unwrapped_network().eval()
     res["params"] = sum(p.numel() for p in net.parameters())
-    folder = head.preprocessed_dataset_folder
-    ds = infer_dataset_class(folder)(folder)
-    data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
-    pm, cm = head.plans_manager, head.configuration_manager
-
-    def predict(network):
-        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-        p.manual_initialization(network, pm, cm, None, head.dataset_json, "bench", (0, 1, 2))
-        return p.predict_sliding_window_return_logits(data)
 
     stock.set_deep_supervision_enabled(False)
     res["predict nnUNetTrainer"] = _time(lambda: predict(stock.network.eval()), 3)

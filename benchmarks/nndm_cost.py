@@ -68,6 +68,32 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def stock_head_case(trainer: str):
+    """What the per-head cost scripts share: the stock nnUNetTrainer (data loader started) with one real augmented
+    batch, the head's trainer (fold 1, untrained weights), one preprocessed case, and ``predict(network)`` running
+    nnU-Net's predictor (sliding window, Gaussian, 8 mirrors) on that case. Call ``stock.on_train_end()`` after."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    stock = _trainer("nnUNetTrainer")
+    stock.on_train_start()
+    batch = next(stock.dataloader_train)
+    head = _trainer(trainer, fold=1)
+    head.network.train()
+    folder = head.preprocessed_dataset_folder
+    ds = infer_dataset_class(folder)(folder)
+    data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
+
+    def predict(network):
+        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+        p.manual_initialization(network, head.plans_manager, head.configuration_manager, None, head.dataset_json,
+                                "bench", (0, 1, 2))
+        return p.predict_sliding_window_return_logits(data)
+
+    return stock, batch, head, data, predict
+
+
 def group_train(repeats: int) -> dict:
     import torch
     stock = _trainer("nnUNetTrainer")

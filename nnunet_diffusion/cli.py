@@ -65,7 +65,36 @@ def cmd_make_synthetic(args) -> int:
 
 PREDICT_FLAGS = (("--steps", "NNDIFF_STEPS"), ("--samples", "NNDIFF_SAMPLES"), ("--seed", "NNDIFF_SEED"),
                  ("--sampler", "NNDIFF_SAMPLER"), ("--tta-refine", "NNDIFF_TTA_REFINE"),
-                 ("--fusion", "NNDIFF_FUSION"))
+                 ("--fusion", "NNDIFF_FUSION"), ("--missing", "NNDIFF_MISSING"))
+
+
+def _nnunet_model_args(rest: list[str]) -> argparse.Namespace:
+    """The model-selecting arguments of an nnUNetv2_predict command line (its own names and defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-i", required=True)
+    p.add_argument("-o", required=True)
+    p.add_argument("-d", required=True)
+    p.add_argument("-p", default="nnUNetPlans")
+    p.add_argument("-tr", default="nnUNetTrainer")
+    p.add_argument("-c", required=True)
+    p.add_argument("-f", nargs="+", default=None)
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cuda")
+    return p.parse_known_args(rest)[0]
+
+
+def _write_residuals(rest: list[str]) -> None:
+    import torch
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from .inference.residual_maps import write_residual_maps
+    a = _nnunet_model_args(rest)
+    folds = None if a.f is None else [f if f == "all" else int(f) for f in a.f]
+    model = get_output_folder(maybe_convert_to_dataset_name(a.d), a.tr, a.p, a.c)
+    device = torch.device("cuda" if a.device == "cuda" else "cpu" if a.device == "cpu" else "mps")
+    written = write_residual_maps(model, a.i, a.o, folds, a.chk, device)
+    print(f"residual maps: {len(written)} files in {Path(a.o) / 'residuals'}")
 
 
 def cmd_predict(args, rest: list[str]) -> int:
@@ -91,6 +120,8 @@ def cmd_predict(args, rest: list[str]) -> int:
         output = rest[rest.index("-o") + 1]
         written = write_uncertainty_maps(output, remove_probabilities=not keep_probabilities)
         print(f"uncertainty maps: {len(written)} files in {Path(output) / 'uncertainty'}")
+    if args.residuals:
+        _write_residuals(rest)
     return 0
 
 
@@ -135,6 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write voxel-wise uncertainty maps (entropy of the fused probabilities) to "
                         "<output>/uncertainty/")
+    p.add_argument("--residuals", action="store_true",
+                   help="ReCoSeg: also write the residual maps |synthetic T1ce - T1ce| to <output>/residuals/")
+    p.add_argument("--missing", help="ReCoSeg: comma-separated input channel indices to treat as missing "
+                                     "(NNDIFF_MISSING)")
     p.set_defaults(func=cmd_predict, passthrough=True)
 
     p = sub.add_parser("demo", help="the whole road on synthetic data: dataset, plan, train baseline and NNDM, "

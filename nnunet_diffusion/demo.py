@@ -5,8 +5,9 @@ nnU-Net's own console scripts.
 2. nndiff convert-brats → Dataset501_BraTS2021 in $nnUNet_raw
 3. nnUNetv2_plan_and_preprocess
 4. nnUNetv2_train fold 0: nnUNetTrainer_<v> (stock, shortened), nnUNetTrainerNNDM_<v> (starting from it, via
-   NNDIFF_BASELINE) and nnUNetTrainerMedSegDiff_<v>
-5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off), table and figures
+   NNDIFF_BASELINE), nnUNetTrainerMedSegDiff_<v> and nnUNetTrainerReCoSeg_<v>
+5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off, ReCoSeg with T1ce or FLAIR
+   missing at prediction), table and figures
 6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names
 
 Every step's full output goes to <workdir>/logs/; the terminal shows a progress bar per step. Re-running
@@ -30,7 +31,8 @@ from .errors import NNDiffError
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 BIN = Path(sys.executable).parent
-HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"))
+HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
+         ("recoseg", "nnUNetTrainerReCoSeg"))
 
 
 def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None) -> float:
@@ -63,6 +65,8 @@ def _epochs(head: str, variant: str) -> int:
     hp = config.resolve(head, variant)
     if head == "nndm":  # stage 1 is skipped: NNDM starts from the trained baseline
         return hp["stage2_epochs"] + hp["stage3_epochs"]
+    if head == "recoseg":
+        return hp["stage1_epochs"] + hp["stage2_epochs"]
     return hp["num_epochs"]
 
 
@@ -115,27 +119,33 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
             dict(env, **extra), logs / f"train_{trainer}.log", f"[4/6] nnUNetv2_train -tr {trainer}",
             _epochs(head, variant), r"Epoch \d+$")
 
-    # NNDM with its refinement off, on the same validation cases, as one more "method" for the table
-    refine_off = f"{trainers['nndm']}_refine_off"
-    off_val = results / f"{refine_off}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
-    if not off_val.is_dir():
-        split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[0]
+    # more "methods" for the table, predicted on the same validation cases: NNDM with its refinement off, ReCoSeg
+    # with a modality missing (channel 1 = T1ce, 3 = FLAIR in nnU-Net's BraTS order)
+    split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[0]
+    extra_methods = {f"{trainers['nndm']}_refine_off": (trainers["nndm"], {"NNDIFF_REFINE": "0"}),
+                     f"{trainers['recoseg']}_missing_T1ce": (trainers["recoseg"], {"NNDIFF_MISSING": "1"}),
+                     f"{trainers['recoseg']}_missing_FLAIR": (trainers["recoseg"], {"NNDIFF_MISSING": "3"})}
+    for name, (trainer, extra_env) in extra_methods.items():
+        folder = results / f"{name}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
+        if folder.is_dir():
+            continue
         inputs = workdir / "validation_inputs"
         shutil.rmtree(inputs, ignore_errors=True)
         inputs.mkdir()
         for case in split["val"]:
             for f in (raw / "imagesTr").glob(f"{case}_*.nii.gz"):
                 shutil.copy(f, inputs / f.name)
-        tmp = off_val.with_name("validation.partial")
-        timings["predict NNDM refine off"] = _run(
+        tmp = folder.with_name("validation.partial")
+        setting = " ".join(f"{k}={v}" for k, v in extra_env.items())
+        timings[f"predict {name}"] = _run(
             [BIN / "nnUNetv2_predict", "-i", inputs, "-o", tmp, "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0",
-             "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], dict(env, NNDIFF_REFINE="0"),
-            logs / "predict_nndm_refine_off.log", "[5/6] nnUNetv2_predict NNDM, NNDIFF_REFINE=0 (validation cases)")
-        tmp.rename(off_val)
+             "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], dict(env, **extra_env),
+            logs / f"predict_{name}.log", f"[5/6] nnUNetv2_predict {trainer}, {setting} (validation cases)")
+        tmp.rename(folder)
     compare_dir = workdir / "compare"
     timings["compare"] = _run(
-        [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", trainers["nnunet"], trainers["nndm"], refine_off,
-         trainers["medsegdiff"], "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
+        [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", trainers["nnunet"], trainers["nndm"],
+         trainers["medsegdiff"], trainers["recoseg"], *extra_methods, "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
          "--no-progress"], env, logs / "compare.log", "[5/6] nndiff compare (fold 0 validation cases)")
 
     submission = workdir / "BraTS2021_submission"

@@ -38,6 +38,7 @@ class SamplingOptions:
     seed: int = 0
     tta_refine: str = "window"
     fusion: str = "mean"
+    missing: tuple = ()
 
     def validate(self, num_train_timesteps: int, source: str = "trainer config") -> "SamplingOptions":
         if not 1 <= self.steps <= num_train_timesteps:
@@ -54,6 +55,8 @@ class SamplingOptions:
                                     f"got {self.tta_refine!r}")
         if self.fusion not in FUSIONS:
             raise NNDiffConfigError(f"{source}: fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
+        if any(int(m) < 0 for m in self.missing):
+            raise NNDiffConfigError(f"{source}: missing channels must be indices >= 0; got {list(self.missing)}")
         return self
 
 
@@ -85,6 +88,9 @@ def options_from_env(defaults: SamplingOptions, num_train_timesteps: int, enviro
     for key, name in (("sampler", "NNDIFF_SAMPLER"), ("tta_refine", "NNDIFF_TTA_REFINE"), ("fusion", "NNDIFF_FUSION")):
         if name in env:
             over[key] = env[name].strip().lower()
+    if "NNDIFF_MISSING" in env:
+        raw = env["NNDIFF_MISSING"]
+        over["missing"] = tuple(sorted({_int("NNDIFF_MISSING", v) for v in raw.split(",") if v.strip()}))
     opts = replace(defaults, **over)
     if over:
         opts.validate(num_train_timesteps, source="environment (" + ", ".join(

@@ -7,15 +7,18 @@ import torch
 from torch import nn
 
 from ..diffusion import NoiseSchedule
+from ..errors import NNDiffConfigError
 from .mirror_cache import MirrorCache
 from .options import SamplingOptions
 
 
 class SamplingNetwork(nn.Module):
+    supports_missing = False  # whether the head can predict with input channels missing (NNDIFF_MISSING)
+
     def __init__(self, schedule: NoiseSchedule, sampling: SamplingOptions, region_based: bool = False):
         super().__init__()
         self.schedule = schedule
-        self.sampling = sampling
+        self.sampling = self._checked(sampling)
         self.register_buffer("region_based", torch.tensor(int(region_based), dtype=torch.uint8))
         self._mirror_cache = MirrorCache()
 
@@ -27,8 +30,15 @@ class SamplingNetwork(nn.Module):
         """``compute()`` once per window; its mirrored passes reuse it when tta_refine is 'window'."""
         return self._mirror_cache.get_or_compute(x, compute, enabled=self.sampling.tta_refine == "window")
 
+    def _checked(self, sampling: SamplingOptions) -> SamplingOptions:
+        if sampling.missing and not self.supports_missing:
+            raise NNDiffConfigError(f"NNDIFF_MISSING={','.join(map(str, sampling.missing))}: "
+                                    f"{type(self).__name__} cannot predict with missing input channels (only "
+                                    f"ReCoSeg can); unset NNDIFF_MISSING")
+        return sampling
+
     def set_sampling(self, sampling: SamplingOptions) -> None:
-        self.sampling = sampling
+        self.sampling = self._checked(sampling)
         self._mirror_cache.clear()
 
     def train(self, mode: bool = True):

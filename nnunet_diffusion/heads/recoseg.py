@@ -1,0 +1,139 @@
+"""ReCoSeg (Yavari et al., MIDL 2025, ../shared/papers/ReCoSeg.md) as plain torch: no nnU-Net imports.
+
+The paper numbers no equations; each function names the step of §2 it implements:
+- §2 stage 1, cross-modal synthesis: a conditional DDPM (Ho et al. 2020) generates the T1ce channel from
+  FLAIR, T1 and T2. Noise is put on T1ce only; the other channels are the condition:
+  L_simple = E ||ε − ε_θ(√ᾱ_t s_0 + √(1−ᾱ_t) ε, t, c)||², s_0 = real T1ce, c = the other channels
+  (``synthesis_loss``); sampling s_0 from noise by the reverse process (``synthesise``).
+- §2 stage 2, residual map: r = |ŝ_0 − s_0| ("the absolute difference between the predicted and actual T1ce
+  images", ``residual_map``).
+- §2 stage 2, residual-guided segmentation: the segmenter sees the modalities ⊕ r (``segmenter_input``) and is
+  trained with BCE + Dice (nnU-Net's region loss, which is that loss).
+
+The synthesised channel lives in nnU-Net's normalised intensity space (z-scores for MRI), so r is in units of
+the channel's standard deviation. ``prediction_type`` "epsilon" is the paper's DDPM; "sample" (ours) lets the
+network predict s_0 directly, which learns from far fewer iterations (used by the short test/demo variants).
+
+Missing modalities at prediction (the paper's robustness claim, made precise here, ``apply_missing``): a missing
+condition channel is replaced by 0 (the mean of a z-scored channel); when the synthesis target itself (T1ce) is
+missing, the synthesised T1ce replaces it and the residual is 0 everywhere.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from ..diffusion import NoiseSchedule, noise_prediction_loss, sample
+
+# names nnU-Net datasets give the contrast-enhanced T1 channel (dataset.json "channel_names"), compared after
+# lower-casing and dropping everything that is not a letter or digit
+T1CE_NAMES = ("t1ce", "t1c", "t1gd", "t1gad", "t1contrast", "t1postcontrast", "t1post", "t1wce", "t1ceweighted")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def find_target_channel(channel_names: dict, requested="auto") -> int:
+    """Index of the channel stage 1 synthesises, from dataset.json's ``channel_names`` ({"0": "T1", ...}).
+
+    ``requested`` is "auto" (a T1ce-like name, see ``T1CE_NAMES``), a channel name, or an index. Raises
+    ValueError saying which channels the dataset has when nothing fits."""
+    names = {int(k): str(v) for k, v in channel_names.items()}
+    shown = ", ".join(f"{k}: {v!r}" for k, v in sorted(names.items()))
+    if len(names) < 2:
+        raise ValueError(f"ReCoSeg synthesises one channel from the others, so it needs at least 2 input channels; "
+                         f"dataset.json channel_names has {len(names)} ({shown})")
+    if isinstance(requested, int) or (isinstance(requested, str) and requested.isdigit()):
+        idx = int(requested)
+        if idx not in names:
+            raise ValueError(f"target_channel {idx} is not a channel of this dataset ({shown})")
+        return idx
+    wanted = T1CE_NAMES if requested == "auto" else (_normalise(requested),)
+    hits = [k for k, v in sorted(names.items()) if _normalise(v) in wanted]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        what = "a T1ce-like channel (one of: " + ", ".join(T1CE_NAMES) + ")" if requested == "auto" \
+            else f"a channel named {requested!r}"
+        raise ValueError(f"ReCoSeg synthesises the contrast-enhanced T1 (T1ce) from the other channels, but "
+                         f"dataset.json channel_names ({shown}) has no {what}. Set target_channel (a name or "
+                         f"index) in a variant of trainer_configs/recoseg.toml if the channel has another name.")
+    raise ValueError(f"several channels match {requested!r} ({[names[h] for h in hits]}); set target_channel to "
+                     f"an index in trainer_configs/recoseg.toml")
+
+
+def split_channels(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_0, c): the target channel (B,1,…) and the condition channels (B,C−1,…)."""
+    keep = [i for i in range(x.shape[1]) if i != target]
+    return x[:, target:target + 1], x[:, keep]
+
+
+def synthesis_input(s_t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """The denoiser's input: noisy target s_t ⊕ condition channels c."""
+    return torch.cat([s_t.to(condition.dtype), condition], 1)
+
+
+def synthesis_loss(denoiser, schedule: NoiseSchedule, x: torch.Tensor, target: int,
+                   generator: Optional[torch.Generator] = None, prediction_type: str = "epsilon",
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ReCoSeg §2 stage 1 with DDPM's L_simple (Ho et al. eq. 14): E ||ε − ε_θ(s_t, t, c)||²,
+    s_t = √ᾱ_t s_0 + √(1−ᾱ_t) ε. ``prediction_type="sample"``: ||s_0 − ŝ_θ(s_t, t, c)||² (ours).
+
+    The paper also names "BCE + Dice" for this stage; both are defined for masks in [0, 1], not for
+    z-scored intensities, so the synthesis is trained with the DDPM objective it says it uses."""
+    s0, cond = split_channels(x.float(), target)
+    t = schedule.sample_timesteps(s0.shape[0], s0.device, generator)
+    noise = torch.randn(s0.shape, device=s0.device, dtype=torch.float32, generator=generator)
+    s_t = schedule.q_sample(s0, noise, t)
+    predicted = denoiser(synthesis_input(s_t, cond.to(x.dtype)), t).float()
+    return noise_prediction_loss(s0 if prediction_type == "sample" else noise, predicted, mask)
+
+
+@torch.no_grad()
+def synthesise(denoiser, schedule: NoiseSchedule, x: torch.Tensor, target: int, steps: int,
+               sampler: str = "ddpm", seed: int = 0, prediction_type: str = "epsilon",
+               clip: Optional[float] = None) -> torch.Tensor:
+    """ReCoSeg §2 stage 1 at inference: ŝ_0 ~ p_θ(s_0 | c) by ``steps`` reverse steps from s_T ~ N(0, I)
+    (DDPM Algorithm 2, or DDIM). Returns (B,1,…) float32. Reproducible: the noise comes from a generator seeded
+    with ``seed`` on x's device. ``clip`` bounds x̂_0 (in z-score units) at every step; None = unbounded."""
+    _, cond = split_channels(x, target)
+    gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    shape = (x.shape[0], 1, *x.shape[2:])
+    return sample(lambda s_t, t: denoiser(synthesis_input(s_t, cond), t), shape, schedule, steps, sampler,
+                  generator=gen, device=x.device, clip=clip, prediction_type=prediction_type)
+
+
+def residual_map(synthetic: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """ReCoSeg §2: r = |T1ce_synth − T1ce| (voxel-wise absolute difference, float32)."""
+    return (synthetic.float() - real.float()).abs()
+
+
+def segmenter_input(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """ReCoSeg §2: the segmenter's input, the modalities ⊕ the residual map (one more channel, the last)."""
+    return torch.cat([x, r.to(x.dtype)], 1)
+
+
+def apply_missing(x: torch.Tensor, missing: Iterable[int]) -> torch.Tensor:
+    """Channels listed in ``missing`` replaced by 0, the mean of a z-score-normalised channel (a copy)."""
+    missing = sorted({int(m) for m in missing})
+    if not missing:
+        return x
+    x = x.clone()
+    x[:, missing] = 0
+    return x
+
+
+def residual_for_window(denoiser, schedule: NoiseSchedule, x: torch.Tensor, target: int, steps: int,
+                        sampler: str, seed: int, prediction_type: str, clip: Optional[float],
+                        missing: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as the segmenter sees it, r) for one window with missing channels handled as the module doc says."""
+    x = apply_missing(x, [m for m in missing if m != target])
+    synthetic = synthesise(denoiser, schedule, x, target, steps, sampler, seed, prediction_type, clip)
+    if target in set(missing):
+        x = x.clone()
+        x[:, target:target + 1] = synthetic.to(x.dtype)
+        return x, torch.zeros_like(synthetic)
+    return x, residual_map(synthetic, x[:, target:target + 1])

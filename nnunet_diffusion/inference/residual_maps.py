@@ -1,0 +1,214 @@
+"""ReCoSeg residual maps for whole cases: once after stage 1 for the training data, and as NIfTI beside a
+prediction (``nndiff predict --residuals``).
+
+nnU-Net's predictor returns segmentation logits only and has no hook for extra per-case outputs, so the residual
+map of a whole case is computed here with the same tiling nnU-Net uses (``compute_steps_for_sliding_window``,
+Gaussian weights from ``compute_gaussian``, step 0.5, the planned patch) and put back into the input image's
+geometry the way nnU-Net exports a prediction (resample → revert crop → revert transpose).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from tqdm import tqdm
+
+from ..errors import NNDiffConfigError
+
+RESIDUAL_DTYPE = np.float16
+
+
+@torch.no_grad()
+def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, patch_size: Sequence[int],
+                   out_channels: int = 1, step_size: float = 0.5) -> torch.Tensor:
+    """``fn`` (a (1, C, *patch) window → (1, out_channels, *patch)) over a whole case ``data`` (C, *spatial),
+    blended with nnU-Net's Gaussian weights. A 2D patch on 3D data tiles every slice of the first axis, as
+    nnU-Net's 2d configuration does. Returns (out_channels, *spatial) float32 on ``data``'s device."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    patch = tuple(int(p) for p in patch_size)
+    two_d = len(patch) == data.ndim - 2
+    tile = (1, *patch) if two_d else patch
+    padded, slicer = pad_nd_image(data, tile, "constant", {"value": 0}, True, None)
+    spatial = padded.shape[1:]
+    steps = compute_steps_for_sliding_window(spatial, tile, step_size)
+    gaussian = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, dtype=torch.float32,
+                                device=data.device)
+    out = torch.zeros((out_channels, *spatial), dtype=torch.float32, device=data.device)
+    weight = torch.zeros(spatial, dtype=torch.float32, device=data.device)
+    for corner in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(tile)):
+        sl = tuple(slice(int(c), int(c) + t) for c, t in zip(corner, tile))
+        window = padded[(slice(None), *sl)][None]
+        if two_d:
+            result = fn(window[:, :, 0])[0].float()[:, None]
+            g = gaussian[None]
+        else:
+            result = fn(window)[0].float()
+            g = gaussian
+        out[(slice(None), *sl)] += result * g
+        weight[sl] += g
+    out /= weight
+    return out[tuple(slicer)]
+
+
+def residual_of_case(network, data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """r = |synthetic T1ce − T1ce| (ReCoSeg §2) for a whole preprocessed case (C, *spatial) → (1, *spatial)."""
+    return sliding_window(lambda w: network.residual(w)[1], data, patch_size)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def residual_file(folder: os.PathLike, identifier: str) -> Path:
+    return Path(folder) / f"{identifier}.npy"
+
+
+def precompute_residuals(network, load_case: Callable[[str], np.ndarray], identifiers: Iterable[str],
+                         folder: os.PathLike, patch_size: Sequence[int], device: torch.device,
+                         progress: bool = True) -> list[str]:
+    """Residual map of every case in ``identifiers`` that has none yet in ``folder`` (``<case>.npy``, float16,
+    the preprocessed case's shape with one channel). Each file is written to a temporary name and renamed, so an
+    interrupted run leaves only whole files and the next run computes the rest. Returns the cases computed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in identifiers if not residual_file(folder, i).is_file()]
+    for identifier in tqdm(todo, desc="ReCoSeg residual maps", disable=not progress or not todo):
+        data = torch.from_numpy(np.asarray(load_case(identifier), dtype=np.float32)).to(device)
+        r = residual_of_case(network, data, patch_size)
+        _atomic_save(residual_file(folder, identifier), r.cpu().numpy().astype(RESIDUAL_DTYPE))
+    return todo
+
+
+class ChannelStack:
+    """The preprocessed image of a case with its residual map as one more channel, read lazily: slicing (what
+    nnU-Net's data loader does to crop a patch) reads only that region of both arrays."""
+
+    def __init__(self, data, residual: np.ndarray):
+        if tuple(residual.shape[1:]) != tuple(data.shape[1:]):
+            raise NNDiffConfigError(f"residual map of shape {tuple(residual.shape)} does not fit the preprocessed "
+                                    f"case of shape {tuple(data.shape)}; delete the residuals folder so they are "
+                                    f"recomputed")
+        self.data, self.residual = data, residual
+        self.shape = (data.shape[0] + residual.shape[0], *data.shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple) or item[0] != slice(None):
+            raise IndexError("ChannelStack supports slicing of all channels only (as nnU-Net's patch cropping does)")
+        a = np.asarray(self.data[item], dtype=np.float32)
+        b = np.asarray(self.residual[item], dtype=np.float32)
+        return np.concatenate([a, b], 0)
+
+
+def wrap_dataset_class(base: type, residual_folder: os.PathLike) -> type:
+    """A subclass of nnU-Net's dataset class ``base`` whose ``load_case`` appends the case's residual map as
+    the last image channel, so nnU-Net's crop, augmentation and batching move image and residual together."""
+    folder = str(residual_folder)
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = base.load_case(self, identifier)
+        path = residual_file(folder, identifier)
+        if not path.is_file():
+            raise NNDiffConfigError(f"ReCoSeg: no residual map for case {identifier} ({path}); it is computed "
+                                    f"after stage 1 (resume with --c to compute missing ones)")
+        return ChannelStack(data, np.load(path, mmap_mode="r")), seg, seg_prev, properties
+
+    return type(f"{base.__name__}WithResidual", (base,), {"load_case": load_case, "__module__": __name__})
+
+
+# ---------------------------------------------------------------------------------------------- export
+def revert_to_original_geometry(volume: np.ndarray, properties: dict, plans_manager, configuration_manager,
+                                ) -> np.ndarray:
+    """A preprocessed-space map (C, *spatial) back to the input image's voxel grid, as nnU-Net's
+    ``convert_predicted_logits_to_segmentation_with_correct_shape`` does for probabilities: resample
+    (its probability resampling), paste into the uncropped shape (0 outside the crop), undo the transpose."""
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    shape_cropped = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape_cropped) \
+        else [spacing_transposed[0], *configuration_manager.spacing]
+    resampled = configuration_manager.resampling_fn_probabilities(volume, shape_cropped, current_spacing,
+                                                                  spacing_transposed)
+    resampled = resampled.cpu().numpy() if isinstance(resampled, torch.Tensor) else np.asarray(resampled)
+    full = np.zeros((volume.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
+    bbox = properties["bbox_used_for_cropping"]
+    full[(slice(None), *[slice(lo, hi) for lo, hi in bbox])] = resampled
+    return full.transpose([0, *[i + 1 for i in plans_manager.transpose_backward]])
+
+
+def _write_like_input(volume: np.ndarray, properties: dict, path: Path) -> None:
+    import SimpleITK as sitk
+
+    stuff = properties.get("sitk_stuff")
+    if stuff is None:
+        raise NNDiffConfigError("residual maps are written with SimpleITK's geometry; this dataset's images were "
+                                "read by another reader (plans 'image_reader_writer'), so no geometry is known")
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing(stuff["spacing"])
+    image.SetOrigin(stuff["origin"])
+    image.SetDirection(stuff["direction"])
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_residual_maps(model_folder: os.PathLike, input_folder: os.PathLike, output_folder: os.PathLike,
+                        folds: Optional[Sequence] = None, checkpoint_name: str = "checkpoint_final.pth",
+                        device: torch.device = torch.device("cpu"), progress: bool = True) -> list[Path]:
+    """``<output_folder>/residuals/<case>.nii.gz`` for every case of ``input_folder`` (nnU-Net's
+    ``{case}_{XXXX}`` layout): the residual map r of the trained ReCoSeg model(s) in ``model_folder``, averaged
+    over the folds, in the input image's geometry. Uses the same NNDIFF_* sampling settings as the prediction."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from .recoseg_network import ReCoSegNetwork
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name)
+    network = predictor.network
+    if not isinstance(network, ReCoSegNetwork):
+        raise NNDiffConfigError(f"--residuals: {model_folder} is not a ReCoSeg model (its network is "
+                                f"{type(network).__name__}); residual maps exist only for nnUNetTrainerReCoSeg*")
+    network.to(device).eval()
+    plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+    ending = predictor.dataset_json["file_ending"]
+    files = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
+    if not files:
+        raise NNDiffConfigError(f"--residuals: no cases ending in {ending} in {input_folder}")
+    out_dir = Path(output_folder) / "residuals"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    written = []
+    for case_files in tqdm(files, desc="residual maps", disable=not progress):
+        case = os.path.basename(case_files[0])[:-(len(ending) + 5)]
+        data, _, properties = preprocessor.run_case(case_files, None, plans_manager, configuration_manager,
+                                                    predictor.dataset_json)
+        data = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
+        total = None
+        for params in predictor.list_of_parameters:
+            network.load_state_dict(params)
+            r = residual_of_case(network, data, configuration_manager.patch_size)
+            total = r if total is None else total + r
+        r = (total / len(predictor.list_of_parameters)).cpu().numpy()
+        volume = revert_to_original_geometry(r, properties, plans_manager, configuration_manager)[0]
+        path = out_dir / f"{case}{ending}"
+        _write_like_input(volume, properties, path)
+        written.append(path)
+    return written

@@ -1,0 +1,274 @@
+"""nnUNetTrainerReCoSeg: ReCoSeg (Yavari et al., MIDL 2025) on nnU-Net's plans, data pipeline and predictor.
+
+Stages by epoch (trainer_configs/recoseg.toml):
+  1. the T1ce synthesis DDPM (noise on T1ce, the other channels as condition; Adam 2e-4, paper §2.1);
+  then, once: the residual map r = |synthetic − real T1ce| of every case of the dataset, computed with the
+     frozen synthesiser over the whole preprocessed case (nnU-Net's tiling) and stored in
+     ``<fold folder>/residuals/<case>.npy``;
+  2. the segmenter on the modalities ⊕ r with nnU-Net's loss, SGD and poly learning rate. nnU-Net's data loader
+     reads r as one more image channel, so cropping and augmentation move image and residual together, and no
+     sampling loop runs inside a training step.
+``nnUNetv2_predict`` (and the final validation) synthesises per window with K steps, forms r and segments.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from os.path import isdir, join
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import distributed as dist
+
+from ..errors import NNDiffCheckpointError, NNDiffConfigError
+from ..heads import recoseg
+from ..inference import residual_maps
+from ..inference.recoseg_network import ReCoSegNetwork
+from ..nets import TimeConditionedUNet
+from .base import make_variants
+from .diffusion_base import DiffusionTrainer
+from .nndm import _poly
+
+SEGMENTERS = ("planned", "light")
+
+
+class StagedLR:
+    """Stage 1: the synthesiser's Adam at ``synthesis_lr`` (constant, paper §2.1), the segmenter's SGD at 0.
+    Stage 2: SGD with nnU-Net's poly decay from ``initial_lr`` over stage 2, the synthesiser frozen."""
+
+    def __init__(self, trainer: "nnUNetTrainerReCoSeg"):
+        self.trainer = trainer
+
+    def step(self, epoch: int) -> None:
+        tr = self.trainer
+        s1, s2 = tr.stage_epochs
+        stage = tr.stage_of(epoch)
+        for g in tr.optimizer.param_groups:
+            g["lr"] = 0.0 if stage == 1 else _poly(tr.initial_lr, epoch - s1, s2)
+        for g in tr.synthesis_optimizer.param_groups:
+            g["lr"] = float(tr.hparams()["synthesis_lr"]) if stage == 1 else 0.0
+
+
+class nnUNetTrainerReCoSeg(DiffusionTrainer):
+    """ReCoSeg with the paper's settings where it gives them (trainer_configs/recoseg.toml [defaults])."""
+    head = "recoseg"
+    compiled_parts = ("synthesizer", "segmenter")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        hp = self.hparams()
+        try:
+            self.target_channel = recoseg.find_target_channel(dataset_json.get("channel_names", {}),
+                                                              hp["target_channel"])
+        except ValueError as e:
+            raise NNDiffConfigError(f"{self.__class__.__name__} on {self.plans_manager.dataset_name}: {e}") from None
+        self.stage_epochs = [int(hp["stage1_epochs"]), int(hp["stage2_epochs"])]
+        if min(self.stage_epochs) < 1:
+            raise NNDiffConfigError(f"{self.__class__.__name__}: both stages need at least one epoch (synthesis, "
+                                    f"segmentation); trainer config gives {self.stage_epochs}")
+        self.num_epochs = sum(self.stage_epochs)
+        self.synthesis_optimizer = None
+        self._loader_stage = None
+        self.logger.local_logger.my_fantastic_logging["recoseg_stage"] = []
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True) -> ReCoSegNetwork:
+        """Synthesiser (noisy T1ce ⊕ the other C − 1 channels → 1 channel) + the segmenter (planned network, or
+        its light variant, with C + 1 input channels); also what nnUNetv2_predict builds."""
+        hp = cls.hparams()
+        if hp["segmenter"] not in SEGMENTERS:
+            raise NNDiffConfigError(f"recoseg segmenter must be one of {SEGMENTERS}; got {hp['segmenter']!r}")
+        seg_manager = configuration_manager
+        if hp["segmenter"] == "light":
+            conf = copy.deepcopy(configuration_manager.configuration)
+            kwargs = conf["architecture"]["arch_kwargs"]
+            kwargs["features_per_stage"] = [max(4, int(round(f * float(hp["light_width"]))))
+                                            for f in kwargs["features_per_stage"]]
+            seg_manager = ConfigurationManager(conf)
+        segmenter = nnUNetTrainer.build_network_architecture(plans_manager, seg_manager, num_input_channels + 1,
+                                                             num_output_channels, enable_deep_supervision)
+        dim = len(configuration_manager.patch_size)
+        strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
+        channels = list(hp["synthesis_channels"])[:len(strides) + 1]
+        synthesizer = TimeConditionedUNet(dim, num_input_channels, 1, channels, strides[:len(channels) - 1],
+                                          int(hp["synthesis_res_blocks"]))
+        schedule = cls.schedule()
+        clip = float(hp["synthesis_clip"]) or None
+        return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
+                              num_input_channels, prediction_type=hp["prediction_type"], clip=clip)
+
+    def stage_of(self, epoch: int) -> int:
+        return 1 if epoch < self.stage_epochs[0] else 2
+
+    @property
+    def residual_folder(self) -> str:
+        return join(self.output_folder, "residuals")
+
+    def initialize(self):
+        super().initialize()
+        self.unwrapped_network().target_channel.fill_(self.target_channel)
+        names = self.dataset_json.get("channel_names", {})
+        self.print_to_log_file(f"ReCoSeg: synthesising channel {self.target_channel} "
+                               f"({names.get(str(self.target_channel))}) from the others")
+
+    def configure_optimizers(self):
+        net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
+        optimizer = torch.optim.SGD(net.segmenter.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        self.synthesis_optimizer = torch.optim.Adam(net.synthesizer.parameters(),
+                                                    lr=float(self.hparams()["synthesis_lr"]))
+        return optimizer, StagedLR(self)
+
+    # ------------------------------------------------------------------ data: residual maps as a channel
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._loader_stage = self.stage_of(self.current_epoch)
+        if self._loader_stage == 1:
+            return dataset_tr, dataset_val
+        self.ensure_residuals(dataset_tr.identifiers + dataset_val.identifiers)
+        wrapped = residual_maps.wrap_dataset_class(self.dataset_class, self.residual_folder)
+        kw = {"folder_with_segs_from_previous_stage": self.folder_with_segs_from_previous_stage}
+        return (wrapped(self.preprocessed_dataset_folder, dataset_tr.identifiers, **kw),
+                wrapped(self.preprocessed_dataset_folder, dataset_val.identifiers, **kw))
+
+    def ensure_residuals(self, identifiers) -> None:
+        """The residual map of every case (each DDP rank computes its share), with the config's sampling."""
+        net = self.unwrapped_network()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
+        mine = sorted(identifiers)[rank::world]
+        saved_sampling, was_training = net.sampling, net.training
+        net.set_sampling(self.sampling_defaults())
+        net.eval()
+        reader = self.dataset_class(self.preprocessed_dataset_folder, list(mine))
+        autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
+        try:
+            with autocast:  # as nnU-Net's predictor does on CUDA; the sampler's arithmetic stays float32
+                done = residual_maps.precompute_residuals(
+                    net, lambda i: reader.load_case(i)[0][:], mine, self.residual_folder,
+                    self.configuration_manager.patch_size, self.device, progress=self.local_rank == 0)
+        finally:
+            net.set_sampling(saved_sampling)
+            net.train(was_training)
+        if done:
+            opts = self.sampling_defaults()
+            self.print_to_log_file(f"ReCoSeg: residual maps of {len(done)} case(s) written to {self.residual_folder} "
+                                   f"({opts.sampler}, {opts.steps} steps)")
+        if self.is_ddp:
+            dist.barrier()
+
+    def _finish_dataloaders(self):
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                dl._finish()
+
+    # ------------------------------------------------------------------ nnU-Net hooks
+    def on_train_start(self):
+        if self.current_epoch == 0 and self.local_rank == 0 and self.output_folder and isdir(self.residual_folder):
+            shutil.rmtree(self.residual_folder)  # maps of an earlier run's synthesiser: stale
+        super().on_train_start()
+        self.print_to_log_file(f"ReCoSeg stages (epochs): synthesis {self.stage_epochs[0]}, segmentation "
+                               f"{self.stage_epochs[1]}; target channel {self.target_channel}")
+
+    def on_train_epoch_start(self):
+        stage = self.stage_of(self.current_epoch)
+        if stage != self._loader_stage:  # stage 1 just ended: residual maps, then loaders that read them
+            self._finish_dataloaders()
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        if stage == 2 and (self.current_epoch == self.stage_epochs[0] or self._best_ema == float("inf")):
+            self._best_ema = None  # pseudo Dice (and checkpoint_best) starts with the segmenter
+        super().on_train_epoch_start()
+        self.print_to_log_file(f"ReCoSeg stage {stage} ({'synthesis' if stage == 1 else 'segmentation'})")
+        self.logger.log("recoseg_stage", stage, self.current_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        stage = self.stage_of(self.current_epoch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        net = self.unwrapped_network()
+        if stage == 1:
+            optimizer, params, clip = self.synthesis_optimizer, net.synthesizer.parameters(), \
+                float(self.hparams()["synthesis_grad_clip"])
+        else:
+            optimizer, params, clip = self.optimizer, net.segmenter.parameters(), 12.0
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            if stage == 1:
+                loss = self.network(data, mode="synthesis_loss", tie_frozen=self.is_ddp)
+            else:
+                target = batch["target"]
+                target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+                    else target.to(self.device, non_blocking=True)
+                out, zero = self.network(data, mode="segment", tie_frozen=self.is_ddp)
+                loss = self.loss(out, target) + zero
+        if not torch.isfinite(loss):
+            self.stop_on_non_finite(f"ReCoSeg stage {stage}", {"synthesis" if stage == 1 else "segmentation": loss},
+                                    "e.g. lower synthesis_lr in trainer_configs/recoseg.toml, check the data")
+        params = list(params)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        if self.stage_of(self.current_epoch) == 2:
+            return super().validation_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.network(data, mode="synthesis_loss")
+        zeros = np.zeros(self.label_manager.num_segmentation_heads - (0 if self.label_manager.has_regions else 1))
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": zeros, "fp_hard": zeros, "fn_hard": zeros}
+
+    def on_validation_epoch_end(self, val_outputs):
+        epoch = self.current_epoch
+        if self.stage_of(epoch) == 2:
+            super().on_validation_epoch_end(val_outputs)
+            if epoch == self.stage_epochs[0]:  # the moving average starts with the segmenter
+                self.logger.local_logger.my_fantastic_logging["ema_fg_dice"][epoch] = \
+                    self.logger.get_value("mean_fg_dice", -1)
+            return
+        # stage 1 has no segmentation: pseudo Dice is 0 by definition, val loss is the synthesis loss
+        loss = float(np.mean([o["loss"] for o in val_outputs]))
+        n = len(val_outputs[0]["tp_hard"])
+        self.logger.log("mean_fg_dice", 0.0, epoch)
+        self.logger.log("dice_per_class_or_region", [0.0] * n, epoch)
+        self.logger.log("val_losses", loss, epoch)
+        self._set_predict_sampling()
+
+    def on_epoch_end(self):
+        if self.stage_of(self.current_epoch) == 1:
+            self._best_ema = float("inf")  # no checkpoint_best of a model that cannot segment yet
+        super().on_epoch_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> dict:
+        return {"recoseg_stage_epochs": list(self.stage_epochs), "recoseg_target_channel": self.target_channel,
+                "synthesis_optimizer_state": self.synthesis_optimizer.state_dict()}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        if "synthesis_optimizer_state" not in state:
+            raise NNDiffCheckpointError("checkpoint has no ReCoSeg state (synthesis optimiser, stage epochs)")
+        if int(state["recoseg_target_channel"]) != self.target_channel:
+            raise NNDiffCheckpointError(f"checkpoint synthesises channel {state['recoseg_target_channel']}, this "
+                                        f"dataset's target channel is {self.target_channel}")
+        self.synthesis_optimizer.load_state_dict(state["synthesis_optimizer_state"])
+        self.stage_epochs = list(state["recoseg_stage_epochs"])
+        self.num_epochs = sum(self.stage_epochs)
+
+
+VARIANTS = make_variants(nnUNetTrainerReCoSeg)
+globals().update(VARIANTS)
+__all__ = ["nnUNetTrainerReCoSeg", *sorted(VARIANTS)]
