@@ -8,7 +8,8 @@ nnU-Net's own console scripts.
    NNDIFF_BASELINE), nnUNetTrainerMedSegDiff_<v> and nnUNetTrainerReCoSeg_<v>
 5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off, ReCoSeg with T1ce or FLAIR
    missing at prediction), table and figures
-6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names
+6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names; ReCoSeg's residual
+   maps of those cases (NIfTI + PNG)
 
 Every step's full output goes to <workdir>/logs/; the terminal shows a progress bar per step. Re-running
 reuses finished steps (delete the workdir or pass --fresh to start over).
@@ -157,6 +158,14 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
              "-f", "0", "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], env,
             logs / "predict_validation.log", "[6/6] nnUNetv2_predict NNDM (BraTS validation cases)")
         convert_predictions_to_brats(pred, submission, "2021", progress=False)
+    recoseg_pred = workdir / "predictions_validation_recoseg"
+    if not (recoseg_pred / "residuals").is_dir():
+        shutil.rmtree(recoseg_pred, ignore_errors=True)
+        timings["predict BraTS validation, ReCoSeg with residual maps"] = _run(
+            [BIN / "nndiff", "predict", "--residuals", "-i", raw / "imagesTs", "-o", recoseg_pred, "-d", DATASET_ID,
+             "-c", "3d_fullres", "-f", "0", "-tr", trainers["recoseg"], "-device", "cpu", "-npp", "1", "-nps", "1"],
+            env, logs / "predict_validation_recoseg.log",
+            "[6/6] nndiff predict --residuals ReCoSeg (BraTS validation cases)")
 
     summary = json.loads((compare_dir / "summary.json").read_text())
     print("\nDice (%) on fold 0's validation cases, mean over cases (nndiff compare; full table: "
@@ -166,6 +175,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
         print(f"  time {k}: {v:.0f} s")
     print(f"figures: {compare_dir / 'figures'}")
     print(f"BraTS-format predictions of the validation cases (labels 1, 2, 4): {submission}")
+    print(f"ReCoSeg residual maps |synthetic T1ce - T1ce| (NIfTI and PNG): {recoseg_pred / 'residuals'}")
     print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS.")
     (workdir / "demo_results.json").write_text(json.dumps({"seconds": timings}, indent=2))
     return 0

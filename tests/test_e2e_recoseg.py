@@ -68,6 +68,7 @@ def test_predict_writes_segmentations_and_residual_maps(trained_recoseg, tmp_pat
         assert np.allclose(r.GetOrigin(), ref.GetOrigin()) and np.allclose(r.GetDirection(), ref.GetDirection())
         arr = sitk.GetArrayFromImage(r)
         assert np.isfinite(arr).all() and arr.min() >= 0 and arr.max() > 0
+        assert (out / "residuals" / f"{case}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_t1ce_is_replaced_by_the_synthetic_one(trained_recoseg, tmp_path):

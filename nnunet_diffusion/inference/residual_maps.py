@@ -210,5 +210,42 @@ def write_residual_maps(model_folder: os.PathLike, input_folder: os.PathLike, ou
         volume = revert_to_original_geometry(r, properties, plans_manager, configuration_manager)[0]
         path = out_dir / f"{case}{ending}"
         _write_like_input(volume, properties, path)
+        t1ce = sitk_array(case_files[network.target])
+        write_residual_png(t1ce, volume, out_dir / f"{case}.png", f"{case}: residual |synthetic T1ce - T1ce|")
         written.append(path)
     return written
+
+
+def sitk_array(path) -> np.ndarray:
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+
+
+def write_residual_png(t1ce: np.ndarray, residual: np.ndarray, path: Path, title: str) -> None:
+    """Three panels through the axial slice with the largest residual: T1ce, r, and r over T1ce."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    z = int(np.argmax(residual.reshape(residual.shape[0], -1).sum(1)))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    axes[0].imshow(t1ce[z], cmap="gray")
+    axes[0].set_title(f"T1ce, axial {z}")
+    im = axes[1].imshow(residual[z], cmap="magma")
+    axes[1].set_title("residual r (z-score units)")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[2].imshow(t1ce[z], cmap="gray")
+    axes[2].imshow(np.ma.masked_less(residual[z], np.percentile(residual, 95)), cmap="magma", alpha=0.7)
+    axes[2].set_title("r above its 95th percentile")
+    for a in axes:
+        a.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
