@@ -83,18 +83,18 @@ def _nnunet_model_args(rest: list[str]) -> argparse.Namespace:
     return p.parse_known_args(rest)[0]
 
 
-def _write_residuals(rest: list[str]) -> None:
+def _second_pass(rest: list[str], write, what: str, **kwargs) -> None:
+    """Run ``write(model_folder, input, output, folds, checkpoint, device=..., **kwargs)`` for the model of an
+    nnUNetv2_predict command line (a post-step for outputs nnU-Net's predictor has no hook for)."""
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    from .inference.residual_maps import write_residual_maps
     a = _nnunet_model_args(rest)
     folds = None if a.f is None else [f if f == "all" else int(f) for f in a.f]
     model = get_output_folder(maybe_convert_to_dataset_name(a.d), a.tr, a.p, a.c)
     device = torch.device("cuda" if a.device == "cuda" else "cpu" if a.device == "cpu" else "mps")
-    written = write_residual_maps(model, a.i, a.o, folds, a.chk, device)
-    print(f"residual maps: {len(written)} files in {Path(a.o) / 'residuals'}")
+    written = write(model, a.i, a.o, folds, a.chk, device=device, **kwargs)
+    print(f"{what}: {len(written)} files in {Path(a.o) / what.split()[-1]}")
 
 
 def cmd_predict(args, rest: list[str]) -> int:
@@ -121,7 +121,25 @@ def cmd_predict(args, rest: list[str]) -> int:
         written = write_uncertainty_maps(output, remove_probabilities=not keep_probabilities)
         print(f"uncertainty maps: {len(written)} files in {Path(output) / 'uncertainty'}")
     if args.residuals:
-        _write_residuals(rest)
+        from .inference.residual_maps import write_residual_maps
+        _second_pass(rest, write_residual_maps, "residual maps")
+    if args.discrepancy:
+        from .inference.ddmd_maps import write_discrepancy_maps
+
+        def write(model, inputs, output, folds, chk, device):
+            return write_discrepancy_maps(model, folds, chk, inputs, output, device=device)
+        _second_pass(rest, write, "discrepancy maps")
+    if args.samples_out:
+        from .inference.modiff_samples import write_samples
+        _second_pass(rest, write_samples, "samples", threshold=args.threshold)
+    return 0
+
+
+def cmd_evaluate_samples(args) -> int:
+    from .inference.modiff_samples import evaluate_samples
+    result = evaluate_samples(args.samples_dir, args.raters_dir, args.o, num_samples=args.n)
+    mean = result["mean"]
+    print(", ".join(f"{k} {v:.4f}" for k, v in mean.items() if isinstance(v, float)) + f" (written to {args.o})")
     return 0
 
 
@@ -151,6 +169,17 @@ def main(argv=None) -> int:
     register_brats(sub)
     from .evaluation.commands import register as register_evaluation
     register_evaluation(sub)
+    from .dataset_conversion.multirater import register as register_multirater
+    register_multirater(sub)
+
+    p = sub.add_parser("evaluate-samples", help="MoDiff: GED_n, HM-IoU_n, NCC_n, CI_n of the samples written by "
+                                                "'nndiff predict --samples-out' against the raters' masks")
+    p.add_argument("samples_dir", help="the <output>/samples folder")
+    p.add_argument("raters_dir", help="the raters' masks, <case>_rater<r>.nii.gz (e.g. $nnUNet_raw/<dataset>/"
+                                      "labelsTsRaters)")
+    p.add_argument("-o", required=True, help="CSV to write (a .json with the same stem is written beside it)")
+    p.add_argument("-n", type=int, help="use the first n samples of each case (default: all)")
+    p.set_defaults(func=cmd_evaluate_samples)
 
     p = sub.add_parser("predict", help="nnUNetv2_predict with diffusion options as flags; every other argument "
                                        "goes to nnUNetv2_predict unchanged",
@@ -170,6 +199,13 @@ def main(argv=None) -> int:
                    help="ReCoSeg: also write the residual maps |synthetic T1ce - T1ce| to <output>/residuals/")
     p.add_argument("--missing", help="ReCoSeg: comma-separated input channel indices to treat as missing "
                                      "(NNDIFF_MISSING)")
+    p.add_argument("--discrepancy", action="store_true",
+                   help="DDMD: also write the inter-discrepancy map X of every case and the per-case inter/intra "
+                        "discrepancy scores to <output>/discrepancy/")
+    p.add_argument("--samples-out", action="store_true",
+                   help="MoDiff: also write the binarised samples to <output>/samples/<case>_sample<i>.nii.gz")
+    p.add_argument("--threshold", type=float, help="MoDiff: binarisation threshold of --samples-out (default: "
+                                                   "the trainer config's, 0.9 as in the paper)")
     p.set_defaults(func=cmd_predict, passthrough=True)
 
     p = sub.add_parser("demo", help="the whole road on synthetic data: dataset, plan, train baseline and NNDM, "

@@ -5,7 +5,8 @@ nnU-Net's own console scripts.
 2. nndiff convert-brats → Dataset501_BraTS2021 in $nnUNet_raw
 3. nnUNetv2_plan_and_preprocess
 4. nnUNetv2_train fold 0: nnUNetTrainer_<v> (stock, shortened), nnUNetTrainerNNDM_<v> (starting from it, via
-   NNDIFF_BASELINE), nnUNetTrainerMedSegDiff_<v> and nnUNetTrainerReCoSeg_<v>
+   NNDIFF_BASELINE), nnUNetTrainerMedSegDiff_<v>, nnUNetTrainerReCoSeg_<v>, nnUNetTrainerMoDiff_<v> (on the
+   single-rater BraTS regions) and nnUNetTrainerDDMD_<v>
 5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off, ReCoSeg with T1ce or FLAIR
    missing at prediction), table and figures
 6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names; ReCoSeg's residual
@@ -33,7 +34,7 @@ DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 BIN = Path(sys.executable).parent
 HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
-         ("recoseg", "nnUNetTrainerReCoSeg"))
+         ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
 
 
 def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None) -> float:
@@ -68,6 +69,8 @@ def _epochs(head: str, variant: str) -> int:
         return hp["stage2_epochs"] + hp["stage3_epochs"]
     if head == "recoseg":
         return hp["stage1_epochs"] + hp["stage2_epochs"]
+    if head == "ddmd":
+        return hp["ae_epochs"] + hp["diffusion_epochs"]
     return hp["num_epochs"]
 
 
@@ -146,7 +149,8 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
     compare_dir = workdir / "compare"
     timings["compare"] = _run(
         [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", trainers["nnunet"], trainers["nndm"],
-         trainers["medsegdiff"], trainers["recoseg"], *extra_methods, "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
+         trainers["medsegdiff"], trainers["recoseg"], trainers["modiff"],
+         trainers["ddmd"], *extra_methods, "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
          "--no-progress"], env, logs / "compare.log", "[5/6] nndiff compare (fold 0 validation cases)")
 
     submission = workdir / "BraTS2021_submission"

@@ -52,7 +52,7 @@ def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tenso
         out[(slice(None), *sl)] += result * g
         weight[sl] += g
     out /= weight
-    return out[tuple(slicer)]
+    return out[(slice(None), *slicer[1:])]
 
 
 def residual_of_case(network, data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -148,18 +148,23 @@ def revert_to_original_geometry(volume: np.ndarray, properties: dict, plans_mana
     return full.transpose([0, *[i + 1 for i in plans_manager.transpose_backward]])
 
 
-def _write_like_input(volume: np.ndarray, properties: dict, path: Path) -> None:
+def write_like_input(volume: np.ndarray, properties: dict, path: Path, dtype=np.float32, what: str = "maps") -> None:
+    """``volume`` (in the input's array order) as an image with the input case's geometry, written atomically."""
     import SimpleITK as sitk
 
     stuff = properties.get("sitk_stuff")
     if stuff is None:
-        raise NNDiffConfigError("residual maps are written with SimpleITK's geometry; this dataset's images were "
-                                "read by another reader (plans 'image_reader_writer'), so no geometry is known")
-    image = sitk.GetImageFromArray(volume.astype(np.float32))
+        raise NNDiffConfigError(f"{what} are written with SimpleITK's geometry; this dataset's images were read by "
+                                f"another reader (plans 'image_reader_writer'), so no geometry is known")
+    if len(stuff["spacing"]) == 2 and volume.ndim == 3:  # a 2D image was read as one slice
+        volume = volume[0]
+    image = sitk.GetImageFromArray(volume.astype(dtype))
     image.SetSpacing(stuff["spacing"])
     image.SetOrigin(stuff["origin"])
     image.SetDirection(stuff["direction"])
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
+    name = path.name
+    ending = name[name.index("."):] if "." in name else ""
+    tmp = path.with_name(f".{name[:len(name) - len(ending)]}.tmp{os.getpid()}{ending}")
     try:
         sitk.WriteImage(image, str(tmp), True)
         os.replace(tmp, path)
@@ -209,7 +214,7 @@ def write_residual_maps(model_folder: os.PathLike, input_folder: os.PathLike, ou
         r = (total / len(predictor.list_of_parameters)).cpu().numpy()
         volume = revert_to_original_geometry(r, properties, plans_manager, configuration_manager)[0]
         path = out_dir / f"{case}{ending}"
-        _write_like_input(volume, properties, path)
+        write_like_input(volume, properties, path, what="residual maps")
         t1ce = sitk_array(case_files[network.target])
         write_residual_png(t1ce, volume, out_dir / f"{case}.png", f"{case}: residual |synthetic T1ce - T1ce|")
         written.append(path)

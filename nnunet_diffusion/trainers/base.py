@@ -91,6 +91,36 @@ class ConfiguredTrainer(nnUNetTrainer):
         self.load_extra_checkpoint_state(ckpt.get("nnunet_diffusion", {}))
 
 
+def resolve_checkpoint(value: Optional[str], trainer: nnUNetTrainer, variable: str, what: str) -> Optional[str]:
+    """A checkpoint named by an environment variable (``variable``): a checkpoint file, a model folder (its
+    checkpoint_final.pth or fold_<f>/checkpoint_final.pth) or the name of a trainer whose result folder in
+    $nnUNet_results has ``trainer``'s dataset, plans and configuration. None when ``value`` is empty; a clear
+    NNDiffConfigError naming every place looked at when nothing is found."""
+    from nnunetv2.paths import nnUNet_results
+
+    from ..errors import NNDiffConfigError
+    if not value:
+        return None
+    if os.path.isfile(value):
+        return os.path.abspath(value)
+    candidates = []
+    if os.path.isdir(value):
+        candidates = [os.path.join(value, "checkpoint_final.pth"),
+                      os.path.join(value, f"fold_{trainer.fold}", "checkpoint_final.pth")]
+    elif os.sep not in value and nnUNet_results.is_set():
+        pm = trainer.plans_manager
+        candidates = [os.path.join(str(nnUNet_results), pm.dataset_name,
+                                   f"{value}__{pm.plans_name}__{trainer.configuration_name}",
+                                   f"fold_{trainer.fold}", "checkpoint_final.pth")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    looked = "; ".join(candidates) if candidates else "(not a file, folder or trainer name)"
+    raise NNDiffConfigError(f"{variable}={value!r}: no finished {what} checkpoint found. Looked for: {looked}. "
+                            f"Train it first (nnUNetv2_train ... -tr {value}) or give the path of its "
+                            f"checkpoint_final.pth.")
+
+
 def make_variants(base_cls: type, class_prefix: Optional[str] = None) -> dict[str, type]:
     """One subclass per ``[variants.X]`` of ``base_cls.head``'s config, named ``<prefix>_X``.
 

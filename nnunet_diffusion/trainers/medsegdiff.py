@@ -78,17 +78,7 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
         if not torch.isfinite(loss):
             self.stop_on_non_finite("MedSegDiff", {"L (eq. 7)": loss}, "e.g. lower lr in trainer_configs/"
                                                                        "medsegdiff.toml, check the data")
-        grad_clip = float(self.hparams()["grad_clip"])
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), grad_clip)
-            self.optimizer.step()
+        self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams()["grad_clip"]))
         return {"loss": loss.detach().cpu().numpy()}
 
 

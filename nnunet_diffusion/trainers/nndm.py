@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
-from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
@@ -27,7 +25,7 @@ from ..heads import nndm
 from ..inference.nndm_network import NNDMNetwork
 from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
-from .base import make_variants
+from .base import make_variants, resolve_checkpoint
 from .diffusion_base import DiffusionTrainer
 
 BASELINE_ENV = "NNDIFF_BASELINE"
@@ -110,26 +108,8 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
 
     # ------------------------------------------------------------------ start from a trained baseline
     def _resolve_baseline(self, value):
-        """NNDIFF_BASELINE: a checkpoint file, a model folder (its fold_<f>/checkpoint_final.pth) or the
-        name of a trainer whose result folder in $nnUNet_results has the same dataset, plans and config."""
-        if not value:
-            return None
-        if isfile(value):
-            return os.path.abspath(value)
-        candidates = []
-        if isdir(value):
-            candidates = [join(value, "checkpoint_final.pth"), join(value, f"fold_{self.fold}", "checkpoint_final.pth")]
-        elif os.sep not in value and nnUNet_results.is_set():
-            candidates = [join(str(nnUNet_results), self.plans_manager.dataset_name,
-                               f"{value}__{self.plans_manager.plans_name}__{self.configuration_name}",
-                               f"fold_{self.fold}", "checkpoint_final.pth")]
-        for c in candidates:
-            if isfile(c):
-                return os.path.abspath(c)
-        looked = "; ".join(candidates) if candidates else "(not a file, folder or trainer name)"
-        raise NNDiffConfigError(f"{BASELINE_ENV}={value!r}: no finished baseline checkpoint found. Looked for: "
-                                f"{looked}. Train the baseline first (nnUNetv2_train ... -tr {value}) or give "
-                                f"the path of its checkpoint_final.pth.")
+        """NNDIFF_BASELINE: a checkpoint file, a model folder or a trainer name (see ``resolve_checkpoint``)."""
+        return resolve_checkpoint(value, self, BASELINE_ENV, "baseline")
 
     def _load_baseline(self) -> None:
         path = self.baseline_checkpoint

@@ -210,17 +210,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         if not torch.isfinite(loss):
             self.stop_on_non_finite(f"ReCoSeg stage {stage}", {"synthesis" if stage == 1 else "segmentation": loss},
                                     "e.g. lower synthesis_lr in trainer_configs/recoseg.toml, check the data")
-        params = list(params)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
+        self.backward_and_step(loss, optimizer, params, clip)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -1,0 +1,122 @@
+"""Speed of every head against nnU-Net's stock nnUNetTrainer: same plans, same batch, same case, same process.
+
+    python -m benchmarks.speed [--workdir DIR] [--heads nndm medsegdiff recoseg] [--setting default fast]
+
+For each head, one child process (so its peak RSS is its own) measures:
+- the stock train step and the head's train step in each of its stages, on one real augmented batch from
+  nnU-Net's data loader (3 repeats after a warm-up);
+- nnU-Net's predictor (sliding window, Gaussian, 8-mirror TTA) on one preprocessed case: the stock network
+  (3 repeats) and the head at each requested setting (once: the defaults can take minutes). "default" is the
+  trainer config as shipped (no NNDIFF_* variables); "fast" is the documented faster setting (FAST below).
+Untrained weights: the cost does not depend on their values. Prints one JSON object per head; a failed
+measurement raises, nothing is filled in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .nndm_cost import _env, _time, prepare, stock_head_case
+
+TRAINERS = {"nndm": "nnUNetTrainerNNDM", "medsegdiff": "nnUNetTrainerMedSegDiff", "recoseg": "nnUNetTrainerReCoSeg",
+            "modiff": "nnUNetTrainerMoDiff", "ddmd": "nnUNetTrainerDDMD"}
+# the documented faster prediction setting of each head (NNDIFF_* values), see README "Cost"
+FAST = {"nndm": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "2"},
+        "medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"},
+        "recoseg": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10"},
+        "modiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "4"},
+        "ddmd": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"}}
+
+
+def _train_batches(head: str, trainer, batch) -> list[tuple[str, int, dict]]:
+    """(stage label, epoch that selects the stage, batch) for each training stage of ``head``."""
+    import torch
+    if head == "nndm":
+        s1, s2, _ = trainer.stage_epochs
+        return [("stage 1 (nnU-Net)", 0, batch), ("stage 2 (refiner)", s1, batch), ("stage 3 (joint)", s1 + s2, batch)]
+    if head in ("medsegdiff", "modiff"):  # no deep supervision: the full-resolution target
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        return [("", 0, {"data": batch["data"], "target": target})]
+    if head == "recoseg":
+        with_residual = {"data": torch.cat([batch["data"], batch["data"][:, :1].abs()], 1), "target": batch["target"]}
+        return [("stage 1 (synthesis)", 0, batch), ("stage 2 (segmentation)", trainer.stage_epochs[0], with_residual)]
+    if head == "ddmd":
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        b = {"data": batch["data"], "target": target}
+        return [("stage 1 (autoencoders)", 0, b), ("stage 2 (diffusion)", trainer.stage_epochs[0], b)]
+    raise ValueError(f"no benchmark adapter for head {head!r}")
+
+
+def measure(head: str, settings: list[str]) -> dict:
+    import torch
+
+    from nnunet_diffusion.inference.options import options_from_env
+    torch.set_num_threads(os.cpu_count() or 1)
+    stock, batch, trainer, data, predict = stock_head_case(TRAINERS[head])
+    out = {"head": head, "trainer": TRAINERS[head], "case_shape": list(data.shape[1:]),
+           "patch_size": list(trainer.configuration_manager.patch_size), "batch_size": trainer.batch_size,
+           "train_step nnUNetTrainer": _time(lambda: stock.train_step(batch), 3)}
+    trainer.network.train()
+    for label, epoch, b in _train_batches(head, trainer, batch):
+        trainer.current_epoch = epoch
+        trainer.lr_scheduler.step(epoch)
+        out[f"train_step {label}".strip()] = _time(lambda: trainer.train_step(b), 3)
+    stock.on_train_end()
+    net = trainer.unwrapped_network().eval()
+    if hasattr(net, "refiner_updates"):
+        net.refiner_updates.fill_(1)  # NNDM: refine as a trained model does
+    stock.set_deep_supervision_enabled(False)
+    trainer.set_deep_supervision_enabled(False)
+    out["predict nnUNetTrainer"] = _time(lambda: predict(stock.network.eval()), 3)
+    T = net.schedule.num_train_timesteps
+    for setting in settings:
+        opts = options_from_env(trainer.sampling_defaults(), T, FAST[head] if setting == "fast" else {})
+        net.set_sampling(opts)
+        t0 = time.perf_counter()
+        predict(net)
+        out[f"predict {setting} ({opts.sampler}, {opts.steps} steps x {opts.samples} samples)"] = \
+            time.perf_counter() - t0
+    out["peak RSS (GB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return out
+
+
+def run_heads(workdir: Path, heads: list[str], settings: list[str]) -> list[dict]:
+    """Each head in its own process; raises if one fails."""
+    results = []
+    for head in heads:
+        cmd = [sys.executable, "-m", "benchmarks.speed", "--workdir", str(workdir), "--child", head,
+               "--setting", *settings]
+        proc = subprocess.run(cmd, env=_env(workdir), stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"speed benchmark of {head} failed (exit {proc.returncode}); its output is above")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
+    ap.add_argument("--shape", type=int, nargs=3, default=(32, 40, 36))
+    ap.add_argument("--heads", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    ap.add_argument("--setting", nargs="+", default=["default", "fast"], choices=["default", "fast"])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if args.child:
+        os.environ.update(_env(args.workdir))
+        print(json.dumps(measure(args.child, args.setting)))
+        return 0
+    prepare(args.workdir, args.shape)
+    for r in run_heads(args.workdir, args.heads, args.setting):
+        print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

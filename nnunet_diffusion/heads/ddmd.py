@@ -1,0 +1,126 @@
+"""DDMD (Fan, Cai, Niranjan; ../shared/papers/DDMD.md) as plain torch: no nnU-Net imports.
+
+Discrepancy features (§3.2):
+- image-level labels from the ground truth: normal (no tumour) / abnormal               (``image_labels``)
+- eq. 9:  AE-1 trained on all images,  L_AE-1 = Σ_j ||b_B − b̂_Bj||²                     (``ae_loss``)
+- eq. 10: AE-2 trained on normal images, L_AE-2 = Σ_j ||b_A − b̂_Aj||²                    (``ae_loss``)
+- eq. 11: μ̂^AE = (1/L) Σ_j b̂_j^AE                                                          (``discrepancy``)
+- eq. 12: inter-discrepancy X = (1/C) Σ_c |μ̂_c^AE-1 − μ̂_c^AE-2|                             (``discrepancy``)
+- eq. 13: intra-discrepancy Y = sqrt((1/LC) Σ_j Σ_c (b̂_jc^AE-2 − μ̂_c^AE-2)²)                (``discrepancy``)
+Diffusion with discrepancy features (§3.3):
+- eq. 14: x_{b,t} = √ᾱ_t x_b + √(1−ᾱ_t) ε, noise on the mask only                        (``training_loss``)
+- eq. 15: X_t = b ⊕ X ⊕ Y ⊕ x_{b,t}                                                       (``denoiser_input``)
+- eq. 16: L_simple = E ||ε − ε_θ(X_t, t)||²  (Algorithm 1)                                 (``training_loss``)
+- eq. 17 / Algorithm 2: x_{b,t−1} from x_{b,t}, from x_{b,T} ~ N(0, I); §5.1: five masks averaged,
+  threshold 0.5                                                                           (``sample_masks``)
+
+The mask is the diffused variable as in MedSegDiff (one channel per BraTS region, or one-hot classes),
+scaled to [−1, 1]. ``prediction_type`` "epsilon" is the paper's eq. 16; "sample" (ours) lets the denoiser
+predict the mask x_b itself, which learns from far fewer iterations (the short test/demo variants).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+from .medsegdiff import mask_to_x0, x0_to_probabilities
+
+NORMAL_MODES = ("patch", "voxel")
+
+
+def tumour_voxels(y: torch.Tensor, regions: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, 1, …) bool: tumour voxels of the target ``y`` in the layout of ``heads.common.target_channels``
+    (``regions``: one channel per region, any region is tumour; otherwise one-hot classes, background in
+    channel 0). Voxels outside ``mask`` (nnU-Net's ignore label) are never tumour."""
+    fg = ((y if regions else y[:, 1:]) > 0.5).any(1, keepdim=True)
+    return fg & (mask > 0.5) if mask is not None else fg
+
+
+def image_labels(y: torch.Tensor, regions: bool, mask: Optional[torch.Tensor] = None,
+                 max_tumour_fraction: float = 0.0) -> torch.Tensor:
+    """DDMD §3.2 image-level label of each patch/slice from its ground truth: True = abnormal, False = normal.
+    The paper's label is the presence of tumour in the mask (§3.2, §4.1), i.e. ``max_tumour_fraction = 0``;
+    a positive value (ours) also counts patches whose tumour fraction (of the counted voxels) is at most that
+    as normal."""
+    fg = tumour_voxels(y, regions, mask).flatten(1).float()
+    counted = mask.flatten(1).float().sum(1) if mask is not None else torch.full(
+        (y.shape[0],), float(fg.shape[1]), device=y.device)
+    fraction = fg.sum(1) / counted.clamp_min(1.0)
+    return fraction > float(max_tumour_fraction)
+
+
+def ae_loss(ensemble, b: torch.Tensor, voxel_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDMD eq. 9 (AE-1, all images) / eq. 10 (AE-2, normal images): Σ_j ||b − b̂_j||², as the mean squared
+    error over voxels and channels (§4.3 "MSE loss") summed over the L models. ``voxel_mask`` (B, 1, …)
+    restricts the error to some voxels (ours: AE-2 on the non-tumour voxels of every patch). Returns (loss,
+    per-model MSE (L,) detached, for the log)."""
+    recon = ensemble(b)
+    per_model = torch.stack([masked_mse(b, r, voxel_mask) for r in recon])
+    return per_model.sum(), per_model.detach()
+
+
+def discrepancy(recon1: Optional[torch.Tensor], recon2: torch.Tensor,
+                per_channel: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """DDMD eqs. 11–13 from the reconstructions of AE-1 and AE-2, each (L, B, C, *spatial):
+    μ̂ = mean over the L models (eq. 11); X = (1/C) Σ_c |μ̂_c^AE-1 − μ̂_c^AE-2| (eq. 12);
+    Y = sqrt((1/(L C)) Σ_j Σ_c (b̂_jc^AE-2 − μ̂_c^AE-2)²) (eq. 13). Returns X, Y as (B, 1, *spatial) (X is None
+    without AE-1). ``per_channel``: the per-modality scores' maps instead (§3.2, "considering the c-th modality
+    in Eq. (12) and (13)"), (B, C, *spatial) each."""
+    recon2 = recon2.float()
+    mu2 = recon2.mean(0)                                              # eq. 11
+    sq = ((recon2 - mu2) ** 2).mean(0)                                # (1/L) Σ_j (b̂_jc − μ̂_c)²
+    y = sq.sqrt() if per_channel else sq.mean(1, keepdim=True).sqrt()  # eq. 13
+    x = None
+    if recon1 is not None:
+        diff = (recon1.float().mean(0) - mu2).abs()                   # eqs. 11, 12
+        x = diff if per_channel else diff.mean(1, keepdim=True)
+    return x, y
+
+
+def condition(image: torch.Tensor, inter: Optional[torch.Tensor], intra: Optional[torch.Tensor]) -> torch.Tensor:
+    """b ⊕ X ⊕ Y, leaving out what the variant does not use (DDMD-mini: b; DDMD-light: b ⊕ X; DDMD: all)."""
+    return torch.cat([image] + [f.to(image.dtype) for f in (inter, intra) if f is not None], 1)
+
+
+def denoiser_input(cond: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """DDMD eq. 15: X_t = b ⊕ X ⊕ Y ⊕ x_{b,t} (``cond`` = b ⊕ X ⊕ Y from :func:`condition`)."""
+    return torch.cat([cond, x_t.to(cond.dtype)], 1)
+
+
+def training_loss(denoiser, schedule: NoiseSchedule, cond: torch.Tensor, y: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  prediction_type: str = "epsilon") -> torch.Tensor:
+    """DDMD Algorithm 1 / eq. 16: L = E ||ε − ε_θ(X_t, t)||² with x_{b,t} = √ᾱ_t x_b + √(1−ᾱ_t) ε (eq. 14)
+    and X_t = b ⊕ X ⊕ Y ⊕ x_{b,t} (eq. 15); t ~ U{0..T−1}. ``prediction_type="sample"``: ||x_b − x̂_θ(X_t, t)||²
+    (ours)."""
+    x0 = mask_to_x0(y)
+    t = schedule.sample_timesteps(x0.shape[0], x0.device, generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
+    x_t = schedule.q_sample(x0, noise, t)                                            # eq. 14
+    predicted = denoiser(denoiser_input(cond, x_t), t)                              # eq. 15
+    if prediction_type == "sample":
+        return masked_mse(x0, predicted, mask)
+    return noise_prediction_loss(noise, predicted, mask)                             # eq. 16
+
+
+@torch.no_grad()
+def sample_masks(denoiser, schedule: NoiseSchedule, cond: torch.Tensor, mask_channels: int, steps: int,
+                 sampler: str = "ddpm", num_samples: int = 5, seed: int = 0,
+                 prediction_type: str = "epsilon") -> torch.Tensor:
+    """DDMD Algorithm 2 (eq. 17), ``num_samples`` times (§5.1: five masks): x_{b,T} ~ N(0, I), then the
+    reverse steps conditioned on X_t = b ⊕ X ⊕ Y ⊕ x_{b,t}. ``sampler="ddpm"`` with ``steps=T`` is the
+    algorithm as written (σ_t² = β̃_t, fixed: the paper's learnt σ_t is not modelled); fewer steps / "ddim"
+    are faster. Returns (n, B, C, *spatial) probabilities in [0, 1]; draw i uses a generator seeded with
+    ``seed + i`` on the condition's device (reproducible per window)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    shape = (cond.shape[0], mask_channels, *cond.shape[2:])
+    draws = []
+    for i in range(num_samples):
+        gen = torch.Generator(device=cond.device).manual_seed(int(seed) + i)
+        x0 = sample(lambda x_t, t: denoiser(denoiser_input(cond, x_t), t), shape, schedule, steps, sampler,
+                    generator=gen, device=cond.device, clip=1.0, prediction_type=prediction_type)
+        draws.append(x0_to_probabilities(x0))
+    return torch.stack(draws)

@@ -1,0 +1,148 @@
+"""MoDiff (Ahn et al., ../shared/papers/MoDiff.md) as plain torch: no nnU-Net imports.
+
+Probability label maps (MoDiff §1, §3): the diffused variable x_0 is not a one-hot mask but the mean of the raters'
+one-hot maps. A multi-rater dataset stores, per voxel, the number k of raters who marked it (0..R, see
+``dataset_conversion/multirater.py``); the probability of foreground is P = k/R and the probability label map over
+(background, foreground) is [1 − P, P]. nnU-Net sizes the network by the R + 1 vote-count labels, so x_0 has R + 1
+channels: [1 − P, P, 0, …, 0] (the vote-count classes 2..R exist only so that nnU-Net resamples and augments the
+counts; their channels are empty). With R = 1, or on a single-rater label dataset, this is exactly the one-hot map;
+single-rater region datasets (BraTS) diffuse their region maps (``heads.common.target_channels``).
+
+- eq. 8 (training): L_total = L_simple + λ1 L_LDF + λ2 L_MCA, λ1 = λ2 = 0.5            (``training_losses``)
+  * L_simple: DDPM's ||ε − ε_θ(x_t, c_t, t)||² (paper §3.3); ``prediction_type="sample"``: ||x_0 − x̂_0||² (ours)
+  * L_LDF (eq. 7): ||LDF(x_t) − y_target||² with y_target the morphological gradient (dilation − erosion, 3-voxel
+    structuring element, halved to [0, 1]) of the clean label map x_0: the paper calls y_target "the ideal
+    morphological feature map" and does not define it further; this choice (ours) is the label's boundary band,
+    what the edge detectors LDF is compared with in Table 4 find.
+  * L_MCA: "attention regularisation ... prevents bias toward specific patches" (§3.3, no formula). Ours:
+    KL(ū ‖ uniform) where ū_k is the attention label patch k receives, averaged over all query patches, after a
+    softmax over the keys of eq. 2's (softmax-free) scores. 0 when every label patch gets the same attention.
+- sampling (§4.1): n samples from noise per image (16 and 32 in the paper), each binarised at a threshold (0.9 in
+  the paper: "retaining only the pixels with a probability of 0.9 or higher")           (``sample_probabilities``)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+
+PAPER_THRESHOLD = 0.9  # MoDiff §4.1
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def vote_counts_to_probability(counts: torch.Tensor, raters: int) -> torch.Tensor:
+    """P = k / R: the mean of R raters' binary masks from the vote-count map k (any shape, values 0..R)."""
+    if raters < 1:
+        raise ValueError(f"raters must be >= 1; got {raters}")
+    return counts.float().clamp(0, raters) / float(raters)
+
+
+def probability_label_map(p: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, 1, …) foreground probability P → (B, channels, …) probability label map [1 − P, P, 0, …]: the mean of the
+    raters' one-hot (background, foreground) maps, padded with empty channels to the network's ``channels``."""
+    if channels < 2:
+        raise ValueError(f"a probability label map needs >= 2 channels; got {channels}")
+    p = p.float()
+    pad = p.new_zeros((p.shape[0], channels - 2, *p.shape[2:]))
+    return torch.cat([1.0 - p, p, pad], 1)
+
+
+def foreground_probability(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`probability_label_map`: P from a (possibly sampled) map, the mean of channel 1 and
+    1 − channel 0, clipped to [0, 1]; shape (…, 1, *spatial)."""
+    return ((y[:, 1:2].float() + 1.0 - y[:, 0:1].float()) / 2.0).clamp(0.0, 1.0)
+
+
+def mask_to_x0(y: torch.Tensor) -> torch.Tensor:
+    """x_0 = 2y − 1 ∈ [−1, 1]."""
+    return 2.0 * y.float() - 1.0
+
+
+def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
+    return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def morphological_gradient(x: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Dilation − erosion of (B, C, *spatial) with a ``size``-voxel cubic structuring element (2D or 3D)."""
+    pool = {2: F.max_pool2d, 3: F.max_pool3d}[x.ndim - 2]
+    dil = pool(x, size, stride=1, padding=size // 2)
+    ero = -pool(-x, size, stride=1, padding=size // 2)
+    return dil - ero
+
+
+def ldf_target(x0: torch.Tensor) -> torch.Tensor:
+    """y_target of MoDiff eq. 7 (ours, see module docstring): half the morphological gradient of x_0 ∈ [−1, 1],
+    i.e. the label's boundary band with values in [0, 1]."""
+    return 0.5 * morphological_gradient(x0.float())
+
+
+def attention_balance_loss(scores: Optional[torch.Tensor]) -> torch.Tensor:
+    """L_MCA (ours, see module docstring): KL(ū ‖ U) = Σ_k ū_k log(N_k ū_k), ū = mean over queries of softmax over
+    keys of the (B, N_q, N_k) scores of eq. 2. ≥ 0; 0 iff all label patches receive equal attention."""
+    if scores is None:
+        return torch.zeros(())
+    u = torch.softmax(scores.float(), dim=-1).mean(1)                      # (B, N_k)
+    n_k = scores.shape[-1]
+    return (u * torch.log(u.clamp_min(1e-12) * n_k)).sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------ training
+def training_losses(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                    prediction_type: str = "epsilon", lambda_ldf: float = 0.5, lambda_mca: float = 0.5) -> dict:
+    """MoDiff eq. 8: {"loss": L_simple + λ1 L_LDF + λ2 L_MCA, "simple", "ldf", "mca"} for a batch of images and
+    probability label maps ``y`` ∈ [0, 1]. L_LDF is 0 without LDF, L_MCA 0 without MCA (Table 3 ablations)."""
+    x0 = mask_to_x0(y)
+    t = schedule.sample_timesteps(x0.shape[0], x0.device, generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
+    x_t = schedule.q_sample(x0, noise, t)
+    predicted, aux = denoiser(x_t, image, t, return_aux=True)
+    if prediction_type == "sample":
+        simple = masked_mse(x0, predicted, mask)
+    else:
+        simple = noise_prediction_loss(noise, predicted, mask)
+    zero = simple.new_zeros(())
+    use_ldf = getattr(denoiser, "mca", None) is None or denoiser.mca.use_ldf
+    ldf = masked_mse(ldf_target(x0), aux["ldf_label"], mask) if use_ldf else zero            # eq. 7
+    mca = attention_balance_loss(aux.get("scores")).to(simple) if aux.get("scores") is not None else zero
+    total = simple + float(lambda_ldf) * ldf + float(lambda_mca) * mca                       # eq. 8
+    return {"loss": total, "simple": simple, "ldf": ldf, "mca": mca}
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@torch.no_grad()
+def sample_probabilities(denoiser, schedule: NoiseSchedule, image: torch.Tensor, mask_channels: int, steps: int,
+                         sampler: str = "ddpm", num_samples: int = 1, seed: int = 0,
+                         prediction_type: str = "epsilon") -> torch.Tensor:
+    """n probability label maps drawn by the reverse process with K steps: (n, B, C, *spatial) in [0, 1]. Draw i
+    uses a generator seeded with ``seed + i`` on the image's device, so the draws differ only by their noise."""
+    shape = (image.shape[0], mask_channels, *image.shape[2:])
+    draws = []
+    for i in range(num_samples):
+        gen = torch.Generator(device=image.device).manual_seed(int(seed) + i)
+        x0 = sample(lambda x_t, t: denoiser(x_t, image, t), shape, schedule, steps, sampler, generator=gen,
+                    device=image.device, clip=1.0, prediction_type=prediction_type)
+        draws.append(x0_to_probabilities(x0))
+    return torch.stack(draws)
+
+
+def binarize(p: torch.Tensor, threshold: float = PAPER_THRESHOLD) -> torch.Tensor:
+    """MoDiff §4.1: a sample's binary mask keeps the voxels with probability ≥ ``threshold`` (paper: 0.9)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"binarisation threshold must be in (0, 1]; got {threshold}")
+    return p >= threshold
+
+
+def vote_count_probabilities(p: torch.Tensor, raters: int) -> torch.Tensor:
+    """(B, 1, …) foreground probability P → (B, R + 1, …) probabilities of the vote counts k = 0..R, taken as
+    Binomial(R, P) (ours: R raters each marking the voxel with probability P). Its mode is the vote count nearest
+    R·P, so nnU-Net's argmax exports the predicted number of raters; for R = 1 it is [1 − P, P]."""
+    p = p.float().clamp(1e-6, 1 - 1e-6)
+    k = torch.arange(raters + 1, device=p.device, dtype=torch.float32).view(1, -1, *([1] * (p.ndim - 2)))
+    log_binom = torch.tensor([math.lgamma(raters + 1) - math.lgamma(i + 1) - math.lgamma(raters - i + 1)
+                              for i in range(raters + 1)], device=p.device).view_as(k)
+    return torch.exp(log_binom + k * torch.log(p) + (raters - k) * torch.log1p(-p))
