@@ -32,5 +32,11 @@ test: install
 demo: install
 	$(VENV)/bin/nndiff demo
 
+# speed of every head against nnU-Net and steps-accuracy curves -> benchmarks/RESULTS.md (BENCH_ARGS=--quick: the
+# default sampling settings are extrapolated instead of run)
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) nndiff_demo .pytest_cache build *.egg-info
+	rm -rf $(VENV) nndiff_demo bench_work bench_phantoms .pytest_cache build *.egg-info

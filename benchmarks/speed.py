@@ -8,6 +8,8 @@ For each head, one child process (so its peak RSS is its own) measures:
 - nnU-Net's predictor (sliding window, Gaussian, 8-mirror TTA) on one preprocessed case: the stock network
   (3 repeats) and the head at each requested setting (once: the defaults can take minutes). "default" is the
   trainer config as shipped (no NNDIFF_* variables); "fast" is the documented faster setting (FAST below).
+  Always: 1 and 5 DDIM steps × 1 sample, whose difference gives the cost of one denoiser pass per window, and the
+  default setting's time extrapolated from it (marked EXTRAPOLATED: it is not a measurement).
 Untrained weights: the cost does not depend on their values. Prints one JSON object per head; a failed
 measurement raises, nothing is filled in.
 """
@@ -20,9 +22,16 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .nndm_cost import _env, _time, prepare, stock_head_case
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 TRAINERS = {"nndm": "nnUNetTrainerNNDM", "medsegdiff": "nnUNetTrainerMedSegDiff", "recoseg": "nnUNetTrainerReCoSeg",
             "modiff": "nnUNetTrainerMoDiff", "ddmd": "nnUNetTrainerDDMD"}
@@ -75,13 +84,20 @@ def measure(head: str, settings: list[str]) -> dict:
     trainer.set_deep_supervision_enabled(False)
     out["predict nnUNetTrainer"] = _time(lambda: predict(stock.network.eval()), 3)
     T = net.schedule.num_train_timesteps
+    defaults = trainer.sampling_defaults()
+    timed = {}
+    for steps in (1, 5):  # the cost of one denoiser pass per window, for the extrapolation below
+        net.set_sampling(replace(defaults, sampler="ddim", steps=steps, samples=1))
+        timed[steps] = _once(lambda: predict(net))
+    per_pass = max(timed[5] - timed[1], 0.0) / 4
+    out["predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)"] = per_pass
+    out[f"predict default ({defaults.sampler}, {defaults.steps} steps x {defaults.samples} samples), "
+        f"EXTRAPOLATED"] = timed[1] + per_pass * (defaults.steps * defaults.samples - 1)
     for setting in settings:
-        opts = options_from_env(trainer.sampling_defaults(), T, FAST[head] if setting == "fast" else {})
+        opts = options_from_env(defaults, T, FAST[head] if setting == "fast" else {})
         net.set_sampling(opts)
-        t0 = time.perf_counter()
-        predict(net)
         out[f"predict {setting} ({opts.sampler}, {opts.steps} steps x {opts.samples} samples)"] = \
-            time.perf_counter() - t0
+            _once(lambda: predict(net))
     out["peak RSS (GB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     return out
 
