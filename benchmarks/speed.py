@@ -51,7 +51,7 @@ def _train_batches(head: str, trainer, batch) -> list[tuple[str, int, dict]]:
         return [("stage 1 (nnU-Net)", 0, batch), ("stage 2 (refiner)", s1, batch), ("stage 3 (joint)", s1 + s2, batch)]
     if head in ("medsegdiff", "modiff"):  # no deep supervision: the full-resolution target
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        return [("", 0, {"data": batch["data"], "target": target})]
+        return [("(one stage)", 0, {"data": batch["data"], "target": target})]
     if head == "recoseg":
         with_residual = {"data": torch.cat([batch["data"], batch["data"][:, :1].abs()], 1), "target": batch["target"]}
         return [("stage 1 (synthesis)", 0, batch), ("stage 2 (segmentation)", trainer.stage_epochs[0], with_residual)]
@@ -75,7 +75,7 @@ def measure(head: str, settings: list[str]) -> dict:
     for label, epoch, b in _train_batches(head, trainer, batch):
         trainer.current_epoch = epoch
         trainer.lr_scheduler.step(epoch)
-        out[f"train_step {label}".strip()] = _time(lambda: trainer.train_step(b), 3)
+        out[f"train_step {label}"] = _time(lambda: trainer.train_step(b), 3)
     stock.on_train_end()
     net = trainer.unwrapped_network().eval()
     if hasattr(net, "refiner_updates"):
