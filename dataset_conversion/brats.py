@@ -555,6 +555,18 @@ def _raw_root(raw_root) -> Path:
     return Path(raw)
 
 
+def _check_target(raw: Path, target: Path, dataset_id: int, overwrite: bool, error: type) -> None:
+    """Refuse (``error``) an existing ``target`` without ``overwrite``, or another dataset folder in ``raw`` with
+    the same id (nnU-Net needs unique ids)."""
+    if target.exists() and not overwrite:
+        raise error(f"{target} already exists; pass --overwrite to replace it")
+    if raw.is_dir():
+        clash = [p.name for p in raw.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir() and p.name != target.name]
+        if clash:
+            raise error(f"{raw} already holds {', '.join(clash)} with dataset id {dataset_id}; "
+                        "nnU-Net needs unique ids: choose another -d")
+
+
 def _is_within(child: Path, parent: Path) -> bool:
     try:
         child.resolve().relative_to(parent.resolve())
@@ -593,13 +605,7 @@ def convert_brats(input_dirs: str | os.PathLike | Sequence[str | os.PathLike], e
         if _is_within(raw, d):
             raise BratsConversionError(f"the nnU-Net raw folder {raw} lies inside the BraTS source folder {d}; "
                                        "the source is never written to: choose another nnUNet_raw")
-    if target.exists() and not overwrite:
-        raise BratsConversionError(f"{target} already exists; pass --overwrite to replace it")
-    if raw.is_dir():
-        clash = [p.name for p in raw.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != target.name]
-        if clash:
-            raise BratsConversionError(f"{raw} already holds {', '.join(clash)} with dataset id {dataset_id}; "
-                                       "nnU-Net needs unique ids: choose another -d")
+    _check_target(raw, target, dataset_id, overwrite, BratsConversionError)
 
     cases, problems = discover_cases(input_dirs, ed)
     if problems and not skip_bad:

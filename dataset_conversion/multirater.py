@@ -47,7 +47,8 @@ import numpy as np
 
 from nnunet_diffusion.errors import NNDiffError
 
-from .brats import (BratsCaseError, _check_data, _fmt, _gzip_copy, _header, _is_floating, _raw_root, _read, atomic_folder)
+from .brats import (BratsCaseError, _check_data, _check_target, _fmt, _gzip_copy, _header, _is_floating, _raw_root,
+                    _read, atomic_folder)
 
 RATERS_KEY = "nndiff_raters"
 RATER_FOLDER = "labelsRaters"
@@ -94,13 +95,7 @@ def _target(raw_root, dataset_id: int, name: str, overwrite: bool) -> Path:
     except NNDiffError as e:
         raise MultiRaterConversionError(str(e)) from None
     target = raw / f"Dataset{int(dataset_id):03d}_{name}"
-    if target.exists() and not overwrite:
-        raise MultiRaterConversionError(f"{target} already exists; pass --overwrite to replace it")
-    if raw.is_dir():
-        clash = [p.name for p in raw.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir() and p.name != target.name]
-        if clash:
-            raise MultiRaterConversionError(f"{raw} already holds {', '.join(clash)} with dataset id {dataset_id}; "
-                                            "nnU-Net needs unique ids: choose another -d")
+    _check_target(raw, target, dataset_id, overwrite, MultiRaterConversionError)
     return target
 
 

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss
+from .medsegdiff import mask_to_x0, sample_masks
 
 PAPER_THRESHOLD = 0.9  # MoDiff §4.1
 
@@ -55,15 +56,6 @@ def foreground_probability(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`probability_label_map`: P from a (possibly sampled) map, the mean of channel 1 and
     1 − channel 0, clipped to [0, 1]; shape (…, 1, *spatial)."""
     return ((y[:, 1:2].float() + 1.0 - y[:, 0:1].float()) / 2.0).clamp(0.0, 1.0)
-
-
-def mask_to_x0(y: torch.Tensor) -> torch.Tensor:
-    """x_0 = 2y − 1 ∈ [−1, 1]."""
-    return 2.0 * y.float() - 1.0
-
-
-def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
-    return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def morphological_gradient(x: torch.Tensor, size: int = 3) -> torch.Tensor:
@@ -114,20 +106,9 @@ def training_losses(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: t
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-@torch.no_grad()
-def sample_probabilities(denoiser, schedule: NoiseSchedule, image: torch.Tensor, mask_channels: int, steps: int,
-                         sampler: str = "ddpm", num_samples: int = 1, seed: int = 0,
-                         prediction_type: str = "epsilon") -> torch.Tensor:
-    """n probability label maps drawn by the reverse process with K steps: (n, B, C, *spatial) in [0, 1]. Draw i
-    uses a generator seeded with ``seed + i`` on the image's device, so the draws differ only by their noise."""
-    shape = (image.shape[0], mask_channels, *image.shape[2:])
-    draws = []
-    for i in range(num_samples):
-        gen = torch.Generator(device=image.device).manual_seed(int(seed) + i)
-        x0 = sample(lambda x_t, t: denoiser(x_t, image, t), shape, schedule, steps, sampler, generator=gen,
-                    device=image.device, clip=1.0, prediction_type=prediction_type)
-        draws.append(x0_to_probabilities(x0))
-    return torch.stack(draws)
+# n probability label maps drawn by the reverse process with K steps, (n, B, C, *spatial) in [0, 1], draw i seeded
+# with seed + i: the same loop as MedSegDiff's (the denoiser is called as denoiser(x_t, image, t) in both)
+sample_probabilities = sample_masks
 
 
 def binarize(p: torch.Tensor, threshold: float = PAPER_THRESHOLD) -> torch.Tensor:

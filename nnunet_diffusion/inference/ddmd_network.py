@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
-from ..errors import NNDiffCheckpointError
 from ..heads import ddmd
 from ..heads.common import probabilities_to_logits
 from ..heads.medsegdiff import fuse
@@ -144,23 +143,11 @@ class DDMDNetwork(SamplingNetwork):
         self._warned = True
 
     # ------------------------------------------------------------------ checkpoints
+    weights_name = "DDMD"
+    weights_hint = "The checkpoint was written by a different DDMD variant (mini/light/full, widths, ensemble size " \
+                   "L), plans or configuration."
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module.load_state_dict with a message that says *why* weights do not fit."""
-        if strict:
-            own = self.state_dict()
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-            if missing or unexpected or wrong:
-                parts = []
-                if wrong:
-                    parts.append(f"{len(wrong)} tensor(s) have other shapes (first: {wrong[0]})")
-                if missing:
-                    parts.append(f"{len(missing)} expected key(s) missing (first: {missing[0]})")
-                if unexpected:
-                    parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
-                raise NNDiffCheckpointError(
-                    "DDMD weights do not fit this network: " + "; ".join(parts) + ". The checkpoint was written by "
-                    "a different DDMD variant (mini/light/full, widths, ensemble size L), plans or configuration.")
-        self._warned = False
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._warned = False  # new weights: say again if they are untrained
+        return result

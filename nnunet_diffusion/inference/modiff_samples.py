@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NNDiffConfigError, NNDiffError
-from .residual_maps import revert_to_original_geometry, sliding_window, write_like_input
+from .residual_maps import (input_cases, load_model, preprocess_case, revert_to_original_geometry, sliding_window,
+                            write_like_input)
 
 SAMPLES_FOLDER = "samples"
 METRIC_COLUMNS = ("ged", "hm_iou", "ncc", "ci", "s_c", "d_max", "d_a")
@@ -63,19 +64,11 @@ def write_samples(model_folder: os.PathLike, input_folder: os.PathLike, output_f
     """``<output_folder>/samples/<case>_sample<i>.nii.gz`` (i = 1..n) for every case of ``input_folder``
     (nnU-Net's ``{case}_{XXXX}`` layout), drawn by the trained MoDiff model(s) in ``model_folder`` with the
     NNDIFF_* sampling settings; n: ``num_samples`` or NNDIFF_SAMPLES or the config's ``num_samples``."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-
     from .modiff_network import MoDiffNetwork
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name)
+    predictor = load_model(model_folder, folds, checkpoint_name, device, MoDiffNetwork, "samples",
+                           "diverse samples exist for nnUNetTrainerMoDiff*")
     network = predictor.network
-    if not isinstance(network, MoDiffNetwork):
-        raise NNDiffConfigError(f"samples: {model_folder} is not a MoDiff model (its network is "
-                                f"{type(network).__name__}); diverse samples exist for nnUNetTrainerMoDiff*")
-    network.to(device).eval()
     n = int(num_samples or network.sampling.samples)
     if n < 1:
         raise NNDiffConfigError(f"samples: the number of samples must be >= 1; got {n}")
@@ -85,19 +78,14 @@ def write_samples(model_folder: os.PathLike, input_folder: os.PathLike, output_f
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     label_manager = predictor.label_manager
     ending = predictor.dataset_json["file_ending"]
-    files = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
-    if not files:
-        raise NNDiffConfigError(f"samples: no cases ending in {ending} in {input_folder}")
+    cases = input_cases(predictor, input_folder, "samples")
     out_dir = Path(output_folder) / SAMPLES_FOLDER
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocessor = cm.preprocessor_class(verbose=False)
     params = predictor.list_of_parameters
     per_fold = [len(range(f, n, len(params))) for f in range(len(params))]
     written = []
-    for case_files in tqdm(files, desc="MoDiff samples", disable=not progress):
-        case = os.path.basename(case_files[0])[:-(len(ending) + 5)]
-        data, _, properties = preprocessor.run_case(case_files, None, pm, cm, predictor.dataset_json)
-        data = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
+    for case, case_files in tqdm(cases, desc="MoDiff samples", disable=not progress):
+        data, properties = preprocess_case(predictor, case_files, device)
         draws = [None] * n
         for f, (p, m) in enumerate(zip(params, per_fold)):
             if not m:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
-from ..errors import NNDiffCheckpointError
 from ..heads import nndm
 from .options import SamplingOptions
 from .sampling_network import SamplingNetwork
@@ -111,30 +110,14 @@ class NNDMNetwork(SamplingNetwork):
                                                   opts.samples, opts.seed, self.prediction_type))
 
     # ------------------------------------------------------------------ checkpoints
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module.load_state_dict with a message that says *why* weights do not fit."""
-        if strict:
-            own = self.state_dict()
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-            if missing or unexpected or wrong:
-                raise NNDiffCheckpointError(describe_weight_mismatch(missing, unexpected, wrong))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    weights_name = "NNDM"
+    weights_hint = "The checkpoint was written by a different trainer variant (refiner width/depth), plans or " \
+                   "configuration."
 
-
-def describe_weight_mismatch(missing, unexpected, wrong) -> str:
-    if missing and all(k.startswith(("refiner.", "backbone.", "region_based", "refiner_updates")) for k in missing) \
-            and unexpected and not any(k.startswith(("backbone.", "refiner.")) for k in unexpected):
-        return ("these weights are a plain nnU-Net network (no 'backbone.'/'refiner.' keys), not an NNDM "
-                "checkpoint. To start NNDM from a trained nnU-Net baseline, set NNDIFF_BASELINE (see README, "
-                "'Starting NNDM from a trained nnU-Net').")
-    parts = []
-    if wrong:
-        parts.append(f"{len(wrong)} tensor(s) have other shapes (first: {wrong[0]})")
-    if missing:
-        parts.append(f"{len(missing)} expected key(s) missing (first: {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
-    return ("NNDM weights do not fit this network: " + "; ".join(parts) + ". The checkpoint was written by a "
-            "different trainer variant (refiner width/depth), plans or configuration.")
+    def describe_weight_mismatch(self, missing, unexpected, wrong) -> str:
+        if missing and all(k.startswith(("refiner.", "backbone.", "region_based", "refiner_updates")) for k in missing) \
+                and unexpected and not any(k.startswith(("backbone.", "refiner.")) for k in unexpected):
+            return ("these weights are a plain nnU-Net network (no 'backbone.'/'refiner.' keys), not an NNDM "
+                    "checkpoint. To start NNDM from a trained nnU-Net baseline, set NNDIFF_BASELINE (see README, "
+                    "'Starting NNDM from a trained nnU-Net').")
+        return super().describe_weight_mismatch(missing, unexpected, wrong)

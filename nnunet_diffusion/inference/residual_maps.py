@@ -173,39 +173,63 @@ def write_like_input(volume: np.ndarray, properties: dict, path: Path, dtype=np.
             tmp.unlink()
 
 
+def load_model(model_folder: os.PathLike, folds: Optional[Sequence], checkpoint_name: str, device: torch.device,
+               network_type: type, what: str, refusal: str):
+    """nnU-Net's predictor holding the trained model(s) of ``model_folder`` (weights of each fold in
+    ``list_of_parameters``), its network on ``device`` in eval mode; an NNDiffConfigError saying ``refusal`` when
+    the network is not a ``network_type``. For second passes over whole cases (maps, samples)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name)
+    network = predictor.network
+    if not isinstance(network, network_type):
+        kind = network_type.__name__.removesuffix("Network")
+        raise NNDiffConfigError(f"{what}: {model_folder} is not a {kind} model (its network is "
+                                f"{type(network).__name__}); {refusal}")
+    network.to(device).eval()
+    return predictor
+
+
+def input_cases(predictor, input_folder: os.PathLike, what: str) -> list[tuple[str, list[str]]]:
+    """(case, its channel files) for every case of ``input_folder`` in nnU-Net's ``{case}_{XXXX}`` layout."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    ending = predictor.dataset_json["file_ending"]
+    files = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
+    if not files:
+        raise NNDiffConfigError(f"{what}: no cases ending in {ending} in {input_folder}")
+    return [(os.path.basename(f[0])[:-(len(ending) + 5)], f) for f in files]
+
+
+def preprocess_case(predictor, case_files: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
+    """One case through nnU-Net's preprocessing of the model's configuration: (data on ``device``, properties)."""
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    data, _, properties = cm.preprocessor_class(verbose=False).run_case(case_files, None, pm, cm,
+                                                                        predictor.dataset_json)
+    return torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device), properties
+
+
 def write_residual_maps(model_folder: os.PathLike, input_folder: os.PathLike, output_folder: os.PathLike,
                         folds: Optional[Sequence] = None, checkpoint_name: str = "checkpoint_final.pth",
                         device: torch.device = torch.device("cpu"), progress: bool = True) -> list[Path]:
     """``<output_folder>/residuals/<case>.nii.gz`` for every case of ``input_folder`` (nnU-Net's
     ``{case}_{XXXX}`` layout): the residual map r of the trained ReCoSeg model(s) in ``model_folder``, averaged
     over the folds, in the input image's geometry. Uses the same NNDIFF_* sampling settings as the prediction."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-
     from .recoseg_network import ReCoSegNetwork
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name)
+    predictor = load_model(model_folder, folds, checkpoint_name, device, ReCoSegNetwork, "--residuals",
+                           "residual maps exist only for nnUNetTrainerReCoSeg*")
     network = predictor.network
-    if not isinstance(network, ReCoSegNetwork):
-        raise NNDiffConfigError(f"--residuals: {model_folder} is not a ReCoSeg model (its network is "
-                                f"{type(network).__name__}); residual maps exist only for nnUNetTrainerReCoSeg*")
-    network.to(device).eval()
     plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
     ending = predictor.dataset_json["file_ending"]
-    files = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
-    if not files:
-        raise NNDiffConfigError(f"--residuals: no cases ending in {ending} in {input_folder}")
+    cases = input_cases(predictor, input_folder, "--residuals")
     out_dir = Path(output_folder) / "residuals"
     out_dir.mkdir(parents=True, exist_ok=True)
-    preprocessor = configuration_manager.preprocessor_class(verbose=False)
     written = []
-    for case_files in tqdm(files, desc="residual maps", disable=not progress):
-        case = os.path.basename(case_files[0])[:-(len(ending) + 5)]
-        data, _, properties = preprocessor.run_case(case_files, None, plans_manager, configuration_manager,
-                                                    predictor.dataset_json)
-        data = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
+    for case, case_files in tqdm(cases, desc="residual maps", disable=not progress):
+        data, properties = preprocess_case(predictor, case_files, device)
         total = None
         for params in predictor.list_of_parameters:
             network.load_state_dict(params)

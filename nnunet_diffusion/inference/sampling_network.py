@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..diffusion import NoiseSchedule
-from ..errors import NNDiffConfigError
+from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from .mirror_cache import MirrorCache
 from .options import SamplingOptions
 
@@ -45,6 +45,28 @@ class SamplingNetwork(nn.Module):
         self._mirror_cache.clear()
         return super().train(mode)
 
+    # a subclass that sets these explains weights that do not fit with an NNDiffCheckpointError instead of
+    # torch's key list: "<weights_name> weights do not fit this network: <what differs>. <weights_hint>"
+    weights_name: str | None = None
+    weights_hint: str = ""
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._mirror_cache.clear()  # e.g. nnU-Net's predictor loading the next fold's weights
+        if strict and self.weights_name is not None:
+            own = self.state_dict()
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+            if missing or unexpected or wrong:
+                raise NNDiffCheckpointError(self.describe_weight_mismatch(missing, unexpected, wrong))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def describe_weight_mismatch(self, missing: list, unexpected: list, wrong: list) -> str:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensor(s) have other shapes (first: {wrong[0]})")
+        if missing:
+            parts.append(f"{len(missing)} expected key(s) missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
+        return f"{self.weights_name} weights do not fit this network: " + "; ".join(parts) + ". " + self.weights_hint

@@ -121,6 +121,28 @@ def resolve_checkpoint(value: Optional[str], trainer: nnUNetTrainer, variable: s
                             f"checkpoint_final.pth.")
 
 
+def checkpoint_origin_problems(ckpt: dict, trainer: nnUNetTrainer, fold_note: str,
+                               same_configuration: bool = False) -> list[str]:
+    """Why a checkpoint from another run cannot seed ``trainer``: a different configuration, fold (``fold_note``
+    says why that matters) or plans; with ``same_configuration`` also a configuration whose plans differ."""
+    args = ckpt.get("init_args", {})
+    pm = trainer.plans_manager
+    problems = []
+    if args.get("configuration") != trainer.configuration_name:
+        problems.append(f"configuration {args.get('configuration')!r} != {trainer.configuration_name!r}")
+    if str(args.get("fold")) != str(trainer.fold):
+        problems.append(f"fold {args.get('fold')!r} != {trainer.fold!r} ({fold_note})")
+    theirs = args.get("plans", {})
+    if (theirs.get("dataset_name"), theirs.get("plans_name")) != (pm.dataset_name, pm.plans_name):
+        problems.append(f"plans {theirs.get('dataset_name')}/{theirs.get('plans_name')} != "
+                        f"{pm.dataset_name}/{pm.plans_name}")
+    elif same_configuration and theirs.get("configurations", {}).get(trainer.configuration_name) != \
+            pm.plans["configurations"][trainer.configuration_name]:
+        problems.append(f"the '{trainer.configuration_name}' configuration in its plans differs from ours "
+                        f"(re-planned dataset?)")
+    return problems
+
+
 def make_variants(base_cls: type, class_prefix: Optional[str] = None) -> dict[str, type]:
     """One subclass per ``[variants.X]`` of ``base_cls.head``'s config, named ``<prefix>_X``.
 

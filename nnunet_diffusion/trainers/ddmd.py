@@ -31,7 +31,7 @@ from ..heads.common import target_channels
 from ..inference.ddmd_network import DDMDNetwork
 from ..nets import TimeConditionedUNet
 from ..nets.ddmd import AutoencoderEnsemble, encoder_strides
-from .base import make_variants, resolve_checkpoint
+from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
 from .diffusion_base import DiffusionTrainer
 
 AES_ENV = "NNDIFF_DDMD_AES"
@@ -132,18 +132,8 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
     def _load_autoencoders(self) -> None:
         path = self.ae_checkpoint
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        args = ckpt.get("init_args", {})
-        problems = []
-        if args.get("configuration") != self.configuration_name:
-            problems.append(f"configuration {args.get('configuration')!r} != {self.configuration_name!r}")
-        if str(args.get("fold")) != str(self.fold):
-            problems.append(f"fold {args.get('fold')!r} != {self.fold!r} (autoencoders trained on another fold have "
-                            f"seen this fold's validation cases)")
-        theirs = args.get("plans", {})
-        if (theirs.get("dataset_name"), theirs.get("plans_name")) != (self.plans_manager.dataset_name,
-                                                                      self.plans_manager.plans_name):
-            problems.append(f"plans {theirs.get('dataset_name')}/{theirs.get('plans_name')} != "
-                            f"{self.plans_manager.dataset_name}/{self.plans_manager.plans_name}")
+        problems = checkpoint_origin_problems(
+            ckpt, self, "autoencoders trained on another fold have seen this fold's validation cases")
         net = self.unwrapped_network()
         own = {k: v for k, v in net.state_dict().items() if k.startswith(("ae1.", "ae2."))}
         weights = ckpt.get("network_weights", {})

@@ -25,7 +25,7 @@ from ..heads import nndm
 from ..inference.nndm_network import NNDMNetwork
 from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
-from .base import make_variants, resolve_checkpoint
+from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
 from .diffusion_base import DiffusionTrainer
 
 BASELINE_ENV = "NNDIFF_BASELINE"
@@ -114,22 +114,9 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
     def _load_baseline(self) -> None:
         path = self.baseline_checkpoint
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        args = ckpt.get("init_args", {})
-        problems = []
-        if args.get("configuration") != self.configuration_name:
-            problems.append(f"configuration {args.get('configuration')!r} != {self.configuration_name!r}")
-        if str(args.get("fold")) != str(self.fold):
-            problems.append(f"fold {args.get('fold')!r} != {self.fold!r} (a baseline trained on another fold has "
-                            f"seen this fold's validation cases)")
-        their_plans = args.get("plans", {})
-        if their_plans.get("plans_name") != self.plans_manager.plans_name or \
-                their_plans.get("dataset_name") != self.plans_manager.dataset_name:
-            problems.append(f"plans {their_plans.get('dataset_name')}/{their_plans.get('plans_name')} != "
-                            f"{self.plans_manager.dataset_name}/{self.plans_manager.plans_name}")
-        elif their_plans.get("configurations", {}).get(self.configuration_name) != \
-                self.plans_manager.plans["configurations"][self.configuration_name]:
-            problems.append(f"the '{self.configuration_name}' configuration in its plans differs from ours "
-                            f"(re-planned dataset?)")
+        problems = checkpoint_origin_problems(
+            ckpt, self, "a baseline trained on another fold has seen this fold's validation cases",
+            same_configuration=True)
         backbone = self.unwrapped_network().backbone
         own = backbone.state_dict()
         weights = ckpt.get("network_weights", {})
