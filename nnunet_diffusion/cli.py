@@ -83,9 +83,10 @@ def _nnunet_model_args(rest: list[str]) -> argparse.Namespace:
     return p.parse_known_args(rest)[0]
 
 
-def _second_pass(rest: list[str], write, what: str, **kwargs) -> None:
+def _second_pass(rest: list[str], write, what: str, folder: str, **kwargs) -> None:
     """Run ``write(model_folder, input, output, folds, checkpoint, device=..., **kwargs)`` for the model of an
-    nnUNetv2_predict command line (a post-step for outputs nnU-Net's predictor has no hook for)."""
+    nnUNetv2_predict command line (a post-step for outputs nnU-Net's predictor has no hook for; they go to
+    ``<output>/<folder>``)."""
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -94,7 +95,7 @@ def _second_pass(rest: list[str], write, what: str, **kwargs) -> None:
     model = get_output_folder(maybe_convert_to_dataset_name(a.d), a.tr, a.p, a.c)
     device = torch.device("cuda" if a.device == "cuda" else "cpu" if a.device == "cpu" else "mps")
     written = write(model, a.i, a.o, folds, a.chk, device=device, **kwargs)
-    print(f"{what}: {len(written)} files in {Path(a.o) / what.split()[-1]}")
+    print(f"{what}: {len(written)} files in {Path(a.o) / folder}")
 
 
 def cmd_predict(args, rest: list[str]) -> int:
@@ -122,16 +123,13 @@ def cmd_predict(args, rest: list[str]) -> int:
         print(f"uncertainty maps: {len(written)} files in {Path(output) / 'uncertainty'}")
     if args.residuals:
         from .inference.residual_maps import write_residual_maps
-        _second_pass(rest, write_residual_maps, "residual maps")
+        _second_pass(rest, write_residual_maps, "residual maps", "residuals")
     if args.discrepancy:
         from .inference.ddmd_maps import write_discrepancy_maps
-
-        def write(model, inputs, output, folds, chk, device):
-            return write_discrepancy_maps(model, folds, chk, inputs, output, device=device)
-        _second_pass(rest, write, "discrepancy maps")
+        _second_pass(rest, write_discrepancy_maps, "discrepancy maps", "discrepancy")
     if args.samples_out:
-        from .inference.modiff_samples import write_samples
-        _second_pass(rest, write_samples, "samples", threshold=args.threshold)
+        from .inference.modiff_samples import SAMPLES_FOLDER, write_samples
+        _second_pass(rest, write_samples, "samples", SAMPLES_FOLDER, threshold=args.threshold)
     return 0
 
 

@@ -93,7 +93,7 @@ def test_predict_through_the_stock_console_script(trained_ddmd, tmp_path):
 def test_discrepancy_maps_have_the_input_geometry_and_scores_are_written(trained_ddmd, nnunet_paths, tmp_path):
     from nnunet_diffusion.inference.ddmd_maps import write_discrepancy_maps
     images = trained_ddmd.raw / "imagesTs"
-    written = write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), None, "checkpoint_final.pth", images,
+    written = write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), images,
                                      tmp_path, intra_maps=True, progress=False)  # folds: found as nnU-Net does
     out = tmp_path / "discrepancy"
     cases = ["synth_ts_000", "synth_ts_001"]
@@ -125,7 +125,7 @@ def test_discrepancy_maps_have_the_input_geometry_and_scores_are_written(trained
         assert len(inter_c) == 4 and float(r["inter"]) > 0 and float(r["intra"]) > 0
         assert np.isclose(float(r["inter"]), np.mean(inter_c), rtol=1e-4)  # eq. 12: X is the mean over modalities
     with pytest.raises(NNDiffError, match="no images for case"):
-        write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), [0], "checkpoint_final.pth", images, tmp_path,
+        write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), images, tmp_path, [0], "checkpoint_final.pth",
                                cases=["nope"], progress=False)
 
 

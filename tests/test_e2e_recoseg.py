@@ -57,7 +57,7 @@ def test_predict_writes_segmentations_and_residual_maps(trained_recoseg, tmp_pat
     proc = run([BIN / "nndiff", "predict", "--residuals", "-i", images, "-o", out, "-d", DATASET_ID, "-c",
                 "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
                trained_recoseg.env)
-    assert "residual maps: 2 files" in proc.output
+    assert f"residual maps: 2 files in {out / 'residuals'}" in proc.output
     assert_valid_label_maps(out, images, CASES)
     for case in CASES:
         assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))),

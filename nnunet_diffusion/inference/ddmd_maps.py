@@ -109,9 +109,8 @@ def _write_csv(rows: list[dict], path: Path) -> None:
             tmp.unlink()
 
 
-def write_discrepancy_maps(model_folder, folds: Optional[Iterable] = None,
-                           checkpoint_name: str = "checkpoint_final.pth", input_folder=None, output_folder=None,
-                           device: str | torch.device = "cpu", intra_maps: bool = False, tile_step_size: float = 0.5,
+def write_discrepancy_maps(model_folder, input_folder, output_folder, folds: Optional[Iterable] = None,
+                           checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "cpu", intra_maps: bool = False, tile_step_size: float = 0.5,
                            progress: bool = True, cases: Optional[Sequence[str]] = None) -> list[Path]:
     """Write DDMD's X maps (and Y maps with ``intra_maps``) and ``scores.csv`` for the cases of ``input_folder``
     into ``<output_folder>/discrepancy/`` (see the module docstring); returns the files written. ``folds`` None:
