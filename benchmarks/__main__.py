@@ -66,6 +66,8 @@ def speed_table(results: list[dict]) -> str:
                 ratio = "" if "one denoiser pass" in k else f"{v / sp:.2f}"
                 lines.append(f"| {r['head']} | {k} | {v:.2f} | {ratio} |")
         lines.append(f"| {r['head']} | peak RSS of this process (GB) | {r['peak RSS (GB)']:.2f} | |")
+        if "peak GPU memory (GB)" in r:
+            lines.append(f"| {r['head']} | peak GPU memory (GB) | {r['peak GPU memory (GB)']:.2f} | |")
     return "\n".join(lines)
 
 

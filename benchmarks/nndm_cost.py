@@ -46,8 +46,13 @@ def prepare(workdir: Path, shape) -> None:
                        stdout=subprocess.DEVNULL)
 
 
-def _trainer(name: str, fold: int = 0):
+def device():
+    """Where the benchmarks run: NNDIFF_BENCH_DEVICE (cpu / cuda), else CUDA when there is one."""
     import torch
+    return torch.device(os.environ.get("NNDIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _trainer(name: str, fold: int = 0):
     from nnunet_diffusion.trainers import TRAINERS
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -55,16 +60,24 @@ def _trainer(name: str, fold: int = 0):
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
     cls = nnUNetTrainer if name == "nnUNetTrainer" else TRAINERS[name]
-    tr = cls(plans, "3d_fullres", fold, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+    tr = cls(plans, "3d_fullres", fold, json.loads((pre / "dataset.json").read_text()), device())
     tr.initialize()
     return tr
 
 
+def _sync() -> None:
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
+    _sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
+    _sync()
     return (time.perf_counter() - t0) / repeats
 
 
@@ -85,8 +98,10 @@ def stock_head_case(trainer: str):
     ds = infer_dataset_class(folder)(folder)
     data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
 
+    dev = device()
+
     def predict(network):
-        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+        p = nnUNetPredictor(device=dev, perform_everything_on_device=dev.type == "cuda", allow_tqdm=False)
         p.manual_initialization(network, head.plans_manager, head.configuration_manager, None, head.dataset_json,
                                 "bench", (0, 1, 2))
         return p.predict_sliding_window_return_logits(data)
@@ -132,10 +147,12 @@ def group_predict(repeats: int, steps: list[int]) -> dict:
     data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
     pm, cm = nndm.plans_manager, nndm.configuration_manager
     stock_net = nnUNetTrainer.build_network_architecture(pm, cm, data.shape[0],
-                                                         nndm.label_manager.num_segmentation_heads, False)
+                                                         nndm.label_manager.num_segmentation_heads, False).to(device())
+
+    dev = device()
 
     def predictor(network):
-        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+        p = nnUNetPredictor(device=dev, perform_everything_on_device=dev.type == "cuda", allow_tqdm=False)
         p.manual_initialization(network, pm, cm, None, nndm.dataset_json, "bench", (0, 1, 2))
         return p
 
@@ -194,7 +211,7 @@ def main(argv=None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, "
             f"{platform.processor() or platform.platform()}", "python": platform.python_version(),
             "torch": torch.__version__, "nnunetv2": nnunetv2.__version__ if hasattr(nnunetv2, "__version__")
-            else "2.8.x", "device": "cpu", "synthetic_shape": list(args.shape)}
+            else "2.8.x", "device": str(device()), "synthetic_shape": list(args.shape)}
     (args.workdir / "nndm_cost.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{meta}\n\n| measurement | value | ratio to stock |\n|---|---|---|")
     for key, value in results.items():

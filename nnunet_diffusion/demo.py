@@ -129,10 +129,16 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
     extra_methods = {f"{trainers['nndm']}_refine_off": (trainers["nndm"], {"NNDIFF_REFINE": "0"}),
                      f"{trainers['recoseg']}_missing_T1ce": (trainers["recoseg"], {"NNDIFF_MISSING": "1"}),
                      f"{trainers['recoseg']}_missing_FLAIR": (trainers["recoseg"], {"NNDIFF_MISSING": "3"})}
+    def up_to_date(path: Path, trainer: str) -> bool:
+        """``path`` exists and was written after ``trainer``'s final checkpoint (a retrained model redoes it)."""
+        ckpt = results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+        return path.exists() and path.stat().st_mtime >= ckpt.stat().st_mtime
+
     for name, (trainer, extra_env) in extra_methods.items():
         folder = results / f"{name}__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
-        if folder.is_dir():
+        if up_to_date(folder, trainer):
             continue
+        shutil.rmtree(folder, ignore_errors=True)
         inputs = workdir / "validation_inputs"
         shutil.rmtree(inputs, ignore_errors=True)
         inputs.mkdir()
@@ -154,7 +160,8 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
          "--no-progress"], env, logs / "compare.log", "[5/6] nndiff compare (fold 0 validation cases)")
 
     submission = workdir / "BraTS2021_submission"
-    if not submission.is_dir():
+    if not up_to_date(submission, trainers["nndm"]):
+        shutil.rmtree(submission, ignore_errors=True)
         pred = workdir / "predictions_validation"
         shutil.rmtree(pred, ignore_errors=True)
         timings["predict BraTS validation"] = _run(
@@ -163,7 +170,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
             logs / "predict_validation.log", "[6/6] nnUNetv2_predict NNDM (BraTS validation cases)")
         convert_predictions_to_brats(pred, submission, "2021", progress=False)
     recoseg_pred = workdir / "predictions_validation_recoseg"
-    if not (recoseg_pred / "residuals").is_dir():
+    if not up_to_date(recoseg_pred / "residuals", trainers["recoseg"]):
         shutil.rmtree(recoseg_pred, ignore_errors=True)
         timings["predict BraTS validation, ReCoSeg with residual maps"] = _run(
             [BIN / "nndiff", "predict", "--residuals", "-i", raw / "imagesTs", "-o", recoseg_pred, "-d", DATASET_ID,

@@ -39,3 +39,33 @@ def test_bad_arguments_are_explained():
         TimeConditionedUNet(3, 4, 2, [8, 16, 32], [(2, 2, 2)])
     with pytest.raises(ValueError, match="dim"):
         TimeConditionedUNet(4, 4, 2, [8])
+
+
+@pytest.mark.parametrize("batch,stride", [(1, 1), (1, 2), (3, 1)])
+def test_conv3d_matches_torch_and_takes_onednn_on_cpu_for_one_sample(batch, stride):
+    """nets.layers.Conv3d: torch's Conv3d result and gradients, but a single-sample CPU window goes to oneDNN
+    (torch's backend heuristic would send it to slow_conv3d)."""
+    from nnunet_diffusion.nets.layers import Conv3d
+    torch.manual_seed(0)
+    ours = Conv3d(5, 8, 3, stride=stride, padding=1)
+    ref = torch.nn.Conv3d(5, 8, 3, stride=stride, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(batch, 5, 12, 16, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autograd.profiler.profile() as prof:
+        out = ours(x)
+    torch.testing.assert_close(out, ref(x_ref), rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
+    ops = {e.name for e in prof.function_events}
+    if torch.backends.mkldnn.is_available():
+        assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops, ops
+
+
+def test_3d_denoisers_use_the_onednn_conv():
+    from nnunet_diffusion.nets.layers import Conv3d
+    net = TimeConditionedUNet(3, 4, 2, [8, 16], [(2, 2, 2)])
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(isinstance(m, Conv3d) for m in convs)

@@ -28,16 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NNDiffConfigError
+from .layers import conv as _conv
+from .layers import conv_transpose as _convT
 
 NUM_CONV_LAYERS = 4  # paper §4.3
-
-
-def _conv(dim: int):
-    return {2: nn.Conv2d, 3: nn.Conv3d}[dim]
-
-
-def _convT(dim: int):
-    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim]
 
 
 def encoder_strides(planned_strides: Sequence[Sequence[int]], dim: int) -> list[tuple[int, ...]]:

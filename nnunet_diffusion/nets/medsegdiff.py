@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from .time_unet import TimeResBlock, _conv, _convT, _groups
+from .layers import conv as _conv
+from .layers import conv_transpose as _convT
+from .time_unet import TimeResBlock, _groups
 
 
 class FFParser(nn.Module):

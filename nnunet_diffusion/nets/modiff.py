@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .time_unet import TimeConditionedUNet, _conv, _convT
+from .layers import conv as _conv
+from .layers import conv_transpose as _convT
+from .time_unet import TimeConditionedUNet
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:

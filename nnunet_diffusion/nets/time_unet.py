@@ -18,13 +18,8 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-
-def _conv(dim: int):
-    return {2: nn.Conv2d, 3: nn.Conv3d}[dim]
-
-
-def _convT(dim: int):
-    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim]
+from .layers import conv as _conv
+from .layers import conv_transpose as _convT
 
 
 def _groups(channels: int, preferred: int) -> int:
