@@ -65,8 +65,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("bench_phantoms"))
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
-    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 25, 100])
+    ap.add_argument("--steps", type=int, nargs="*", default=[1, 2, 5, 10, 25, 100])
     ap.add_argument("--samples", type=int, nargs="+", default=[1])
+    ap.add_argument("--trainer-defaults", action="store_true",
+                    help="also sample each --variant model with its head's default trainer setting (sampler, steps, "
+                         "samples of nnUNetTrainer<Head>), e.g. the paper's DDPM: what the faster settings are "
+                         "compared with; slow (minutes to hours)")
+    ap.add_argument("--out", default="accuracy.json", help="file name under WORKDIR/accuracy")
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
@@ -100,11 +105,17 @@ def main(argv=None) -> int:
         if fast and fast.get("NNDIFF_SAMPLER") == "ddim":  # the documented faster setting's accuracy, always
             k, samples = int(fast["NNDIFF_STEPS"]), int(fast.get("NNDIFF_SAMPLES", 1))
             grid += [] if (k, samples) in grid else [(k, samples)]
+        if args.trainer_defaults:
+            from nnunet_diffusion.trainers import TRAINERS
+            d = TRAINERS[HEADS[head]].sampling_defaults()
+            run(trainer, f"trainer default: {d.sampler} {d.steps} steps x {d.samples} samples",
+                lambda net, d=d: replace(net.sampling, sampler=d.sampler, steps=d.steps, samples=d.samples),
+                steps=d.steps, samples=d.samples)
         for k, samples in grid:
             run(trainer, f"ddim {k} steps x {samples} samples",
                 lambda net, k=k, s=samples: replace(net.sampling, sampler="ddim", steps=k, samples=s),
                 steps=k, samples=samples)
-    (out_root / "accuracy.json").write_text(json.dumps({"cases": cases, "rows": rows}, indent=2))
+    (out_root / args.out).write_text(json.dumps({"cases": cases, "rows": rows}, indent=2))
     return 0
 
 
