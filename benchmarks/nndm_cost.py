@@ -146,10 +146,9 @@ def group_predict(repeats: int, steps: list[int]) -> dict:
     ds = infer_dataset_class(folder)(folder)
     data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
     pm, cm = nndm.plans_manager, nndm.configuration_manager
-    stock_net = nnUNetTrainer.build_network_architecture(pm, cm, data.shape[0],
-                                                         nndm.label_manager.num_segmentation_heads, False).to(device())
-
     dev = device()
+    stock_net = nnUNetTrainer.build_network_architecture(pm, cm, data.shape[0],
+                                                         nndm.label_manager.num_segmentation_heads, False).to(dev)
 
     def predictor(network):
         p = nnUNetPredictor(device=dev, perform_everything_on_device=dev.type == "cuda", allow_tqdm=False)

@@ -40,7 +40,7 @@ TRAINERS = {"nndm": "nnUNetTrainerNNDM", "medsegdiff": "nnUNetTrainerMedSegDiff"
             "modiff": "nnUNetTrainerMoDiff", "ddmd": "nnUNetTrainerDDMD"}
 # the documented faster prediction setting (NNDIFF_* values) of each head whose default costs more than 5x the
 # stock prediction, see README "Cost". NNDM has none: its default is the fast one (nnUNetTrainerNNDM_paper is not).
-FAST = {        "medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"},
+FAST = {"medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"},
         "recoseg": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10"},
         "modiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "4"},
         "ddmd": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"}}
@@ -104,8 +104,9 @@ def measure(head: str, settings: list[str]) -> dict:
         out[f"predict {setting} ({opts.sampler}, {opts.steps} steps x {opts.samples} samples)"] = \
             _once(lambda: predict(net))
     out["peak RSS (GB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    out["device"] = str(device())
-    if device().type == "cuda":
+    dev = device()
+    out["device"] = str(dev)
+    if dev.type == "cuda":
         out["peak GPU memory (GB)"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     return out
 
