@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     os.environ.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
                       nnUNet_results=str(workdir / "nnUNet_results"))
     import torch
+
+    from nnunet_diffusion.inference.options import options_from_env
+    from nnunet_diffusion.trainers import TRAINERS
     torch.set_num_threads(os.cpu_count() or 1)
     raw = workdir / "nnUNet_raw" / DATASET
     results_root = workdir / "nnUNet_results" / DATASET
@@ -100,20 +103,20 @@ def main(argv=None) -> int:
         trainer = f"{HEADS[head]}_{args.variant}"
         if head == "nndm":
             run(trainer, "refine off", lambda net: replace(net.sampling, refine=False))
-        grid = [(k, samples) for samples in args.samples for k in args.steps]
-        fast = FAST.get(head, {})
-        if fast and fast.get("NNDIFF_SAMPLER") == "ddim":  # the documented faster setting's accuracy, always
-            k, samples = int(fast["NNDIFF_STEPS"]), int(fast.get("NNDIFF_SAMPLES", 1))
-            grid += [] if (k, samples) in grid else [(k, samples)]
+        base = TRAINERS[HEADS[head]]
+        defaults = base.sampling_defaults()
+        grid = [("ddim", k, samples) for samples in args.samples for k in args.steps]
+        if head in FAST:  # the documented faster setting's accuracy, always; parsed as nndiff predict parses it
+            f = options_from_env(defaults, int(base.hparams()["num_train_timesteps"]), FAST[head])
+            grid += [] if (f.sampler, f.steps, f.samples) in grid else [(f.sampler, f.steps, f.samples)]
         if args.trainer_defaults:
-            from nnunet_diffusion.trainers import TRAINERS
-            d = TRAINERS[HEADS[head]].sampling_defaults()
+            d = defaults
             run(trainer, f"trainer default: {d.sampler} {d.steps} steps x {d.samples} samples",
                 lambda net, d=d: replace(net.sampling, sampler=d.sampler, steps=d.steps, samples=d.samples),
                 steps=d.steps, samples=d.samples)
-        for k, samples in grid:
-            run(trainer, f"ddim {k} steps x {samples} samples",
-                lambda net, k=k, s=samples: replace(net.sampling, sampler="ddim", steps=k, samples=s),
+        for sampler, k, samples in grid:
+            run(trainer, f"{sampler} {k} steps x {samples} samples",
+                lambda net, a=sampler, k=k, s=samples: replace(net.sampling, sampler=a, steps=k, samples=s),
                 steps=k, samples=samples)
     (out_root / args.out).write_text(json.dumps({"cases": cases, "rows": rows}, indent=2))
     return 0
