@@ -1,11 +1,19 @@
 """``python -m benchmarks`` (``make bench``): speed of every head against nnU-Net, then steps–accuracy curves on
 the phantom benchmark, written to benchmarks/RESULTS.md with the date, machine, versions and commands.
 
-    python -m benchmarks [--quick] [--workdir bench_work] [--phantoms bench_phantoms] [--out benchmarks/RESULTS.md]
+    python -m benchmarks [--quick] [--part all|speed|accuracy|render] [--trainer-defaults] [--samples 1 4 16]
+                         [--workdir bench_work] [--phantoms bench_phantoms] [--out benchmarks/RESULTS.md]
+
+Each part's measurements are kept as JSON in benchmarks/results/ (speed.json, accuracy.json, each with its own
+start time, command, machine and versions) and RESULTS.md is rendered from both, so ``--part accuracy`` re-measures
+the accuracy and keeps the stored speed run (RESULTS.md says when and how each was taken).
 
 --quick: the default prediction settings are extrapolated from the cost of one denoiser pass instead of run (they
-take minutes to hours per case on a CPU), and the accuracy curves use steps 1, 2, 5, 10. A failed measurement stops
-the run before anything is written.
+take minutes to hours per case on a CPU), and the accuracy curves use steps 1, 2, 5, 10 and samples 1, 4.
+--samples: the samples axis, taken at --samples-steps DDIM steps (default 10). --trainer-defaults (on unless
+--quick): also the accuracy of each head at its shipped sampler (e.g. DDMD's DDPM 1000 steps x 5 samples; about
+40 min on 2 CPU cores), which each faster setting's accuracy is compared with. A failed measurement stops the run
+before anything is written.
 """
 from __future__ import annotations
 
@@ -84,49 +92,119 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def _meta(argv: list[str]) -> dict:
+    return {"started": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(["python -m benchmarks", *argv]),
+            "machine": _machine(), "versions": _versions()}
+
+
+def _save(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _provenance(meta: dict) -> str:
+    return (f"Measured by `{meta['command']}`, started {meta['started']}, on {meta['machine']}. Versions: "
+            + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
+
+
+def _load(results_dir: Path, part: str) -> dict:
+    path = results_dir / f"{part}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `python -m benchmarks --part {part}` (or the whole benchmark) "
+                         "first; RESULTS.md not written")
+    return json.loads(path.read_text())
+
+
+def render(speed_run: dict, acc_run: dict) -> str:
+    sr = speed_run["results"]
+    fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in speed_run["fast"].items())
+    acc = acc_run["accuracy"]
+    samples = acc_run.get("samples", [1])
+    samples_note = (f" The samples axis (samples {', '.join(map(str, samples))}) is taken at "
+                    f"{acc_run['samples_steps']} DDIM steps." if len(samples) > 1 or samples != [1] else "")
+    defaults_note = (" \"trainer default\" samples the `_demo` model with the sampler, steps and samples of "
+                     "`nnUNetTrainer<Head>` as shipped (for DDMD and MoDiff the papers' DDPM chains); the demo models were "
+                     "trained for minutes, so long chains are not what they are good at."
+                     if acc_run.get("trainer_defaults") else "")
+    return f"""# Benchmark results
+
+Written by `python -m benchmarks` (`make bench`) from benchmarks/results/speed.json and accuracy.json; each part
+says when, where and how it was measured.
+
+## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)
+
+{_provenance(speed_run['meta'])}
+
+Synthetic case {sr[0]['case_shape']}, planned patch {sr[0]['patch_size']}, batch {sr[0]['batch_size']}; one
+process per head, stock and head measured in it on the same batch and case. Train steps: mean of 3 after a
+warm-up. Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per window; stock: mean of 3, each head
+setting: one run{' (--quick: the defaults extrapolated, not run)' if speed_run['quick'] else ''}. "default" = the
+trainer config as shipped; "fast" = the documented faster setting ({fast}). Untrained weights (cost does not
+depend on them).
+
+{speed_table(sr)}
+
+## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)
+
+{_provenance(acc_run['meta'])}
+
+`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's
+{len(acc['cases'])} validation cases ({', '.join(acc['cases'])}); DDIM with the given steps unless the setting
+says otherwise; mean over cases; s / case = nnU-Net's predictor, export excluded.{samples_note}{defaults_note}
+These models are trained for minutes on a CPU: the table shows how accuracy and time move with the sampling on
+one benchmark, not what the methods reach with full training.{''.join(f' {n}.' for n in acc.get('notes', []))}
+
+{accuracy_table(acc['rows'])}
+"""
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", choices=["all", "speed", "accuracy", "render"], default="all",
+                    help="measure only this part (RESULTS.md is rendered with the other part's stored results); "
+                         "render: measure nothing, only render RESULTS.md from benchmarks/results/")
+    ap.add_argument("--samples", type=int, nargs="+", help="samples axis (default: 1 4 16; --quick: 1 4)")
+    ap.add_argument("--samples-steps", type=int, default=10, help="DDIM steps of the samples axis (default 10)")
+    ap.add_argument("--trainer-defaults", action=argparse.BooleanOptionalAction, default=None,
+                    help="also measure accuracy at each head's shipped sampler (default: on, off with --quick; "
+                         "slow: about 40 min on 2 CPU cores)")
     ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
     ap.add_argument("--phantoms", type=Path, default=Path("bench_phantoms"))
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = ap.parse_args(argv)
     settings = ["fast"] if args.quick else ["default", "fast"]
     steps = [1, 2, 5, 10] if args.quick else [1, 2, 5, 10, 25, 100]
-    started = time.strftime("%Y-%m-%d %H:%M %Z")
-    workdir = args.workdir.resolve()
-    speed.prepare(workdir, (32, 40, 36))
-    speed_results = speed.run_heads(workdir, list(speed.TRAINERS), settings)
-    acc_cmd = [sys.executable, "-m", "benchmarks.accuracy", "--workdir", str(args.phantoms.resolve()),
-               "--steps", *map(str, steps)]
-    if subprocess.run(acc_cmd).returncode != 0:
-        raise SystemExit("benchmarks.accuracy failed; RESULTS.md not written")
-    acc = json.loads((args.phantoms.resolve() / "accuracy" / "accuracy.json").read_text())
-    fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in speed.FAST.items())
-    text = f"""# Benchmark results
-
-Written by `python -m benchmarks{' --quick' if args.quick else ''}` (`make bench`), started {started}, on
-{_machine()}. Versions: {', '.join(f'{k} {v}' for k, v in _versions().items())}.
-
-## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)
-
-Synthetic case {speed_results[0]['case_shape']}, planned patch {speed_results[0]['patch_size']}, batch
-{speed_results[0]['batch_size']}; one process per head, stock and head measured in it on the same batch and case.
-Train steps: mean of 3 after a warm-up. Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per
-window; stock: mean of 3, each head setting: one run. "default" = the trainer config as shipped; "fast" = the
-documented faster setting ({fast}). Untrained weights (cost does not depend on them).
-
-{speed_table(speed_results)}
-
-## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)
-
-`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's
-{len(acc['cases'])} validation cases ({', '.join(acc['cases'])}); DDIM with the given steps; mean over cases. These
-models are trained for minutes on a CPU: the table shows how accuracy and time move with the steps on one
-benchmark, not what the methods reach with full training.
-
-{accuracy_table(acc['rows'])}
-"""
+    samples = args.samples or ([1, 4] if args.quick else [1, 4, 16])
+    trainer_defaults = not args.quick if args.trainer_defaults is None else args.trainer_defaults
+    if args.part in ("all", "speed"):
+        meta = _meta(argv)
+        workdir = args.workdir.resolve()
+        speed.prepare(workdir, (32, 40, 36))
+        results = speed.run_heads(workdir, list(speed.TRAINERS), settings)
+        _save(args.results_dir / "speed.json", {"meta": meta, "quick": args.quick, "fast": speed.FAST,
+                                                "results": results})
+    if args.part in ("all", "accuracy"):
+        meta = _meta(argv)
+        phantoms = args.phantoms.resolve()
+        acc_cmd = [sys.executable, "-m", "benchmarks.accuracy", "--workdir", str(phantoms), "--steps", *map(str, steps),
+                   "--samples", *map(str, samples), "--samples-steps", str(args.samples_steps), "--out", "bench.json"]
+        if trainer_defaults:
+            acc_cmd.append("--trainer-defaults")
+        if subprocess.run(acc_cmd).returncode != 0:
+            raise SystemExit("benchmarks.accuracy failed; RESULTS.md not written")
+        _save(args.results_dir / "accuracy.json", {
+            "meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
+            "trainer_defaults": trainer_defaults,
+            "accuracy": json.loads((phantoms / "accuracy" / "bench.json").read_text())})
+    text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"))
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, args.out)

@@ -1,14 +1,16 @@
 """Steps–accuracy curves on the phantom benchmark: Dice and HD95 of each head against its number of sampling
 steps (and samples), next to the prediction time, with the stock nnU-Net on the same cases.
 
-    python -m benchmarks.accuracy [--workdir DIR] [--variant demo] [--steps 1 2 5 10 25 100] [--samples 1]
+    python -m benchmarks.accuracy [--workdir DIR] [--variant demo] [--steps 1 2 5 10 25 100] [--samples 1 4 16]
+                                  [--samples-steps 10] [--trainer-defaults] [--heads ...] [--out accuracy.json]
 
 The models are those of ``nndiff demo`` (BraTS 2021-layout phantoms, fold 0, the ``--variant`` trainers); the
 demo's pipeline trains whatever is missing in DIR. Every setting predicts fold 0's validation cases from nnU-Net's
 preprocessed data with nnU-Net's predictor (sliding window, Gaussian, 8 mirrors), exports them with nnU-Net's
-export, and evaluates them with ``nndiff evaluate``'s code (BraTS regions, HD95 in mm). Sampling is DDIM with
-the given steps and samples, plus each head's documented faster setting (``speed.FAST``); the time is the
-predictor's per case (export excluded). Prints JSON; a failure raises.
+export, and evaluates them with ``nndiff evaluate``'s code (BraTS regions, HD95 in mm). Sampling is DDIM: the
+steps axis with one sample, the samples axis at --samples-steps steps, each head's documented faster setting
+(``speed.FAST``) and, with --trainer-defaults, the head's shipped sampler; the time is the predictor's per case
+(export excluded; the untimed warm-up samples with one DDIM step). Prints JSON; a failure raises.
 """
 from __future__ import annotations
 
@@ -31,23 +33,32 @@ def _evaluate(pred_dir: Path, raw: Path, cases: list[str]) -> dict:
     return {region: {"dice": m["dice"]["mean"], "hd95": m["hd95"]["mean"]} for region, m in res.summary["metrics"].items()}
 
 
+def _predictor(model_folder: Path):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    return p
+
+
 def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=None) -> float:
     """Predict ``cases`` (preprocessed) into ``out_dir`` with the fold-0 model; return seconds per case."""
     import numpy as np
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
-    if sampling is not None:
-        p.network.set_sampling(sampling(p.network))
+    p = _predictor(model_folder)
+    target = None if sampling is None else sampling(p.network)
+    if target is not None:  # the warm-up samples with one DDIM step: it loads and allocates, its result is unused
+        p.network.set_sampling(replace(target, sampler="ddim", steps=1, samples=1))
     folder = Path(os.environ["nnUNet_preprocessed"]) / p.plans_manager.dataset_name / \
         p.configuration_manager.data_identifier
     ds = infer_dataset_class(str(folder))(str(folder), list(cases))
     out_dir.mkdir(parents=True, exist_ok=True)
     p.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(ds.load_case(cases[0])[0][:],
                                                                         dtype=np.float32)))  # warm-up, untimed
+    if target is not None:
+        p.network.set_sampling(target)
     seconds = 0.0
     for case in cases:
         data, _, _, props = ds.load_case(case)
@@ -60,17 +71,29 @@ def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=
     return seconds / len(cases)
 
 
+def sampling_grid(steps: list[int], samples: list[int], samples_steps: int) -> list[tuple[str, int, int]]:
+    """(sampler, steps, samples) to measure: the steps axis with one sample, then the samples axis at
+    ``samples_steps`` DDIM steps; each setting once."""
+    grid = []
+    for setting in [("ddim", k, 1) for k in steps] + [("ddim", samples_steps, n) for n in samples]:
+        grid += [] if setting in grid else [setting]
+    return grid
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("bench_phantoms"))
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     ap.add_argument("--steps", type=int, nargs="*", default=[1, 2, 5, 10, 25, 100])
-    ap.add_argument("--samples", type=int, nargs="+", default=[1])
+    ap.add_argument("--samples", type=int, nargs="+", default=[1],
+                    help="the samples axis: each number of samples at --samples-steps DDIM steps (the steps axis "
+                         "uses 1 sample)")
+    ap.add_argument("--samples-steps", type=int, default=10)
     ap.add_argument("--trainer-defaults", action="store_true",
-                    help="also sample each --variant model with its head's default trainer setting (sampler, steps, "
-                         "samples of nnUNetTrainer<Head>), e.g. the paper's DDPM: what the faster settings are "
-                         "compared with; slow (minutes to hours)")
+                    help="also sample each --variant model with its head's shipped sampler, steps and samples (those "
+                         "of nnUNetTrainer<Head>, e.g. the paper's DDPM): what the faster settings are compared "
+                         "with; slow (about an hour on 2 CPU cores). Rows at that setting say '(trainer default)'")
     ap.add_argument("--out", default="accuracy.json", help="file name under WORKDIR/accuracy")
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
@@ -89,11 +112,14 @@ def main(argv=None) -> int:
     results_root = workdir / "nnUNet_results" / DATASET
     cases = json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0]["val"]
     out_root = workdir / "accuracy"
-    rows = []
+    rows, notes = [], []
+
+    def folder(trainer: str) -> Path:
+        return results_root / f"{trainer}__nnUNetPlans__3d_fullres"
 
     def run(trainer: str, label: str, sampling=None, **extra):
         pred = out_root / f"{trainer}__{label.replace(' ', '_')}"
-        seconds = predict_cases(results_root / f"{trainer}__nnUNetPlans__3d_fullres", cases, pred, sampling)
+        seconds = predict_cases(folder(trainer), cases, pred, sampling)
         rows.append({"trainer": trainer, "setting": label, "seconds_per_case": seconds,
                      "metrics": _evaluate(pred, raw, cases), **extra})
         print(json.dumps(rows[-1]), flush=True)
@@ -105,20 +131,22 @@ def main(argv=None) -> int:
             run(trainer, "refine off", lambda net: replace(net.sampling, refine=False))
         base = TRAINERS[HEADS[head]]
         defaults = base.sampling_defaults()
-        grid = [("ddim", k, samples) for samples in args.samples for k in args.steps]
+        grid = sampling_grid(args.steps, args.samples, args.samples_steps)
         if head in FAST:  # the documented faster setting's accuracy, always; parsed as nndiff predict parses it
             f = options_from_env(defaults, int(base.hparams()["num_train_timesteps"]), FAST[head])
             grid += [] if (f.sampler, f.steps, f.samples) in grid else [(f.sampler, f.steps, f.samples)]
-        if args.trainer_defaults:
-            d = defaults
-            run(trainer, f"trainer default: {d.sampler} {d.steps} steps x {d.samples} samples",
-                lambda net, d=d: replace(net.sampling, sampler=d.sampler, steps=d.steps, samples=d.samples),
-                steps=d.steps, samples=d.samples)
+        if not _predictor(folder(trainer)).network.supports_samples:
+            grid = [g for g in grid if g[2] == 1]
+            notes.append(f"{trainer}: no samples axis (its network draws one sample per window)")
+        shipped = (defaults.sampler, defaults.steps, defaults.samples)
+        if args.trainer_defaults and shipped not in grid:  # the shipped sampler first: what the others are compared with
+            grid.insert(0, shipped)
         for sampler, k, samples in grid:
-            run(trainer, f"{sampler} {k} steps x {samples} samples",
+            label = f"{sampler} {k} steps x {samples} samples"
+            run(trainer, label + (" (trainer default)" if (sampler, k, samples) == shipped else ""),
                 lambda net, a=sampler, k=k, s=samples: replace(net.sampling, sampler=a, steps=k, samples=s),
                 steps=k, samples=samples)
-    (out_root / args.out).write_text(json.dumps({"cases": cases, "rows": rows}, indent=2))
+    (out_root / args.out).write_text(json.dumps({"cases": cases, "rows": rows, "notes": notes}, indent=2))
     return 0
 
 

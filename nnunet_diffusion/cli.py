@@ -184,7 +184,8 @@ def main(argv=None) -> int:
                        epilog="example: nndiff predict --steps 10 --sampler ddim -i imagesTs -o pred -d 501 "
                               "-c 3d_fullres -f 0 -tr nnUNetTrainerNNDM")
     p.add_argument("--steps", type=int, help="reverse diffusion steps (NNDIFF_STEPS)")
-    p.add_argument("--samples", type=int, help="refinement samples averaged (NNDIFF_SAMPLES)")
+    p.add_argument("--samples", type=int, help="samples per window (NNDIFF_SAMPLES): averaged or fused into one "
+                                                "mask; MoDiff: a set of diverse masks; ReCoSeg: 1 only")
     p.add_argument("--seed", type=int, help="sampling seed (NNDIFF_SEED)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="NNDIFF_SAMPLER")
     p.add_argument("--tta-refine", choices=("window", "mirror"), help="NNDIFF_TTA_REFINE")

@@ -173,6 +173,16 @@ def test_missing_is_refused_by_heads_that_cannot_handle_it():
         options_from_env(SamplingOptions(), 1000, {"NNDIFF_MISSING": "T1ce"})
 
 
+def test_several_samples_are_refused_by_recoseg_and_accepted_by_a_head_that_fuses_them():
+    from nnunet_diffusion.inference.medsegdiff_network import MedSegDiffNetwork
+    opts = options_from_env(SamplingOptions(), 1000, {"NNDIFF_SAMPLES": "3"})
+    MedSegDiffNetwork(torch.nn.Identity(), SCHEDULE, opts, 3)
+    net = _network()
+    with pytest.raises(NNDiffConfigError, match="NNDIFF_SAMPLES=3: ReCoSegNetwork draws one sample per window"):
+        net.set_sampling(opts)
+    assert net.sampling.samples == 1  # the refused setting was not applied
+
+
 @pytest.mark.parametrize("variant, light", [("tiny", True), ("ddim10", False)])
 def test_segmenter_has_one_more_input_channel(planned, nnunet_paths, variant, light):
     from nnunet_diffusion.trainers import recoseg as module

@@ -18,7 +18,8 @@ ENV_VARS = {
     "NNDIFF_STEPS": "number of reverse diffusion steps K, 1..T (default: the trainer config's sampling_steps)",
     "NNDIFF_SAMPLER": "ddpm (ancestral, stochastic) or ddim (deterministic) (default: the trainer config's)",
     "NNDIFF_SAMPLES": "number of samples per window, >= 1: refinement samples averaged (NNDM), masks fused "
-                      "(MedSegDiff, DDMD), diverse samples (MoDiff) (default: the trainer config's)",
+                      "(MedSegDiff, DDMD), diverse samples (MoDiff); ReCoSeg: 1 only (default: the trainer "
+                      "config's)",
     "NNDIFF_SEED": "seed of the sampling noise, integer >= 0 (default 0); same seed, same prediction",
     "NNDIFF_TTA_REFINE": "with test-time mirroring: 'window' samples once per window and reuses the result, "
                          "flipped, for the mirrored passes (NNDM: every mirror still gets its own backbone pass) "

@@ -26,6 +26,7 @@ from .sampling_network import SamplingNetwork
 
 class ReCoSegNetwork(SamplingNetwork):
     supports_missing = True
+    supports_samples = False  # one synthetic T1ce per window (the paper's); several would need a fusion rule
 
     def __init__(self, synthesizer: nn.Module, segmenter: nn.Module, schedule: NoiseSchedule,
                  sampling: SamplingOptions, num_input_channels: int, prediction_type: str = "epsilon",

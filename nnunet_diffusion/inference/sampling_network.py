@@ -14,6 +14,7 @@ from .options import SamplingOptions
 
 class SamplingNetwork(nn.Module):
     supports_missing = False  # whether the head can predict with input channels missing (NNDIFF_MISSING)
+    supports_samples = True   # whether the head can draw several samples per window (NNDIFF_SAMPLES > 1)
 
     def __init__(self, schedule: NoiseSchedule, sampling: SamplingOptions, region_based: bool = False):
         super().__init__()
@@ -35,6 +36,9 @@ class SamplingNetwork(nn.Module):
             raise NNDiffConfigError(f"NNDIFF_MISSING={','.join(map(str, sampling.missing))}: "
                                     f"{type(self).__name__} cannot predict with missing input channels (only "
                                     f"ReCoSeg can); unset NNDIFF_MISSING")
+        if sampling.samples > 1 and not self.supports_samples:
+            raise NNDiffConfigError(f"NNDIFF_SAMPLES={sampling.samples}: {type(self).__name__} draws one sample per "
+                                    f"window (one synthesis, as in its paper); set NNDIFF_SAMPLES=1 or unset it")
         return sampling
 
     def set_sampling(self, sampling: SamplingOptions) -> None:
