@@ -32,8 +32,9 @@ test: install
 demo: install
 	$(VENV)/bin/nndiff demo
 
-# speed of every head against nnU-Net and steps-accuracy curves -> benchmarks/RESULTS.md (BENCH_ARGS=--quick: the
-# default sampling settings are extrapolated instead of run)
+# speed of every head against nnU-Net and steps-accuracy curves -> benchmarks/results/*.json -> benchmarks/RESULTS.md
+# (~1 h 35 min on 2 CPU cores). BENCH_ARGS=--quick: the default sampling settings are extrapolated instead of run;
+# BENCH_ARGS="--part speed" or "--part accuracy": re-measure one part, keep the other's stored run
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -120,47 +121,45 @@ def _load(results_dir: Path, part: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _para(*sentences: str) -> str:
+    """One prose paragraph of RESULTS.md, wrapped at 116 columns."""
+    return textwrap.fill(" ".join(x for x in sentences if x), 116, break_long_words=False, break_on_hyphens=False)
+
+
 def render(speed_run: dict, acc_run: dict) -> str:
     sr = speed_run["results"]
     fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in speed_run["fast"].items())
     acc = acc_run["accuracy"]
     samples = acc_run.get("samples", [1])
-    samples_note = (f" The samples axis (samples {', '.join(map(str, samples))}) is taken at "
-                    f"{acc_run['samples_steps']} DDIM steps." if len(samples) > 1 or samples != [1] else "")
-    defaults_note = (" \"trainer default\" samples the `_demo` model with the sampler, steps and samples of "
-                     "`nnUNetTrainer<Head>` as shipped (for DDMD and MoDiff the papers' DDPM chains); the demo models were "
-                     "trained for minutes, so long chains are not what they are good at."
-                     if acc_run.get("trainer_defaults") else "")
-    return f"""# Benchmark results
-
-Written by `python -m benchmarks` (`make bench`) from benchmarks/results/speed.json and accuracy.json; each part
-says when, where and how it was measured.
-
-## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)
-
-{_provenance(speed_run['meta'])}
-
-Synthetic case {sr[0]['case_shape']}, planned patch {sr[0]['patch_size']}, batch {sr[0]['batch_size']}; one
-process per head, stock and head measured in it on the same batch and case. Train steps: mean of 3 after a
-warm-up. Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per window; stock: mean of 3, each head
-setting: one run{' (--quick: the defaults extrapolated, not run)' if speed_run['quick'] else ''}. "default" = the
-trainer config as shipped; "fast" = the documented faster setting ({fast}). Untrained weights (cost does not
-depend on them).
-
-{speed_table(sr)}
-
-## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)
-
-{_provenance(acc_run['meta'])}
-
-`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's
-{len(acc['cases'])} validation cases ({', '.join(acc['cases'])}); DDIM with the given steps unless the setting
-says otherwise; mean over cases; s / case = nnU-Net's predictor, export excluded.{samples_note}{defaults_note}
-These models are trained for minutes on a CPU: the table shows how accuracy and time move with the sampling on
-one benchmark, not what the methods reach with full training.{''.join(f' {n}.' for n in acc.get('notes', []))}
-
-{accuracy_table(acc['rows'])}
-"""
+    return "\n\n".join([
+        "# Benchmark results",
+        _para("Written by `python -m benchmarks` (`make bench`) from benchmarks/results/speed.json and accuracy.json;",
+              "each part says when, where and how it was measured."),
+        "## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)",
+        _para(_provenance(speed_run["meta"])),
+        _para(f"Synthetic case {sr[0]['case_shape']}, planned patch {sr[0]['patch_size']}, batch {sr[0]['batch_size']};",
+              "one process per head, stock and head measured in it on the same batch and case.",
+              "Train steps: mean of 3 after a warm-up.",
+              "Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per window; stock: mean of 3, each",
+              "head setting: one run" + (" (--quick: the defaults extrapolated, not run)." if speed_run["quick"] else "."),
+              f'"default" = the trainer config as shipped; "fast" = the documented faster setting ({fast}).',
+              "Untrained weights (cost does not depend on them)."),
+        speed_table(sr),
+        "## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)",
+        _para(_provenance(acc_run["meta"])),
+        _para("`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's",
+              f"{len(acc['cases'])} validation cases ({', '.join(acc['cases'])}); DDIM with the given steps unless the",
+              "setting says otherwise; mean over cases; s / case = nnU-Net's predictor, export excluded.",
+              f"The samples axis (samples {', '.join(map(str, samples))}) is taken at {acc_run['samples_steps']} DDIM"
+              " steps." if samples != [1] else "",
+              "\"(trainer default)\" = the sampler, steps and samples of `nnUNetTrainer<Head>` as shipped (for"
+              " MedSegDiff, ReCoSeg, DDMD and MoDiff the papers' DDPM chains)." if acc_run.get("trainer_defaults")
+              else "",
+              *(f"{n}." for n in acc.get("notes", [])),
+              "These models are trained for minutes on a CPU: the table shows how accuracy and time move with the",
+              "sampling on one benchmark, not what the methods reach with full training."),
+        accuracy_table(acc["rows"]),
+    ]) + "\n"
 
 
 def main(argv=None) -> int:
