@@ -27,6 +27,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+
 from . import speed
 
 
@@ -99,13 +101,6 @@ RESULTS_DIR = Path(__file__).parent / "results"
 def _meta(argv: list[str]) -> dict:
     return {"started": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(["python -m benchmarks", *argv]),
             "machine": _machine(), "versions": _versions()}
-
-
-def _save(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _provenance(meta: dict) -> str:
@@ -188,8 +183,8 @@ def main(argv=None) -> int:
         workdir = args.workdir.resolve()
         speed.prepare(workdir, (32, 40, 36))
         results = speed.run_heads(workdir, list(speed.TRAINERS), settings)
-        _save(args.results_dir / "speed.json", {"meta": meta, "quick": args.quick, "fast": speed.FAST,
-                                                "results": results})
+        write_text_atomic(args.results_dir / "speed.json", json.dumps(
+            {"meta": meta, "quick": args.quick, "fast": speed.FAST, "results": results}, indent=2))
     if args.part in ("all", "accuracy"):
         meta = _meta(argv)
         phantoms = args.phantoms.resolve()
@@ -199,14 +194,12 @@ def main(argv=None) -> int:
             acc_cmd.append("--trainer-defaults")
         if subprocess.run(acc_cmd).returncode != 0:
             raise SystemExit("benchmarks.accuracy failed; RESULTS.md not written")
-        _save(args.results_dir / "accuracy.json", {
+        write_text_atomic(args.results_dir / "accuracy.json", json.dumps({
             "meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
             "trainer_defaults": trainer_defaults,
-            "accuracy": json.loads((phantoms / "accuracy" / "bench.json").read_text())})
+            "accuracy": json.loads((phantoms / "accuracy" / "bench.json").read_text())}, indent=2))
     text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"))
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, text)
     print(text)
     return 0
 

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
                       nnUNet_results=str(workdir / "nnUNet_results"))
     import torch
 
+    from nnunet_diffusion.evaluation.evaluate import write_text_atomic
     from nnunet_diffusion.inference.options import options_from_env
     from nnunet_diffusion.trainers import TRAINERS
     torch.set_num_threads(os.cpu_count() or 1)
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
             run(trainer, label + (" (trainer default)" if (sampler, k, samples) == shipped else ""),
                 lambda net, a=sampler, k=k, s=samples: replace(net.sampling, sampler=a, steps=k, samples=s),
                 steps=k, samples=samples)
-    (out_root / args.out).write_text(json.dumps({"cases": cases, "rows": rows, "notes": notes}, indent=2))
+    write_text_atomic(out_root / args.out, json.dumps({"cases": cases, "rows": rows, "notes": notes}, indent=2))
     return 0
 
 

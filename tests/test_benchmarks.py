@@ -56,7 +56,8 @@ def test_results_md_says_how_and_when_each_part_was_measured():
     text = render({"meta": _run("python -m benchmarks --part speed"), "quick": False, "fast": {"x": {"A": "1"}},
                    "results": [sr]},
                   {"meta": _run("python -m benchmarks --part accuracy"), "quick": False, "samples": [1, 4],
-                   "samples_steps": 10, "trainer_defaults": True, "accuracy": {"cases": ["c1"], "rows": [row], "notes": ["r: no samples axis"]}})
+                   "samples_steps": 10, "trainer_defaults": True,
+                   "accuracy": {"cases": ["c1"], "rows": [row], "notes": ["r: no samples axis"]}})
     assert "Measured by `python -m benchmarks --part speed`" in text
     assert "Measured by `python -m benchmarks --part accuracy`" in text
     assert "samples 1, 4) is taken at 10 DDIM steps" in text and "trainer default" in text
