@@ -2,11 +2,14 @@
 the phantom benchmark, written to benchmarks/RESULTS.md with the date, machine, versions and commands.
 
     python -m benchmarks [--quick] [--part all|speed|accuracy|render] [--trainer-defaults] [--samples 1 4 16]
-                         [--workdir bench_work] [--phantoms bench_phantoms] [--out benchmarks/RESULTS.md]
+                         [--shape 32 40 36] [--workdir bench_work] [--phantoms bench_phantoms] [--out benchmarks/RESULTS.md]
 
 Each part's measurements are kept as JSON in benchmarks/results/ (speed.json, accuracy.json, each with its own
 start time, command, machine and versions) and RESULTS.md is rendered from both, so ``--part accuracy`` re-measures
-the accuracy and keeps the stored speed run (RESULTS.md says when and how each was taken).
+the accuracy and keeps the stored speed run (RESULTS.md says when and how each was taken). The speed part runs on
+CUDA when there is a GPU (NNDIFF_BENCH_DEVICE=cpu|cuda chooses) and is then kept as speed_cuda.json, beside the CPU
+run; --shape other than the default adds the shape to the name (speed_cuda_128x160x160.json). RESULTS.md shows every
+stored speed run.
 
 --quick: the default prediction settings are extrapolated from the cost of one denoiser pass instead of run (they
 take minutes to hours per case on a CPU), and the accuracy curves use steps 1, 2, 5, 10 and samples 1, 4.
@@ -63,19 +66,28 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){mem}; {gpu}"
 
 
+def _sec(v: float) -> str:
+    return f"{v:.2f}" if v >= 1 else f"{v:.3f}"  # GPU steps take tens of milliseconds
+
+
+ONE_PASS = "predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)"
+
+
 def speed_table(results: list[dict]) -> str:
     lines = ["| head | measurement | seconds | × stock |", "|---|---|---|---|"]
     for r in results:
         st, sp = r["train_step nnUNetTrainer"], r["predict nnUNetTrainer"]
-        lines.append(f"| {r['head']} | train step, stock nnUNetTrainer | {st:.2f} | |")
+        lines.append(f"| {r['head']} | train step, stock nnUNetTrainer | {_sec(st)} | |")
         for k, v in r.items():
             if k.startswith("train_step ") and k != "train_step nnUNetTrainer":
-                lines.append(f"| {r['head']} | {k.replace('train_step', 'train step')} | {v:.2f} | {v / st:.2f} |")
-        lines.append(f"| {r['head']} | predict one case, stock nnUNetTrainer | {sp:.2f} | |")
+                lines.append(f"| {r['head']} | {k.replace('train_step', 'train step')} | {_sec(v)} | {v / st:.2f} |")
+        lines.append(f"| {r['head']} | predict one case, stock nnUNetTrainer | {_sec(sp)} | |")
         for k, v in r.items():
             if k.startswith("predict ") and k != "predict nnUNetTrainer":
-                ratio = "" if "one denoiser pass" in k else f"{v / sp:.2f}"
-                lines.append(f"| {r['head']} | {k} | {v:.2f} | {ratio} |")
+                ratio = "" if k == ONE_PASS else f"{v / sp:.2f}"
+                if "EXTRAPOLATED" in k and r.get(ONE_PASS, 1) <= 0:
+                    k += " (a lower bound: 5 DDIM steps were not slower than 1 in this run, within its timing noise)"
+                lines.append(f"| {r['head']} | {k} | {_sec(v)} | {ratio} |")
         lines.append(f"| {r['head']} | peak RSS of this process (GB) | {r['peak RSS (GB)']:.2f} | |")
         if "peak GPU memory (GB)" in r:
             lines.append(f"| {r['head']} | peak GPU memory (GB) | {r['peak GPU memory (GB)']:.2f} | |")
@@ -96,6 +108,14 @@ def accuracy_table(rows: list[dict]) -> str:
 
 
 RESULTS_DIR = Path(__file__).parent / "results"
+DEFAULT_SHAPE = (32, 40, 36)
+
+
+def speed_file_name(device: str, shape) -> str:
+    """speed.json for the CPU run at the default shape; speed_cuda.json, speed_cpu_64x80x80.json, ... otherwise."""
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    tag = "" if tuple(shape) == DEFAULT_SHAPE else "_" + "x".join(map(str, shape))
+    return "speed.json" if dev == "cpu" and not tag else f"speed_{dev}{tag}.json"
 
 
 def _meta(argv: list[str]) -> dict:
@@ -121,25 +141,46 @@ def _para(*sentences: str) -> str:
     return textwrap.fill(" ".join(x for x in sentences if x), 116, break_long_words=False, break_on_hyphens=False)
 
 
-def render(speed_run: dict, acc_run: dict) -> str:
-    sr = speed_run["results"]
-    fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in speed_run["fast"].items())
+def _where(run: dict) -> str:
+    r = run["results"][0]
+    return ("CUDA" if r.get("device", "cpu").startswith("cuda") else "the CPU") + \
+        f", synthetic case {'x'.join(map(str, r['case_shape']))}"
+
+
+def speed_section(run: dict, title: str) -> list[str]:
+    """Title, provenance, method and table of one stored speed run (speed.json or speed_<device>[_<shape>].json)."""
+    sr = run["results"]
+    fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in run["fast"].items())
+    on_cuda = sr[0].get("device", "cpu").startswith("cuda")
+    return [
+        title,
+        _para(_provenance(run["meta"])),
+        _para(f"Synthetic case {sr[0]['case_shape']}, planned patch {sr[0]['patch_size']}, batch {sr[0]['batch_size']};",
+              "one process per head, stock and head measured in it on the same batch and case.",
+              f"Train steps: {run.get('train_step_method', 'mean of 3 after a warm-up, the stock steps before the head')}.",
+              "Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per window; stock: mean of 3 after a",
+              "warm-up, each head setting: one run after an untimed warm-up at one DDIM step with the same shapes" +
+              (" (--quick: the defaults extrapolated, not run)." if run["quick"] else "."),
+              "On CUDA both train steps and predictions run under nnU-Net's autocast (AMP), everything on the GPU,"
+              " torch.compile off as on the CPU; peak GPU memory is torch's max_memory_allocated." if on_cuda else "",
+              f'"default" = the trainer config as shipped; "fast" = the documented faster setting ({fast}).',
+              "Untrained weights (cost does not depend on them)."),
+        speed_table(sr),
+    ]
+
+
+def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None) -> str:
+    """RESULTS.md from the CPU speed run, the accuracy run and any other stored speed runs ({file stem: run})."""
+    extra_speed = extra_speed or {}
     acc = acc_run["accuracy"]
     samples = acc_run.get("samples", [1])
     return "\n\n".join([
         "# Benchmark results",
         _para("Written by `python -m benchmarks` (`make bench`) from benchmarks/results/speed.json and accuracy.json;",
               "each part says when, where and how it was measured."),
-        "## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)",
-        _para(_provenance(speed_run["meta"])),
-        _para(f"Synthetic case {sr[0]['case_shape']}, planned patch {sr[0]['patch_size']}, batch {sr[0]['batch_size']};",
-              "one process per head, stock and head measured in it on the same batch and case.",
-              "Train steps: mean of 3 after a warm-up.",
-              "Prediction: nnU-Net's predictor with 8-mirror TTA, sampling once per window; stock: mean of 3, each",
-              "head setting: one run" + (" (--quick: the defaults extrapolated, not run)." if speed_run["quick"] else "."),
-              f'"default" = the trainer config as shipped; "fast" = the documented faster setting ({fast}).',
-              "Untrained weights (cost does not depend on them)."),
-        speed_table(sr),
+        *speed_section(speed_run, "## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)"),
+        *(x for name, run in sorted(extra_speed.items())
+          for x in speed_section(run, f"## Speed on {_where(run)} ({name})")),
         "## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)",
         _para(_provenance(acc_run["meta"])),
         _para("`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's",
@@ -169,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trainer-defaults", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure accuracy at each head's shipped sampler (default: on, off with --quick; "
                          "slow: about 40 min on 2 CPU cores)")
+    ap.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("Z", "Y", "X"),
+                    help="synthetic case shape of the speed part (default 32 40 36; a new shape needs a new --workdir)")
     ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
     ap.add_argument("--phantoms", type=Path, default=Path("bench_phantoms"))
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -181,10 +224,15 @@ def main(argv=None) -> int:
     if args.part in ("all", "speed"):
         meta = _meta(argv)
         workdir = args.workdir.resolve()
-        speed.prepare(workdir, (32, 40, 36))
-        results = speed.run_heads(workdir, list(speed.TRAINERS), settings)
-        write_text_atomic(args.results_dir / "speed.json", json.dumps(
-            {"meta": meta, "quick": args.quick, "fast": speed.FAST, "results": results}, indent=2))
+        speed.prepare(workdir, tuple(args.shape))
+        name = speed_file_name(speed.device().type, args.shape)
+        partial = args.results_dir / (name + ".partial.jsonl")  # each head as it lands; gone once the run is whole
+        partial.unlink(missing_ok=True)
+        results = speed.run_heads(workdir, list(speed.TRAINERS), settings, partial)
+        write_text_atomic(args.results_dir / name, json.dumps(
+            {"meta": meta, "quick": args.quick, "fast": speed.FAST, "train_step_method": speed.TRAIN_STEP_METHOD,
+             "results": results}, indent=2))
+        partial.unlink()
     if args.part in ("all", "accuracy"):
         meta = _meta(argv)
         phantoms = args.phantoms.resolve()
@@ -198,7 +246,8 @@ def main(argv=None) -> int:
             "meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
             "trainer_defaults": trainer_defaults,
             "accuracy": json.loads((phantoms / "accuracy" / "bench.json").read_text())}, indent=2))
-    text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"))
+    extra = {p.stem: json.loads(p.read_text()) for p in sorted(args.results_dir.glob("speed_*.json"))}
+    text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"), extra)
     write_text_atomic(args.out, text)
     print(text)
     return 0

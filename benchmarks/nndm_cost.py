@@ -40,6 +40,16 @@ def prepare(workdir: Path, shape) -> None:
     env = _env(workdir)
     if not (workdir / "raw" / DATASET).exists():
         make_synthetic_dataset(workdir / "raw", DATASET_ID, num_train=6, num_test=1, shape=tuple(shape))
+    else:  # a reused workdir must hold cases of the asked shape, else the figures would be for another size
+        import SimpleITK as sitk
+        first = sorted((workdir / "raw" / DATASET / "imagesTr").glob("*.nii.gz"))[0]
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(first))
+        reader.ReadImageInformation()
+        found = tuple(reversed(reader.GetSize()))
+        if found != tuple(shape):
+            raise SystemExit(f"{workdir} holds synthetic cases of shape {found} ({first.name}), not the asked "
+                             f"{tuple(shape)}: pass another --workdir for this shape")
     if not (workdir / "preprocessed" / DATASET / "nnUNetPlans.json").exists():
         subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
                         "-c", "3d_fullres", "-npfp", "1", "-np", "1"], env=env, check=True,

@@ -4,9 +4,10 @@
 
 For each head, one child process (so its peak RSS is its own) measures:
 - the stock train step and the head's train step in each of its stages, on one real augmented batch from
-  nnU-Net's data loader (3 repeats after a warm-up);
+  nnU-Net's data loader (TRAIN_STEP_METHOD below: interleaved, median of 5);
 - nnU-Net's predictor (sliding window, Gaussian, 8-mirror TTA) on one preprocessed case: the stock network
-  (3 repeats) and the head at each requested setting (once: the defaults can take minutes). "default" is the
+  (3 repeats after a warm-up) and the head at each requested setting (once, after an untimed warm-up at one DDIM
+  step with the same shapes: the defaults can take minutes). "default" is the
   trainer config as shipped (no NNDIFF_* variables); "fast" is the documented faster setting (FAST below).
   Always: 1 and 5 DDIM steps × 1 sample, whose difference gives the cost of one denoiser pass per window, and the
   default setting's time extrapolated from it (marked EXTRAPOLATED: it is not a measurement).
@@ -65,20 +66,70 @@ def _train_batches(head: str, trainer, batch) -> list[tuple[str, int, dict]]:
     raise ValueError(f"no benchmark adapter for head {head!r}")
 
 
+def _warm_up(net, predict) -> None:
+    """One untimed prediction at the network's sampling setting cut to one DDIM step: the same tensor shapes (samples
+    included) as the timed run, so that first-call costs (cuDNN's algorithm search under nnU-Net's
+    cudnn.benchmark, allocator growth) stay out of the timing; the setting is restored after."""
+    timed_setting = net.sampling
+    net.set_sampling(replace(timed_setting, sampler="ddim", steps=1))
+    predict(net)
+    net.set_sampling(timed_setting)
+
+
+class _Progress(dict):
+    """The measurements dict, which says each one on stderr as it lands (a head takes minutes to hours)."""
+
+    def __init__(self, head: str, **kw):
+        super().__init__(**kw)
+        self.head, self.t0 = head, time.perf_counter()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if isinstance(value, float) and key.startswith(("train_step", "predict")):
+            print(f"[speed {self.head} +{time.perf_counter() - self.t0:.0f} s] {key}: {value:.3f} s", file=sys.stderr,
+                  flush=True)
+
+
+TRAIN_ROUNDS = 5
+TRAIN_STEP_METHOD = (f"median of {TRAIN_ROUNDS} rounds after a warm-up round, each round one stock step then one step of "
+                     "each stage, so that drifts of the machine's speed hit stock and head alike")
+
+
+def _head_step(trainer, epoch: int, batch) -> None:
+    trainer.current_epoch = epoch  # selects the stage
+    trainer.lr_scheduler.step(epoch)
+    trainer.train_step(batch)
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """{name: median seconds of ``fn()``} over ``rounds`` rounds that each call every fn once, after one untimed
+    warm-up round. Interleaving puts the stock step and the head's steps under the same machine conditions (on 2
+    shared CPU cores, back-to-back blocks of one then the other drifted by 20% between runs)."""
+    import statistics
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_once(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def measure(head: str, settings: list[str]) -> dict:
     import torch
 
     from nnunet_diffusion.inference.options import options_from_env
     torch.set_num_threads(os.cpu_count() or 1)
     stock, batch, trainer, data, predict = stock_head_case(TRAINERS[head])
-    out = {"head": head, "trainer": TRAINERS[head], "case_shape": list(data.shape[1:]),
-           "patch_size": list(trainer.configuration_manager.patch_size), "batch_size": trainer.batch_size,
-           "train_step nnUNetTrainer": _time(lambda: stock.train_step(batch), 3)}
+    out = _Progress(head)
+    out |= {"head": head, "trainer": TRAINERS[head], "case_shape": list(data.shape[1:]),
+            "patch_size": list(trainer.configuration_manager.patch_size), "batch_size": trainer.batch_size}
     trainer.network.train()
+    steps = {"train_step nnUNetTrainer": lambda: stock.train_step(batch)}
     for label, epoch, b in _train_batches(head, trainer, batch):
-        trainer.current_epoch = epoch
-        trainer.lr_scheduler.step(epoch)
-        out[f"train_step {label}"] = _time(lambda: trainer.train_step(b), 3)
+        steps[f"train_step {label}"] = lambda epoch=epoch, b=b: _head_step(trainer, epoch, b)
+    for key, seconds in interleaved_medians(steps, TRAIN_ROUNDS).items():
+        out[key] = seconds
     stock.on_train_end()
     net = trainer.unwrapped_network().eval()
     if hasattr(net, "refiner_updates"):
@@ -91,6 +142,8 @@ def measure(head: str, settings: list[str]) -> dict:
     timed = {}
     for steps in (1, 5):  # the cost of one denoiser pass per window, for the extrapolation below
         net.set_sampling(replace(defaults, sampler="ddim", steps=steps, samples=1))
+        if steps == 1:
+            _warm_up(net, predict)
         timed[steps] = _once(lambda: predict(net))
     per_pass = max(timed[5] - timed[1], 0.0) / 4
     out["predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)"] = per_pass
@@ -101,6 +154,7 @@ def measure(head: str, settings: list[str]) -> dict:
             continue
         opts = options_from_env(defaults, T, FAST[head] if setting == "fast" else {})
         net.set_sampling(opts)
+        _warm_up(net, predict)
         out[f"predict {setting} ({opts.sampler}, {opts.steps} steps x {opts.samples} samples)"] = \
             _once(lambda: predict(net))
     out["peak RSS (GB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
@@ -108,11 +162,12 @@ def measure(head: str, settings: list[str]) -> dict:
     out["device"] = str(dev)
     if dev.type == "cuda":
         out["peak GPU memory (GB)"] = torch.cuda.max_memory_allocated() / 1024 ** 3
-    return out
+    return dict(out)
 
 
-def run_heads(workdir: Path, heads: list[str], settings: list[str]) -> list[dict]:
-    """Each head in its own process; raises if one fails."""
+def run_heads(workdir: Path, heads: list[str], settings: list[str], partial: Path | None = None) -> list[dict]:
+    """Each head in its own process; raises if one fails. ``partial``: each head's result is appended there (one JSON
+    line) as soon as it is measured, so that a run stopped half-way keeps what it measured; the caller removes it."""
     results = []
     for head in heads:
         cmd = [sys.executable, "-m", "benchmarks.speed", "--workdir", str(workdir), "--child", head,
@@ -121,6 +176,10 @@ def run_heads(workdir: Path, heads: list[str], settings: list[str]) -> list[dict
         if proc.returncode != 0:
             raise RuntimeError(f"speed benchmark of {head} failed (exit {proc.returncode}); its output is above")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
     return results
 
 

@@ -4,6 +4,10 @@ Everything runs through the installed console scripts (``nnUNetv2_plan_and_prepr
 ``nnUNetv2_predict``) in subprocesses, with ``nnUNet_extTrainer`` set exactly as ``nndiff env`` prints it.
 Worker processes are kept small for a 2-core machine: nnUNet_n_proc_DA=0 (1 for planning, where 0 crashes),
 nnUNet_def_n_proc=1.
+
+The end-to-end tests train and predict on the CPU. On a machine with a GPU, ``NNDIFF_TEST_DEVICE=cuda`` runs the
+same console-script calls with ``-device cuda`` (nnU-Net's AMP path) and ``NNDIFF_TEST_COMPILE=1`` sets
+``nnUNet_compile`` (torch.compile of the trainers' ``compiled_parts``); CI never sets either.
 """
 import json
 import os
@@ -21,6 +25,8 @@ from nnunet_diffusion.dataset_conversion.synthetic import make_synthetic_dataset
 BIN = Path(sys.executable).parent
 DATASET_ID = 990
 DATASET = "Dataset990_NNDiffSynthetic"
+DEVICE = os.environ.get("NNDIFF_TEST_DEVICE", "cpu")
+COMPILE = os.environ.get("NNDIFF_TEST_COMPILE", "0")
 
 
 def nnunet_env(root: Path) -> dict:
@@ -29,7 +35,7 @@ def nnunet_env(root: Path) -> dict:
         del env[var]
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
-               nnUNet_compile="0", OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore::FutureWarning")
+               nnUNet_compile=COMPILE, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore::FutureWarning")
     return env
 
 
@@ -45,13 +51,13 @@ def run(args, env, timeout=900, check=True, **extra_env):
 
 
 def train(env, trainer, fold, *flags, **extra_env):
-    return run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, "-device", "cpu", *flags],
+    return run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, "-device", DEVICE, *flags],
                env, **extra_env)
 
 
 def predict(env, trainer, fold, input_dir, output_dir, **extra_env):
     return run([BIN / "nnUNetv2_predict", "-i", input_dir, "-o", output_dir, "-d", DATASET_ID, "-c", "3d_fullres",
-                "-f", fold, "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"],
+                "-f", fold, "-tr", trainer, "-device", DEVICE, "-npp", "1", "-nps", "1", "--disable_progress_bar"],
                env, **extra_env)
 
 

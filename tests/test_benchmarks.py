@@ -3,7 +3,7 @@ broken measurement stops the run instead of producing a table."""
 import pytest
 
 from benchmarks import speed
-from benchmarks.__main__ import accuracy_table, main, render, speed_table
+from benchmarks.__main__ import accuracy_table, main, render, speed_file_name, speed_table
 from benchmarks.accuracy import sampling_grid
 from nnunet_diffusion import config
 
@@ -16,6 +16,22 @@ def test_speed_table_gives_ratios_to_the_stock_trainer_of_the_same_process():
     assert "| nndm | train step stage 3 (joint) | 2.50 | 1.25 |" in rows
     assert "| nndm | predict default (ddim, 5 steps x 1 samples) | 5.00 | 1.25 |" in rows
     assert any("one denoiser pass" in x and x.endswith("|  |") for x in rows)  # a cost, not a ratio
+
+
+def test_an_extrapolation_from_a_pass_lost_in_timing_noise_is_marked_as_a_lower_bound():
+    r = {"head": "recoseg", "train_step nnUNetTrainer": 0.02, "predict nnUNetTrainer": 0.03,
+         "predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)": 0.0,
+         "predict default (ddpm, 1000 steps x 1 samples), EXTRAPOLATED": 0.048, "peak RSS (GB)": 1.5}
+    rows = speed_table([r]).splitlines()
+    assert "| recoseg | train step, stock nnUNetTrainer | 0.020 | |" in rows
+    assert any("EXTRAPOLATED (a lower bound" in x and "| 0.048 | 1.60 |" in x for x in rows)
+
+
+def test_train_steps_are_timed_in_interleaved_rounds_after_a_warm_up_round():
+    calls = []
+    medians = speed.interleaved_medians({"stock": lambda: calls.append("stock"), "head": lambda: calls.append("head")},
+                                        rounds=3)
+    assert calls == ["stock", "head"] * 4 and set(medians) == {"stock", "head"}
 
 
 def test_accuracy_table_shows_dice_in_percent_and_hd95_per_region():
@@ -48,6 +64,22 @@ def _run(meta_cmd: str) -> dict:
     return {"command": meta_cmd, "started": "2026-01-01 00:00 UTC", "machine": "m", "versions": {"torch": "x"}}
 
 
+def test_a_gpu_or_other_shape_speed_run_is_kept_beside_the_cpu_run_not_over_it():
+    assert speed_file_name("cpu", (32, 40, 36)) == "speed.json"
+    assert speed_file_name("cuda", (32, 40, 36)) == "speed_cuda.json"
+    assert speed_file_name("cuda:0", [128, 160, 160]) == "speed_cuda_128x160x160.json"
+    assert speed_file_name("cpu", (64, 80, 80)) == "speed_cpu_64x80x80.json"
+
+
+def test_a_reused_benchmark_folder_of_another_shape_is_refused(tmp_path):
+    from benchmarks.nndm_cost import DATASET, prepare
+    from nnunet_diffusion.dataset_conversion.synthetic import make_synthetic_dataset
+    make_synthetic_dataset(tmp_path / "raw", 990, num_train=1, num_test=0, shape=(16, 20, 18), progress=False)
+    assert (tmp_path / "raw" / DATASET).is_dir()
+    with pytest.raises(SystemExit, match=r"shape \(16, 20, 18\).*not the asked \(32, 40, 36\).*another --workdir"):
+        prepare(tmp_path, (32, 40, 36))
+
+
 def test_results_md_says_how_and_when_each_part_was_measured():
     sr = {"head": "nndm", "case_shape": [1, 2, 3], "patch_size": [1, 2, 3], "batch_size": 2,
           "train_step nnUNetTrainer": 2.0, "predict nnUNetTrainer": 4.0, "peak RSS (GB)": 1.0}
@@ -63,6 +95,25 @@ def test_results_md_says_how_and_when_each_part_was_measured():
     assert "samples 1, 4) is taken at 10 DDIM steps" in text and "trainer default" in text
     assert "r: no samples axis." in text
     assert "| t | ddim 10 steps x 4 samples | 1.00 | 50.0 | 3.0 |" in text
+    assert "Speed on CUDA" not in text and "autocast" not in text
+
+
+def test_results_md_shows_a_stored_cuda_run_with_its_gpu_memory():
+    cpu = {"head": "nndm", "case_shape": [1, 2, 3], "patch_size": [1, 2, 3], "batch_size": 2, "device": "cpu",
+           "train_step nnUNetTrainer": 2.0, "predict nnUNetTrainer": 4.0, "peak RSS (GB)": 1.0}
+    gpu = dict(cpu, case_shape=[128, 160, 160], device="cuda", **{"predict nnUNetTrainer": 0.5,
+                                                                  "predict fast (ddim, 10 steps x 1 samples)": 1.0,
+                                                                  "peak GPU memory (GB)": 3.25})
+    row = {"trainer": "t", "setting": "s", "seconds_per_case": 1.0, "metrics": {"whole tumor": {"dice": 0.5, "hd95": 3}}}
+    acc = {"meta": _run("a"), "quick": False, "accuracy": {"cases": ["c1"], "rows": [row]}, "samples_steps": 10}
+    text = render({"meta": _run("python -m benchmarks --part speed"), "quick": False, "fast": {}, "results": [cpu]},
+                  acc, {"speed_cuda_128x160x160": {"meta": _run("python -m benchmarks --part speed --shape 128 160 160"),
+                                                   "quick": True, "fast": {}, "results": [gpu]}})
+    cuda_part = text[text.index("## Speed on CUDA, synthetic case 128x160x160 (speed_cuda_128x160x160)"):]
+    assert "`python -m benchmarks --part speed --shape 128 160 160`" in cuda_part and "autocast" in cuda_part
+    assert "| nndm | predict fast (ddim, 10 steps x 1 samples) | 1.00 | 2.00 |" in cuda_part
+    assert "| nndm | peak GPU memory (GB) | 3.25 | |" in cuda_part
+    assert text.index("## Speed against the stock") < text.index("## Speed on CUDA") < text.index("## Steps")
 
 
 def test_rendering_without_a_stored_part_stops_before_writing(tmp_path):
@@ -70,3 +121,25 @@ def test_rendering_without_a_stored_part_stops_before_writing(tmp_path):
     with pytest.raises(SystemExit, match=r"speed.json is missing: run `python -m benchmarks --part speed`"):
         main(["--part", "render", "--results-dir", str(tmp_path / "results"), "--out", str(out)])
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU the check runs for real")
+def test_compile_check_says_it_needs_a_gpu_instead_of_checking_nothing(tmp_path):
+    from benchmarks.compile_check import main as compile_check
+    with pytest.raises(SystemExit, match="needs a CUDA GPU: nnU-Net does not compile on the CPU"):
+        compile_check(["--workdir", str(tmp_path), "nndm"])
+
+
+def test_residual_report_tells_a_wrong_sign_correction_inside_the_region_from_a_right_one():
+    import numpy as np
+
+    from benchmarks.nndm_residual import residual_report
+    y = np.zeros((1, 2, 2, 2), np.float32)
+    y[0, 0] = 1  # 4 voxels inside, 4 outside
+    p_off = np.where(y > 0, 0.6, 0.1).astype(np.float32)
+    wrong = residual_report(y, p_off, np.where(y > 0, 0.4, 0.05))[0]  # pushes the region down: loses it
+    assert wrong["e inside"] == pytest.approx(0.4) and wrong["ê inside"] == pytest.approx(-0.2)
+    assert wrong["e outside"] == pytest.approx(-0.1) and wrong["ê outside"] == pytest.approx(-0.05)
+    assert (wrong["dice refine off"], wrong["dice refined"], wrong["voxels lost by refining"]) == (1.0, 0.0, 4)
+    right = residual_report(y, p_off, np.where(y > 0, 0.95, 0.0))[0]
+    assert right["ê inside"] == pytest.approx(0.35) and right["voxels gained by refining"] == 0

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET_ID, make_trainer, model_folder, predict, run, train
+from conftest import BIN, DATASET_ID, DEVICE, make_trainer, model_folder, predict, run, train
 from test_e2e_nndm import assert_valid_label_maps
 
 from nnunet_diffusion.errors import NNDiffConfigError, NNDiffError, NNDiffTrainingError
@@ -26,7 +26,7 @@ def trained_ddmd(planned, tmp_path_factory):
     """Train the tiny variant on fold 0; kill it once the first checkpoint (end of the autoencoder stage, epoch 1
     of 3) is on disk, keep a copy of that checkpoint, and resume with --c."""
     fold = model_folder(planned, TRAINER) / "fold_0"
-    args = [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"]
+    args = [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", DEVICE]
     log = tmp_path_factory.mktemp("ddmd_log") / "first.txt"
     t0 = time.time()
     with open(log, "w") as out:
@@ -83,7 +83,7 @@ def test_predict_through_the_stock_console_script(trained_ddmd, tmp_path):
     assert_valid_label_maps(tmp_path / "pred", images, ["synth_ts_000"])
     # the same through nndiff predict, with the discrepancy maps as a second pass
     proc = run([BIN / "nndiff", "predict", "--discrepancy", "-i", images, "-o", tmp_path / "pred2", "-d", DATASET_ID,
-                "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+                "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE, "-npp", "1", "-nps", "1"],
                trained_ddmd.env)
     assert "discrepancy maps: 2 files" in proc.output  # X of the case + scores.csv
     assert_valid_label_maps(tmp_path / "pred2", images, ["synth_ts_000"])

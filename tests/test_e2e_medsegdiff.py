@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET_ID, model_folder, run, train
+from conftest import BIN, DATASET_ID, DEVICE, model_folder, run, train
 from test_e2e_nndm import _preprocessed_case, assert_valid_label_maps
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def test_predict_ensemble_with_uncertainty_maps(trained_msd, tmp_path):
     images = trained_msd.raw / "imagesTs"
     out = tmp_path / "pred"
     run([BIN / "nndiff", "predict", "--uncertainty", "--samples", "3", "--seed", "3", "-i", images, "-o", out,
-         "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+         "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE, "-npp", "1", "-nps", "1"],
         trained_msd.env)
     cases = ["synth_ts_000", "synth_ts_001"]
     assert_valid_label_maps(out, images, cases)

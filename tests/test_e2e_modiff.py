@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, make_trainer, nnunet_env, run
+from conftest import BIN, DEVICE, make_trainer, nnunet_env, run
 from test_multirater import make_fake_isbi
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def isbi(tmp_path_factory):
     run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1", "-np", "1",
          "--verify_dataset_integrity"], env, nnUNet_n_proc_DA=1)
     ctx = SimpleNamespace(root=root, env=env, raw=raw, preprocessed=Path(env["nnUNet_preprocessed"]) / DATASET)
-    ctx.train = run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
+    ctx.train = run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", DEVICE], env)
     ctx.model = Path(env["nnUNet_results"]) / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
     return ctx
 
@@ -120,7 +120,7 @@ def test_predict_samples_and_sample_set_metrics(isbi_env, tmp_path):
             shutil.copy(f, images / f.name)
     pred = tmp_path / "pred"
     proc = run([BIN / "nndiff", "predict", "--samples-out", "--samples", 2, "-i", images, "-o", pred, "-d",
-                DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
+                DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE, "-npp", "1", "-nps", "1",
                 "--disable_progress_bar"], isbi_env.env)
     assert "samples: 4 files" in proc.output
     for case in cases:

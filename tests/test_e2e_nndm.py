@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET_ID, make_trainer, model_folder, predict, run, train
+from conftest import BIN, DATASET_ID, DEVICE, make_trainer, model_folder, predict, run, train
 from nnunet_diffusion.errors import NNDiffCheckpointError, NNDiffTrainingError
 from nnunet_diffusion.trainers import TRAINERS
 
@@ -111,14 +111,14 @@ def test_nnunet_trainer_lookup_finds_our_single_class_objects(nnunet_paths):
 
 def test_unknown_variant_name_is_explained_by_the_stock_cli(planned):
     proc = run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", "nnUNetTrainerNNDM_tinny", "-device",
-                "cpu"], planned.env, check=False)
+                DEVICE], planned.env, check=False)
     assert proc.returncode != 0
     assert "unknown nndm variant 'tinny'" in proc.output and "tiny" in proc.output
 
 
 def test_out_of_range_env_option_stops_predict_before_any_output(trained, tmp_path):
     proc = run([BIN / "nnUNetv2_predict", "-i", trained.raw / "imagesTs", "-o", tmp_path / "out", "-d", DATASET_ID,
-                "-c", "3d_fullres", "-f", 0, "-tr", "nnUNetTrainerNNDM_tiny", "-device", "cpu"],
+                "-c", "3d_fullres", "-f", 0, "-tr", "nnUNetTrainerNNDM_tiny", "-device", DEVICE],
                trained.env, check=False, NNDIFF_STEPS=5000)
     assert proc.returncode != 0
     assert "NNDIFF_STEPS" in proc.output and "1..1000" in proc.output
@@ -127,12 +127,12 @@ def test_out_of_range_env_option_stops_predict_before_any_output(trained, tmp_pa
 
 def test_nndiff_predict_passes_flags_as_options(trained, tmp_path):
     proc = run([BIN / "nndiff", "predict", "--steps", "0", "-i", trained.raw / "imagesTs", "-o", tmp_path, "-d",
-                DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", "nnUNetTrainerNNDM_tiny", "-device", "cpu"],
+                DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", "nnUNetTrainerNNDM_tiny", "-device", DEVICE],
                trained.env, check=False)
     assert proc.returncode == 2 and "NNDIFF_STEPS" in proc.output and "Traceback" not in proc.output
     run([BIN / "nndiff", "predict", "--steps", "2", "--samples", "2", "--sampler", "ddpm", "--seed", "3",
          "-i", trained.raw / "imagesTs", "-o", tmp_path / "p", "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0,
-         "-tr", "nnUNetTrainerNNDM_tiny", "-device", "cpu", "-npp", "1", "-nps", "1"], trained.env)
+         "-tr", "nnUNetTrainerNNDM_tiny", "-device", DEVICE, "-npp", "1", "-nps", "1"], trained.env)
     assert_valid_label_maps(tmp_path / "p", trained.raw / "imagesTs", ["synth_ts_000", "synth_ts_001"])
 
 
@@ -148,7 +148,7 @@ def test_resume_after_a_kill_continues_in_the_right_stage(planned):
     """Kill training right after the first epoch's checkpoint, then --c: it resumes at epoch 1 (stage 3)."""
     fold_dir = model_folder(planned, "nnUNetTrainerNNDM_tiny") / "fold_1"
     proc = subprocess.Popen([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "1", "-tr",
-                             "nnUNetTrainerNNDM_tiny", "-device", "cpu"], env=planned.env,
+                             "nnUNetTrainerNNDM_tiny", "-device", DEVICE], env=planned.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600

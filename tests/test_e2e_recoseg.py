@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET_ID, make_trainer, model_folder, predict, run, train
+from conftest import BIN, DATASET_ID, DEVICE, make_trainer, model_folder, predict, run, train
 from test_e2e_nndm import assert_valid_label_maps
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ def test_predict_writes_segmentations_and_residual_maps(trained_recoseg, tmp_pat
 
     out = tmp_path / "pred"
     proc = run([BIN / "nndiff", "predict", "--residuals", "-i", images, "-o", out, "-d", DATASET_ID, "-c",
-                "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+                "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE, "-npp", "1", "-nps", "1"],
                trained_recoseg.env)
     assert f"residual maps: 2 files in {out / 'residuals'}" in proc.output
     assert_valid_label_maps(out, images, CASES)
@@ -75,13 +75,13 @@ def test_missing_t1ce_is_replaced_by_the_synthetic_one(trained_recoseg, tmp_path
     images = trained_recoseg.raw / "imagesTs"
     out = tmp_path / "missing"
     run([BIN / "nndiff", "predict", "--residuals", "--missing", "1", "-i", images, "-o", out, "-d", DATASET_ID,
-         "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+         "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE, "-npp", "1", "-nps", "1"],
         trained_recoseg.env)
     assert_valid_label_maps(out, images, CASES)
     for case in CASES:  # the real T1ce was never looked at: nothing differs from its synthetic substitute
         assert np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "residuals" / f"{case}.nii.gz")))) == 0
     bad = run([BIN / "nndiff", "predict", "--missing", "7", "-i", images, "-o", tmp_path / "bad", "-d", DATASET_ID,
-               "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", "cpu"], trained_recoseg.env, check=False)
+               "-c", "3d_fullres", "-f", 0, "-tr", TRAINER, "-device", DEVICE], trained_recoseg.env, check=False)
     assert bad.returncode != 0 and "channel(s) [7] do not exist" in bad.output
 
 
