@@ -1,8 +1,8 @@
 """Does NNDM's refiner predict the residual it should, on cases it has not seen?
 
-    python -m benchmarks.nndm_residual [--workdir nndiff_demo] [--variant demo] [--steps 5]
+    python -m benchmarks.nndm_residual [--workdir nndiff_demo] [--variant demo] [--steps 5] [--split val|train]
 
-For fold 0's validation cases of ``nndiff demo``'s models (DIR as written by the demo), nnU-Net's predictor gives
+For fold 0's validation cases (``--split train``: its training cases, which the refiner learned its residuals on) of ``nndiff demo``'s models (DIR as written by the demo), nnU-Net's predictor gives
 the backbone's probabilities p (refinement off) and the refined ones p' (DDIM ``--steps``), both in nnU-Net's
 preprocessed space. Per region it prints the true residual e = y − p (paper Eq. 1) and the applied correction
 ê = p' − p, averaged inside the region (y = 1) and outside it, and the Dice of p and p'. A refiner that generalises
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("nndiff_demo"))
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--split", choices=("val", "train"), default="val", help="fold 0's cases to look at")
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
     from nnunet_diffusion.cli import environment_with_trainers
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
 
     from .accuracy import _predictor
     torch.set_num_threads(os.cpu_count() or 1)
-    cases = json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0]["val"]
+    cases = json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0][args.split]
     p = _predictor(model)
     lm = p.label_manager
     if not lm.has_regions:
