@@ -141,17 +141,19 @@ def _para(*sentences: str) -> str:
     return textwrap.fill(" ".join(x for x in sentences if x), 116, break_long_words=False, break_on_hyphens=False)
 
 
+def _on_cuda(run: dict) -> bool:
+    return run["results"][0].get("device", "cpu").startswith("cuda")
+
+
 def _where(run: dict) -> str:
-    r = run["results"][0]
-    return ("CUDA" if r.get("device", "cpu").startswith("cuda") else "the CPU") + \
-        f", synthetic case {'x'.join(map(str, r['case_shape']))}"
+    return ("CUDA" if _on_cuda(run) else "the CPU") + \
+        f", synthetic case {'x'.join(map(str, run['results'][0]['case_shape']))}"
 
 
 def speed_section(run: dict, title: str) -> list[str]:
     """Title, provenance, method and table of one stored speed run (speed.json or speed_<device>[_<shape>].json)."""
     sr = run["results"]
     fast = "; ".join(f"{h}: " + " ".join(f"{k}={v}" for k, v in env.items()) for h, env in run["fast"].items())
-    on_cuda = sr[0].get("device", "cpu").startswith("cuda")
     return [
         title,
         _para(_provenance(run["meta"])),
@@ -162,7 +164,7 @@ def speed_section(run: dict, title: str) -> list[str]:
               "warm-up, each head setting: one run after an untimed warm-up at one DDIM step with the same shapes" +
               (" (--quick: the defaults extrapolated, not run)." if run["quick"] else "."),
               "On CUDA both train steps and predictions run under nnU-Net's autocast (AMP), everything on the GPU,"
-              " torch.compile off as on the CPU; peak GPU memory is torch's max_memory_allocated." if on_cuda else "",
+              " torch.compile off as on the CPU; peak GPU memory is torch's max_memory_allocated." if _on_cuda(run) else "",
               f'"default" = the trainer config as shipped; "fast" = the documented faster setting ({fast}).',
               "Untrained weights (cost does not depend on them)."),
         speed_table(sr),

@@ -33,6 +33,28 @@ def _evaluate(pred_dir: Path, raw: Path, cases: list[str]) -> dict:
     return {region: {"dice": m["dice"]["mean"], "hd95": m["hd95"]["mean"]} for region, m in res.summary["metrics"].items()}
 
 
+def use_demo_workdir(workdir: Path) -> None:
+    """Point nnU-Net (its paths and the trainer lookup) at the folders ``nndiff demo`` wrote in ``workdir``."""
+    from nnunet_diffusion.cli import environment_with_trainers
+    os.environ.update({k: v for k, v in environment_with_trainers().items() if k == "nnUNet_extTrainer"})
+    os.environ.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
+                      nnUNet_results=str(workdir / "nnUNet_results"))
+
+
+def fold0_cases(workdir: Path, split: str = "val") -> list[str]:
+    """Fold 0's ``split`` ("val" or "train") of the demo dataset in ``workdir`` (nnU-Net's splits_final.json)."""
+    from nnunet_diffusion.demo import DATASET
+    return json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0][split]
+
+
+def preprocessed_cases(p, cases: list[str]):
+    """nnU-Net's preprocessed dataset of ``cases`` for the predictor ``p``'s plans and configuration."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    folder = Path(os.environ["nnUNet_preprocessed"]) / p.plans_manager.dataset_name / \
+        p.configuration_manager.data_identifier
+    return infer_dataset_class(str(folder))(str(folder), list(cases))
+
+
 def _predictor(model_folder: Path):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -46,14 +68,11 @@ def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=
     import numpy as np
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     p = _predictor(model_folder)
     target = None if sampling is None else sampling(p.network)
     if target is not None:  # the warm-up samples with one DDIM step: it loads and allocates, its result is unused
         p.network.set_sampling(replace(target, sampler="ddim", steps=1, samples=1))
-    folder = Path(os.environ["nnUNet_preprocessed"]) / p.plans_manager.dataset_name / \
-        p.configuration_manager.data_identifier
-    ds = infer_dataset_class(str(folder))(str(folder), list(cases))
+    ds = preprocessed_cases(p, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     p.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(ds.load_case(cases[0])[0][:],
                                                                         dtype=np.float32)))  # warm-up, untimed
@@ -99,10 +118,7 @@ def main(argv=None) -> int:
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
     run_demo(workdir, variant=args.variant)  # trains what is missing; reuses what is there
-    from nnunet_diffusion.cli import environment_with_trainers
-    os.environ.update({k: v for k, v in environment_with_trainers().items() if k == "nnUNet_extTrainer"})
-    os.environ.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
-                      nnUNet_results=str(workdir / "nnUNet_results"))
+    use_demo_workdir(workdir)
     import torch
 
     from nnunet_diffusion.evaluation.evaluate import write_text_atomic
@@ -111,7 +127,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     raw = workdir / "nnUNet_raw" / DATASET
     results_root = workdir / "nnUNet_results" / DATASET
-    cases = json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0]["val"]
+    cases = fold0_cases(workdir)
     out_root = workdir / "accuracy"
     rows, notes = [], []
 

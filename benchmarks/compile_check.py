@@ -18,62 +18,46 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .nndm_cost import _env, prepare
+from .nndm_cost import _env, _sync, prepare, stock_head_case
 from .speed import TRAINERS, _train_batches
 
 
-def check(head: str, batch) -> list[str]:
+def _timed(fn) -> tuple[float, object]:
+    _sync()
+    t = time.perf_counter()
+    result = fn()
+    _sync()
+    return time.perf_counter() - t, result
+
+
+def check(head: str) -> list[str]:
     """Compile, train and predict one head; return what went wrong (nothing when all is well)."""
     import numpy as np
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    from .nndm_cost import _trainer
     problems = []
-    os.environ["nnUNet_compile"] = "1"
-    t0 = time.perf_counter()
-    tr = _trainer(TRAINERS[head], fold=1)
-    os.environ["nnUNet_compile"] = "0"
+    stock, batch, tr, _, predict = stock_head_case(TRAINERS[head], compile_head=True)
+    stock.on_train_end()  # the stock trainer only supplies the batch
     net = tr.unwrapped_network()
     if any("_orig_mod" in k for k in net.state_dict()):
         problems.append(f"{head}: compiling changed the state-dict keys")
-    print(f"[{head}] initialize {time.perf_counter() - t0:.1f} s, compiled in place: {', '.join(tr.compiled_parts)}",
-          flush=True)
-    tr.network.train()
+    print(f"[{head}] compiled in place: {', '.join(tr.compiled_parts)}", flush=True)
     for label, epoch, b in _train_batches(head, tr, batch):
         tr.current_epoch = epoch
         tr.lr_scheduler.step(epoch)
-        seconds = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            loss = tr.train_step(b)["loss"]
-            torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t)
+        runs = [_timed(lambda: tr.train_step(b)["loss"]) for _ in range(3)]
+        loss = runs[-1][1]
         if not np.isfinite(loss):
             problems.append(f"{head}: loss {loss} in {label}")
-        print(f"[{head}] train {label}: steps {', '.join(f'{x:.3f}' for x in seconds)} s, loss {loss:.3f}", flush=True)
+        print(f"[{head}] train {label}: steps {', '.join(f'{s:.3f}' for s, _ in runs)} s, loss {loss:.3f}", flush=True)
     net.eval()
     if hasattr(net, "refiner_updates"):
         net.refiner_updates.fill_(1)  # NNDM: refine as a trained model does
     tr.set_deep_supervision_enabled(False)
-    ds = infer_dataset_class(tr.preprocessed_dataset_folder)(tr.preprocessed_dataset_folder)
-    data = torch.from_numpy(np.asarray(ds.load_case(ds.identifiers[0])[0][:]))
     net.set_sampling(replace(tr.sampling_defaults(), sampler="ddim", steps=5, samples=1))
-    seconds = []
-    for _ in range(3):
-        p = nnUNetPredictor(device=torch.device("cuda"), perform_everything_on_device=True, allow_tqdm=False)
-        p.manual_initialization(net, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json, "check",
-                                (0, 1, 2))
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        logits = p.predict_sliding_window_return_logits(data)
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t)
-    if not bool(torch.isfinite(logits).all()):
+    runs = [_timed(lambda: predict(net)) for _ in range(3)]
+    if not bool(torch.isfinite(runs[-1][1]).all()):
         problems.append(f"{head}: non-finite prediction")
-    print(f"[{head}] predict DDIM 5 steps: {', '.join(f'{x:.3f}' for x in seconds)} s", flush=True)
+    print(f"[{head}] predict DDIM 5 steps: {', '.join(f'{s:.3f}' for s, _ in runs)} s", flush=True)
     return problems
 
 
@@ -88,13 +72,8 @@ def main(argv=None) -> int:
                          "(nnUNetTrainer._do_i_compile), so there is nothing to check here")
     workdir = args.workdir.resolve()
     prepare(workdir, (32, 40, 36))
-    os.environ.update(_env(workdir))
-    from .nndm_cost import _trainer
-    stock = _trainer("nnUNetTrainer")  # not compiled (nnUNet_compile=0 from _env): only supplies the batch
-    stock.on_train_start()
-    batch = next(stock.dataloader_train)
-    problems = [p for head in args.heads for p in check(head, batch)]
-    stock.on_train_end()
+    os.environ.update(_env(workdir))  # nnUNet_compile=0: only the heads are compiled, by stock_head_case
+    problems = [p for head in args.heads for p in check(head)]
     for p in problems:
         print(f"FAILED {p}", file=sys.stderr)
     return 1 if problems else 0

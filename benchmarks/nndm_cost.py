@@ -62,7 +62,9 @@ def device():
     return torch.device(os.environ.get("NNDIFF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _trainer(name: str, fold: int = 0):
+def _trainer(name: str, fold: int = 0, compile: bool = False):
+    """The trainer ``name`` on the benchmark's plans, initialised; ``compile``: with nnUNet_compile=1 while it
+    initialises (on CUDA the trainers then compile their ``compiled_parts`` in place), else as the environment says."""
     from nnunet_diffusion.trainers import TRAINERS
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -71,7 +73,18 @@ def _trainer(name: str, fold: int = 0):
     plans["continue_training"] = False
     cls = nnUNetTrainer if name == "nnUNetTrainer" else TRAINERS[name]
     tr = cls(plans, "3d_fullres", fold, json.loads((pre / "dataset.json").read_text()), device())
-    tr.initialize()
+    if not compile:
+        tr.initialize()
+        return tr
+    before = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "1"
+    try:
+        tr.initialize()
+    finally:
+        if before is None:
+            del os.environ["nnUNet_compile"]
+        else:
+            os.environ["nnUNet_compile"] = before
     return tr
 
 
@@ -91,10 +104,11 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def stock_head_case(trainer: str):
+def stock_head_case(trainer: str, compile_head: bool = False):
     """What the per-head cost scripts share: the stock nnUNetTrainer (data loader started) with one real augmented
-    batch, the head's trainer (fold 1, untrained weights), one preprocessed case, and ``predict(network)`` running
-    nnU-Net's predictor (sliding window, Gaussian, 8 mirrors) on that case. Call ``stock.on_train_end()`` after."""
+    batch, the head's trainer (fold 1, untrained weights; ``compile_head``: built with nnUNet_compile=1), one
+    preprocessed case, and ``predict(network)`` running nnU-Net's predictor (sliding window, Gaussian, 8 mirrors) on
+    that case. Call ``stock.on_train_end()`` after."""
     import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -102,7 +116,7 @@ def stock_head_case(trainer: str):
     stock = _trainer("nnUNetTrainer")
     stock.on_train_start()
     batch = next(stock.dataloader_train)
-    head = _trainer(trainer, fold=1)
+    head = _trainer(trainer, fold=1, compile=compile_head)
     head.network.train()
     folder = head.preprocessed_dataset_folder
     ds = infer_dataset_class(folder)(folder)

@@ -17,10 +17,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .accuracy import _predictor, fold0_cases, preprocessed_cases, use_demo_workdir
 
-def residual_report(y, p_off, p_on) -> dict:
-    """Per-region means of e = y − p_off and ê = p_on − p_off inside and outside y, and both Dice scores; arrays are
-    (regions, Z, Y, X), y binary, p probabilities."""
+
+def residual_report(y, p_off, p_on) -> list[dict]:
+    """Per-region means of e = y − p_off and ê = p_on − p_off inside and outside y, and both Dice scores (the
+    evaluation's dice_from_counts); arrays are (regions, Z, Y, X), y binary, p probabilities."""
+    from nnunet_diffusion.evaluation.metrics import dice_from_counts
     out = []
     for r in range(y.shape[0]):
         inside = y[r] > 0
@@ -28,8 +31,7 @@ def residual_report(y, p_off, p_on) -> dict:
 
         def dice(p):
             pred = p[r] > 0.5
-            denom = pred.sum() + inside.sum()
-            return float(2 * (pred & inside).sum() / denom) if denom else float("nan")
+            return dice_from_counts(int((pred & inside).sum()), int((pred & ~inside).sum()), int((~pred & inside).sum()))
 
         out.append({"voxels": int(inside.sum()), "dice refine off": dice(p_off), "dice refined": dice(p_on),
                     "e inside": float(e[inside].mean()) if inside.any() else float("nan"),
@@ -48,35 +50,30 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("val", "train"), default="val", help="fold 0's cases to look at")
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
-    from nnunet_diffusion.cli import environment_with_trainers
     from nnunet_diffusion.demo import DATASET
     model = workdir / "nnUNet_results" / DATASET / f"nnUNetTrainerNNDM_{args.variant}__nnUNetPlans__3d_fullres"
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         raise SystemExit(f"{model}/fold_0/checkpoint_final.pth is missing: run `nndiff demo --workdir {args.workdir}` "
                          "first (it trains the NNDM model this check reads)")
-    os.environ.update({k: v for k, v in environment_with_trainers().items() if k == "nnUNet_extTrainer"})
-    os.environ.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
-                      nnUNet_results=str(workdir / "nnUNet_results"))
+    use_demo_workdir(workdir)
     import numpy as np
     import torch
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from .accuracy import _predictor
+    from nnunet_diffusion.evaluation.metrics import region_mask
     torch.set_num_threads(os.cpu_count() or 1)
-    cases = json.loads((workdir / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0][args.split]
+    cases = fold0_cases(workdir, args.split)
     p = _predictor(model)
     lm = p.label_manager
     if not lm.has_regions:
         raise SystemExit(f"{model}: not a region-based (BraTS) model; this check reads sigmoid region outputs")
-    folder = workdir / "nnUNet_preprocessed" / DATASET / p.configuration_manager.data_identifier
-    ds = infer_dataset_class(str(folder))(str(folder), cases)
+    ds = preprocessed_cases(p, cases)
     refined = replace(p.network.sampling, refine=True, sampler="ddim", steps=args.steps)
     report = {}
     for case in cases:
         data, seg, _, _ = ds.load_case(case)
         x = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
         labels = np.asarray(seg[:])[0]
-        y = np.stack([np.isin(labels, r) for r in lm.foreground_regions]).astype(np.float32)
+        y = np.stack([region_mask(labels, r) for r in lm.foreground_regions]).astype(np.float32)
         probs = {}
         for name, sampling in (("off", replace(refined, refine=False)), ("on", refined)):
             p.network.set_sampling(sampling)
