@@ -1,12 +1,13 @@
 """``python -m benchmarks`` (``make bench``): speed of every head against nnU-Net, then steps–accuracy curves on
-the phantom benchmark, written to benchmarks/RESULTS.md with the date, machine, versions and commands.
+the phantom benchmark, then every demo model on held-out phantoms, written to benchmarks/RESULTS.md with the date,
+machine, versions and commands.
 
-    python -m benchmarks [--quick] [--part all|speed|accuracy|render] [--trainer-defaults] [--samples 1 4 16]
+    python -m benchmarks [--quick] [--part all|speed|accuracy|heldout|render] [--trainer-defaults] [--samples 1 4 16]
                          [--shape 32 40 36] [--workdir bench_work] [--phantoms bench_phantoms] [--out benchmarks/RESULTS.md]
 
-Each part's measurements are kept as JSON in benchmarks/results/ (speed.json, accuracy.json, each with its own
-start time, command, machine and versions) and RESULTS.md is rendered from both, so ``--part accuracy`` re-measures
-the accuracy and keeps the stored speed run (RESULTS.md says when and how each was taken). The speed part runs on
+Each part's measurements are kept as JSON in benchmarks/results/ (speed.json, accuracy.json, heldout.json, each
+with its own start time, command, machine and versions) and RESULTS.md is rendered from them, so ``--part accuracy``
+re-measures the accuracy and keeps the stored speed run (RESULTS.md says when and how each was taken). The speed part runs on
 CUDA when there is a GPU (NNDIFF_BENCH_DEVICE=cpu|cuda chooses) and is then kept as speed_cuda.json, beside the CPU
 run; --shape other than the default adds the shape to the name (speed_cuda_128x160x160.json). RESULTS.md shows every
 stored speed run.
@@ -15,7 +16,8 @@ stored speed run.
 take minutes to hours per case on a CPU), and the accuracy curves use steps 1, 2, 5, 10 and samples 1, 4.
 --samples: the samples axis, taken at --samples-steps DDIM steps (default 10). --trainer-defaults (on unless
 --quick): also the accuracy of each head at its shipped sampler (e.g. DDMD's DDPM 1000 steps x 5 samples; about
-40 min on 2 CPU cores), which each faster setting's accuracy is compared with. A failed measurement stops the run
+40 min on 2 CPU cores), which each faster setting's accuracy is compared with. --heldout-cases: how many fresh
+phantoms the held-out part draws (default 16; ``python -m benchmarks.heldout``). A failed measurement stops the run
 before anything is written.
 """
 from __future__ import annotations
@@ -136,6 +138,41 @@ def _load(results_dir: Path, part: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _head_of(trainer: str) -> str | None:
+    return next((h for h, cls in speed.TRAINERS.items() if trainer.startswith(cls + "_")), None)
+
+
+SAME_SETTINGS = ("quick", "samples", "samples_steps", "trainer_defaults")
+
+
+def merge_accuracy(stored: dict, run: dict, measured: dict | None, heads: list[str]) -> dict:
+    """The accuracy run of only ``heads`` (``measured``: its rows, the stock nnU-Net's first) merged into the stored
+    run: the other heads' rows and notes are kept and said to be from the stored run (``earlier``). Refuses when the
+    stored run was taken with other settings (its rows would not be comparable). ``measured`` None: only check."""
+    differ = [k for k in SAME_SETTINGS if stored.get(k) != run.get(k)]
+    if differ:
+        raise SystemExit("--accuracy-heads keeps the other heads' rows of benchmarks/results/accuracy.json, but that "
+                         "run used other settings (" + ", ".join(f"{k} {stored.get(k)!r}, now {run.get(k)!r}"
+                                                              for k in differ) + "); measure every head instead")
+    if measured is None:
+        return stored
+    kept_rows = [r for r in stored["accuracy"]["rows"] if _head_of(r["trainer"]) not in (None, *heads)]
+    kept_heads = sorted({_head_of(r["trainer"]) for r in kept_rows})
+    kept_trainers = {r["trainer"] for r in kept_rows}
+    notes = measured.get("notes", []) + [n for n in stored["accuracy"].get("notes", [])
+                                         if n.split(":")[0] in kept_trainers]
+    order = list(speed.TRAINERS)
+    rows = sorted(measured["rows"] + kept_rows, key=lambda r: -1 if _head_of(r["trainer"]) is None
+                  else order.index(_head_of(r["trainer"])))
+    earlier = [e for e in stored.get("earlier", []) if set(e["heads"]) & set(kept_heads)]
+    covered = {h for e in earlier for h in e["heads"]}
+    if set(kept_heads) - covered:
+        earlier.append({"meta": stored["meta"], "heads": sorted(set(kept_heads) - covered)})
+    for e in earlier:
+        e["heads"] = [h for h in e["heads"] if h in kept_heads]
+    return dict(run, accuracy=dict(measured, rows=rows, notes=notes), earlier=earlier)
+
+
 def _para(*sentences: str) -> str:
     """One prose paragraph of RESULTS.md, wrapped at 116 columns."""
     return textwrap.fill(" ".join(x for x in sentences if x), 116, break_long_words=False, break_on_hyphens=False)
@@ -171,8 +208,29 @@ def speed_section(run: dict, title: str) -> list[str]:
     ]
 
 
-def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None) -> str:
-    """RESULTS.md from the CPU speed run, the accuracy run and any other stored speed runs ({file stem: run})."""
+def heldout_section(run: dict) -> list[str]:
+    """Title, provenance, method, table and NNDM's per-case comparison of the stored held-out run."""
+    h = run["heldout"]
+    lines = [
+        "## Held-out phantoms (`python -m benchmarks.heldout`)",
+        _para(_provenance(run["meta"])),
+        _para(f"The same `_demo` models on {len(h['cases'])} fresh phantoms (seed {h['seed']}, the demo's layout and",
+              "4 mm resolution) that no model has seen, in training or as a validation case; predicted from the raw",
+              "NIfTI files with nnU-Net's predict_from_files (s / case: preprocessing, prediction and export, one",
+              "process each). NNDM with its refinement off and at its defaults, the other heads at their documented",
+              "faster setting; mean over cases."),
+        accuracy_table(h["rows"]),
+    ]
+    for name, per_region in h.get("comparisons", {}).items():
+        lines.append(_para(f"{name}, per case (Dice higher / same / lower):",
+                           "; ".join(f"{r} {c['higher']} / {c['same']} / {c['lower']}" for r, c in per_region.items()
+                                     if r != "mean over regions") + "."))
+    return lines
+
+
+def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None, heldout_run: dict | None = None) -> str:
+    """RESULTS.md from the CPU speed run, the accuracy run, any other stored speed runs ({file stem: run}) and the
+    held-out run (optional: RESULTS.md has no held-out section without one)."""
     extra_speed = extra_speed or {}
     acc = acc_run["accuracy"]
     samples = acc_run.get("samples", [1])
@@ -185,6 +243,8 @@ def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None) -> s
           for x in speed_section(run, f"## Speed on {_where(run)} ({name})")),
         "## Steps–accuracy on the phantom benchmark (`python -m benchmarks.accuracy`)",
         _para(_provenance(acc_run["meta"])),
+        *(_para(f"The rows of {', '.join(e['heads'])} are kept from an earlier run with the same settings:",
+                _provenance(e["meta"])) for e in acc_run.get("earlier", [])),
         _para("`nndiff demo`'s phantoms (BraTS 2021 layout, 4 mm), `_demo` trainers (minutes of training), fold 0's",
               f"{len(acc['cases'])} validation cases ({', '.join(acc['cases'])}); DDIM with the given steps unless the",
               "setting says otherwise; mean over cases; s / case = nnU-Net's predictor, export excluded.",
@@ -197,6 +257,7 @@ def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None) -> s
               "These models are trained for minutes on a CPU: the table shows how accuracy and time move with the",
               "sampling on one benchmark, not what the methods reach with full training."),
         accuracy_table(acc["rows"]),
+        *(heldout_section(heldout_run) if heldout_run else []),
     ]) + "\n"
 
 
@@ -204,7 +265,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=["all", "speed", "accuracy", "render"], default="all",
+    ap.add_argument("--part", choices=["all", "speed", "accuracy", "heldout", "render"], default="all",
                     help="measure only this part (RESULTS.md is rendered with the other part's stored results); "
                          "render: measure nothing, only render RESULTS.md from benchmarks/results/")
     ap.add_argument("--samples", type=int, nargs="+", help="samples axis (default: 1 4 16; --quick: 1 4)")
@@ -214,6 +275,10 @@ def main(argv=None) -> int:
                          "slow: about 40 min on 2 CPU cores)")
     ap.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("Z", "Y", "X"),
                     help="synthetic case shape of the speed part (default 32 40 36; a new shape needs a new --workdir)")
+    ap.add_argument("--accuracy-heads", nargs="+", choices=list(speed.TRAINERS), default=list(speed.TRAINERS),
+                    help="re-measure only these heads' accuracy (and the stock nnU-Net's); the other heads' rows are "
+                         "kept from the stored accuracy.json, which must have been taken with the same settings")
+    ap.add_argument("--heldout-cases", type=int, default=16, help="fresh phantoms of the held-out part (default 16)")
     ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
     ap.add_argument("--phantoms", type=Path, default=Path("bench_phantoms"))
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -242,14 +307,31 @@ def main(argv=None) -> int:
                    "--samples", *map(str, samples), "--samples-steps", str(args.samples_steps), "--out", "bench.json"]
         if trainer_defaults:
             acc_cmd.append("--trainer-defaults")
+        run = {"meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
+               "trainer_defaults": trainer_defaults}
+        stored = None
+        if set(args.accuracy_heads) != set(speed.TRAINERS):  # refuse before measuring, not after
+            stored = merge_accuracy(_load(args.results_dir, "accuracy"), run, None, args.accuracy_heads)
+        acc_cmd += ["--heads", *args.accuracy_heads]
         if subprocess.run(acc_cmd).returncode != 0:
             raise SystemExit("benchmarks.accuracy failed; RESULTS.md not written")
-        write_text_atomic(args.results_dir / "accuracy.json", json.dumps({
-            "meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
-            "trainer_defaults": trainer_defaults,
-            "accuracy": json.loads((phantoms / "accuracy" / "bench.json").read_text())}, indent=2))
+        run["accuracy"] = json.loads((phantoms / "accuracy" / "bench.json").read_text())
+        if stored is not None:
+            run = merge_accuracy(_load(args.results_dir, "accuracy"), run, run["accuracy"], args.accuracy_heads)
+        write_text_atomic(args.results_dir / "accuracy.json", json.dumps(run, indent=2))
+    if args.part in ("all", "heldout"):
+        meta = _meta(argv)
+        phantoms = args.phantoms.resolve()
+        cmd = [sys.executable, "-m", "benchmarks.heldout", "--workdir", str(phantoms), "--cases",
+               str(args.heldout_cases), "--out", "bench.json"]
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit("benchmarks.heldout failed; RESULTS.md not written")
+        write_text_atomic(args.results_dir / "heldout.json", json.dumps(
+            {"meta": meta, "heldout": json.loads((phantoms / "heldout" / "bench.json").read_text())}, indent=2))
     extra = {p.stem: json.loads(p.read_text()) for p in sorted(args.results_dir.glob("speed_*.json"))}
-    text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"), extra)
+    heldout = args.results_dir / "heldout.json"
+    text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"), extra,
+                  json.loads(heldout.read_text()) if heldout.is_file() else None)
     write_text_atomic(args.out, text)
     print(text)
     return 0

@@ -99,11 +99,17 @@ def sampling_grid(steps: list[int], samples: list[int], samples_steps: int) -> l
     return grid
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every script that measures ``nndiff demo``'s models: their folder, variant and heads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("bench_phantoms"))
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = demo_parser(__doc__)
     ap.add_argument("--steps", type=int, nargs="*", default=[1, 2, 5, 10, 25, 100])
     ap.add_argument("--samples", type=int, nargs="+", default=[1],
                     help="the samples axis: each number of samples at --samples-steps DDIM steps (the steps axis "

@@ -32,6 +32,8 @@ from .errors import NNDiffError
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
+# the phantoms the demo trains on (10 training + 2 validation cases); benchmarks.heldout draws more like them
+PHANTOMS = {"edition": "2021", "seed": 0, "spacing": 4, "crop": "brain"}
 BIN = Path(sys.executable).parent
 HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
          ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
@@ -98,8 +100,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
     if not (brats / "done").is_file():
         t0 = time.time()
         print("[1/6] semi-synthetic BraTS 2021 phantoms (MNI152 anatomy, 4 mm): 10 training + 2 validation cases")
-        folders = make_phantoms(brats, edition="2021", n=10, n_val=2, seed=0, spacing=4, crop="brain",
-                                overwrite=True)
+        folders = make_phantoms(brats, n=10, n_val=2, overwrite=True, **PHANTOMS)
         (brats / "done").write_text(json.dumps({k: str(v) for k, v in folders.items()}))
         timings["phantoms"] = time.time() - t0
     folders = json.loads((brats / "done").read_text())

@@ -143,3 +143,89 @@ def test_residual_report_tells_a_wrong_sign_correction_inside_the_region_from_a_
     assert (wrong["dice refine off"], wrong["dice refined"], wrong["voxels lost by refining"]) == (1.0, 0.0, 4)
     right = residual_report(y, p_off, np.where(y > 0, 0.95, 0.0))[0]
     assert right["ê inside"] == pytest.approx(0.35) and right["voxels gained by refining"] == 0
+
+
+def test_heldout_counts_per_case_whether_the_refinement_raised_or_lowered_dice():
+    from benchmarks.heldout import paired
+    off = {"a": {"tc": 0.5, "wt": 0.9}, "b": {"tc": 0.7, "wt": 0.9}, "c": {"tc": 0.2, "wt": 0.8}}
+    on = {"a": {"tc": 0.6, "wt": 0.9}, "b": {"tc": 0.4, "wt": 0.9}, "c": {"tc": 0.3, "wt": 0.85}}
+    assert paired(off, on) == {"tc": {"higher": 2, "same": 0, "lower": 1}, "wt": {"higher": 1, "same": 2, "lower": 0}}
+
+
+def test_heldout_measures_the_stock_nnunet_nndm_off_and_on_and_each_other_head_at_its_faster_setting():
+    from benchmarks.heldout import settings_to_run
+    from nnunet_diffusion.inference.options import SamplingOptions
+    runs = settings_to_run(["nndm", "modiff"], "demo")
+    assert [(t, label.split(" (")[0]) for t, label, _ in runs] == [
+        ("nnUNetTrainer_demo", "stock"), ("nnUNetTrainerNNDM_demo", "refine off"),
+        ("nnUNetTrainerNNDM_demo", "defaults"), ("nnUNetTrainerMoDiff_demo", "fast")]
+    shipped = SamplingOptions(sampler="ddpm", steps=250, samples=16)
+    assert runs[1][2](shipped).refine is False and runs[2][2] is None
+    fast = runs[3][2](shipped)
+    assert (fast.sampler, fast.steps, fast.samples) == ("ddim", 10, 4)
+    assert "NNDIFF_STEPS=10" in runs[3][1]
+
+
+def test_heldout_refuses_the_demo_phantoms_own_seed(tmp_path):
+    from benchmarks.heldout import make_heldout
+    with pytest.raises(SystemExit, match="the demo's own phantom seed"):
+        make_heldout(tmp_path, 4, 0)
+    assert not (tmp_path / "heldout").exists()
+
+
+def test_results_md_shows_the_heldout_part_only_when_it_was_run():
+    sr = {"head": "nndm", "case_shape": [1, 2, 3], "patch_size": [1, 2, 3], "batch_size": 2,
+          "train_step nnUNetTrainer": 2.0, "predict nnUNetTrainer": 4.0, "peak RSS (GB)": 1.0}
+    row = {"trainer": "t", "setting": "refine off", "seconds_per_case": 2.0,
+           "metrics": {"tumor core": {"dice": 0.25, "hd95": 7.0}, "mean over regions": {"dice": 0.25, "hd95": 7.0}}}
+    speed_run = {"meta": _run("s"), "quick": False, "fast": {}, "results": [sr]}
+    acc = {"meta": _run("a"), "quick": False, "accuracy": {"cases": ["c1"], "rows": [row]}, "samples_steps": 10}
+    assert "Held-out" not in render(speed_run, acc)
+    heldout = {"meta": _run("python -m benchmarks --part heldout"), "heldout": {
+        "cases": ["x1", "x2"], "seed": 7, "rows": [row],
+        "comparisons": {"NNDM defaults against its refinement off": {
+            "tumor core": {"higher": 1, "same": 0, "lower": 1}, "mean over regions": {"higher": 1, "same": 0, "lower": 1}}}}}
+    text = render(speed_run, acc, None, heldout)
+    part = text[text.index("## Held-out phantoms"):]
+    assert "`python -m benchmarks --part heldout`" in part and "2 fresh phantoms (seed 7" in part
+    assert "| t | refine off | 2.00 | 25.0 | 7.0 |" in part
+    assert "NNDM defaults against its refinement off, per case (Dice higher / same / lower): tumor core 1 / 0 / 1." in part
+
+
+def _acc_row(trainer, setting, dice):
+    return {"trainer": trainer, "setting": setting, "seconds_per_case": 1.0,
+            "metrics": {"whole tumor": {"dice": dice, "hd95": 3.0}}}
+
+
+def test_remeasuring_one_heads_accuracy_keeps_the_other_heads_rows_and_says_when_they_were_taken():
+    from benchmarks.__main__ import merge_accuracy
+    settings = {"quick": False, "samples": [1, 4], "samples_steps": 10, "trainer_defaults": True}
+    stored = dict(settings, meta=_run("python -m benchmarks --part accuracy"), accuracy={"cases": ["c"], "rows": [
+        _acc_row("nnUNetTrainer_demo", "stock", 0.5), _acc_row("nnUNetTrainerNNDM_demo", "refine off", 0.1),
+        _acc_row("nnUNetTrainerMoDiff_demo", "ddim 1 steps x 1 samples", 0.3)],
+        "notes": ["nnUNetTrainerMoDiff_demo: a kept note", "nnUNetTrainerNNDM_demo: an old note"]})
+    new = dict(settings, meta=dict(_run("python -m benchmarks --part accuracy --accuracy-heads nndm"),
+                                   started="2026-02-02 00:00 UTC"))
+    measured = {"cases": ["c"], "rows": [_acc_row("nnUNetTrainer_demo", "stock", 0.6),
+                                         _acc_row("nnUNetTrainerNNDM_demo", "refine off", 0.7)], "notes": []}
+    merged = merge_accuracy(stored, new, measured, ["nndm"])
+    assert [(r["trainer"], r["metrics"]["whole tumor"]["dice"]) for r in merged["accuracy"]["rows"]] == [
+        ("nnUNetTrainer_demo", 0.6), ("nnUNetTrainerNNDM_demo", 0.7), ("nnUNetTrainerMoDiff_demo", 0.3)]
+    assert merged["accuracy"]["notes"] == ["nnUNetTrainerMoDiff_demo: a kept note"]
+    assert merged["earlier"] == [{"meta": stored["meta"], "heads": ["modiff"]}]
+    sr = {"head": "nndm", "case_shape": [1, 2, 3], "patch_size": [1, 2, 3], "batch_size": 2,
+          "train_step nnUNetTrainer": 2.0, "predict nnUNetTrainer": 4.0, "peak RSS (GB)": 1.0}
+    text = " ".join(render({"meta": _run("s"), "quick": False, "fast": {}, "results": [sr]}, merged).split())
+    assert "Measured by `python -m benchmarks --part accuracy --accuracy-heads nndm`, started 2026-02-02" in text
+    assert ("The rows of modiff are kept from an earlier run with the same settings: Measured by `python -m "
+            "benchmarks --part accuracy`, started 2026-01-01") in text
+    # a second partial run keeps the first run's provenance for the rows it still keeps
+    again = merge_accuracy(merged, new, measured, ["nndm"])
+    assert again["earlier"] == [{"meta": stored["meta"], "heads": ["modiff"]}]
+
+
+def test_remeasuring_one_head_with_other_settings_than_the_stored_run_is_refused_before_measuring(tmp_path):
+    from benchmarks.__main__ import merge_accuracy
+    stored = {"quick": False, "samples": [1, 4, 16], "samples_steps": 10, "trainer_defaults": True}
+    with pytest.raises(SystemExit, match=r"other settings \(quick False, now True, samples \[1, 4, 16\], now \[1, 4\]"):
+        merge_accuracy(stored, dict(stored, quick=True, samples=[1, 4]), None, ["nndm"])
