@@ -35,6 +35,7 @@ from pathlib import Path
 from nnunet_diffusion.evaluation.evaluate import write_text_atomic
 
 from . import speed
+from .heldout import result_file as heldout_file
 
 
 def _versions() -> dict:
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit("benchmarks.heldout failed; RESULTS.md not written")
         write_text_atomic(args.results_dir / "heldout.json", json.dumps(
-            {"meta": meta, "heldout": json.loads((phantoms / "heldout" / "bench.json").read_text())}, indent=2))
+            {"meta": meta, "heldout": json.loads(heldout_file(phantoms, "bench.json").read_text())}, indent=2))
     extra = {p.stem: json.loads(p.read_text()) for p in sorted(args.results_dir.glob("speed_*.json"))}
     heldout = args.results_dir / "heldout.json"
     text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"), extra,

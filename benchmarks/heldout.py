@@ -45,6 +45,11 @@ def make_heldout(workdir: Path, n: int, seed: int) -> Path:
     return raw
 
 
+def result_file(workdir: Path, name: str) -> Path:
+    """Where ``main`` writes its JSON (``--out name``) for the demo folder ``workdir``."""
+    return workdir / "heldout" / name
+
+
 def settings_to_run(heads: list[str], variant: str) -> list[tuple[str, str, object]]:
     """(trainer, setting label, sampling change) in the order they are measured: the stock nnU-Net first; NNDM
     refinement off and its defaults; the other heads at their documented faster setting (``speed.FAST``, parsed as
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     if len(nndm) == 2:
         comparisons["NNDM defaults against its refinement off"] = paired(nndm[0]["per_case_dice"],
                                                                          nndm[1]["per_case_dice"])
-    write_text_atomic(workdir / "heldout" / args.out, json.dumps(
+    write_text_atomic(result_file(workdir, args.out), json.dumps(
         {"cases": cases, "seed": args.seed, "rows": rows, "comparisons": comparisons}, indent=2))
     return 0
 
