@@ -146,17 +146,20 @@ def _head_of(trainer: str) -> str | None:
 SAME_SETTINGS = ("quick", "samples", "samples_steps", "trainer_defaults")
 
 
-def merge_accuracy(stored: dict, run: dict, measured: dict | None, heads: list[str]) -> dict:
-    """The accuracy run of only ``heads`` (``measured``: its rows, the stock nnU-Net's first) merged into the stored
-    run: the other heads' rows and notes are kept and said to be from the stored run (``earlier``). Refuses when the
-    stored run was taken with other settings (its rows would not be comparable). ``measured`` None: only check."""
+def check_mergeable(stored: dict, run: dict) -> None:
+    """Refuse to keep the stored accuracy run's rows beside a run taken with other settings (not comparable)."""
     differ = [k for k in SAME_SETTINGS if stored.get(k) != run.get(k)]
     if differ:
         raise SystemExit("--accuracy-heads keeps the other heads' rows of benchmarks/results/accuracy.json, but that "
                          "run used other settings (" + ", ".join(f"{k} {stored.get(k)!r}, now {run.get(k)!r}"
                                                               for k in differ) + "); measure every head instead")
-    if measured is None:
-        return stored
+
+
+def merge_accuracy(stored: dict, run: dict, measured: dict, heads: list[str]) -> dict:
+    """The accuracy run of only ``heads`` (``measured``: its rows, the stock nnU-Net's first) merged into the stored
+    run: the other heads' rows and notes are kept and said to be from the stored run (``earlier``). Refuses when the
+    stored run was taken with other settings (``check_mergeable``)."""
+    check_mergeable(stored, run)
     kept_rows = [r for r in stored["accuracy"]["rows"] if _head_of(r["trainer"]) not in (None, *heads)]
     kept_heads = sorted({_head_of(r["trainer"]) for r in kept_rows})
     kept_trainers = {r["trainer"] for r in kept_rows}
@@ -311,14 +314,15 @@ def main(argv=None) -> int:
         run = {"meta": meta, "quick": args.quick, "samples": samples, "samples_steps": args.samples_steps,
                "trainer_defaults": trainer_defaults}
         stored = None
-        if set(args.accuracy_heads) != set(speed.TRAINERS):  # refuse before measuring, not after
-            stored = merge_accuracy(_load(args.results_dir, "accuracy"), run, None, args.accuracy_heads)
+        if set(args.accuracy_heads) != set(speed.TRAINERS):
+            stored = _load(args.results_dir, "accuracy")
+            check_mergeable(stored, run)  # refuse before measuring, not after
         acc_cmd += ["--heads", *args.accuracy_heads]
         if subprocess.run(acc_cmd).returncode != 0:
             raise SystemExit("benchmarks.accuracy failed; RESULTS.md not written")
         run["accuracy"] = json.loads((phantoms / "accuracy" / "bench.json").read_text())
         if stored is not None:
-            run = merge_accuracy(_load(args.results_dir, "accuracy"), run, run["accuracy"], args.accuracy_heads)
+            run = merge_accuracy(stored, run, run["accuracy"], args.accuracy_heads)
         write_text_atomic(args.results_dir / "accuracy.json", json.dumps(run, indent=2))
     if args.part in ("all", "heldout"):
         meta = _meta(argv)

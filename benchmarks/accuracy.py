@@ -26,11 +26,25 @@ from .speed import FAST
 from .speed import TRAINERS as HEADS
 
 
-def _evaluate(pred_dir: Path, raw: Path, cases: list[str]) -> dict:
+def evaluate_cases(pred_dir: Path, raw: Path, cases: list[str]):
+    """``nndiff evaluate``'s result (per case and summary) for ``cases`` in ``pred_dir`` against ``raw``'s labelsTr."""
     from nnunet_diffusion.evaluation.evaluate import evaluate_folder
-    res = evaluate_folder(pred_dir, raw / "labelsTr", dataset_json=raw / "dataset.json", cases=cases,
-                          num_processes=1, progress=False)
+    return evaluate_folder(pred_dir, raw / "labelsTr", dataset_json=raw / "dataset.json", cases=cases,
+                           num_processes=1, progress=False)
+
+
+def mean_metrics(res) -> dict:
+    """{region: {"dice": mean, "hd95": mean}} of an evaluation result: the rows of the benchmark's tables."""
     return {region: {"dice": m["dice"]["mean"], "hd95": m["hd95"]["mean"]} for region, m in res.summary["metrics"].items()}
+
+
+def fast_options(head: str):
+    """``head``'s documented faster setting (``speed.FAST``) as SamplingOptions, parsed as ``nndiff predict`` parses
+    its NNDIFF_* values, on top of the head's shipped sampling."""
+    from nnunet_diffusion.inference.options import options_from_env
+    from nnunet_diffusion.trainers import TRAINERS
+    base = TRAINERS[HEADS[head]]
+    return options_from_env(base.sampling_defaults(), int(base.hparams()["num_train_timesteps"]), FAST[head])
 
 
 def use_demo_workdir(workdir: Path) -> None:
@@ -128,7 +142,6 @@ def main(argv=None) -> int:
     import torch
 
     from nnunet_diffusion.evaluation.evaluate import write_text_atomic
-    from nnunet_diffusion.inference.options import options_from_env
     from nnunet_diffusion.trainers import TRAINERS
     torch.set_num_threads(os.cpu_count() or 1)
     raw = workdir / "nnUNet_raw" / DATASET
@@ -144,7 +157,7 @@ def main(argv=None) -> int:
         pred = out_root / f"{trainer}__{label.replace(' ', '_')}"
         seconds = predict_cases(folder(trainer), cases, pred, sampling)
         rows.append({"trainer": trainer, "setting": label, "seconds_per_case": seconds,
-                     "metrics": _evaluate(pred, raw, cases), **extra})
+                     "metrics": mean_metrics(evaluate_cases(pred, raw, cases)), **extra})
         print(json.dumps(rows[-1]), flush=True)
 
     run(f"nnUNetTrainer_{args.variant}", "stock")
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
         defaults = base.sampling_defaults()
         grid = sampling_grid(args.steps, args.samples, args.samples_steps)
         if head in FAST:  # the documented faster setting's accuracy, always; parsed as nndiff predict parses it
-            f = options_from_env(defaults, int(base.hparams()["num_train_timesteps"]), FAST[head])
+            f = fast_options(head)
             grid += [] if (f.sampler, f.steps, f.samples) in grid else [(f.sampler, f.steps, f.samples)]
         if not _predictor(folder(trainer)).network.supports_samples:
             grid = [g for g in grid if g[2] == 1]

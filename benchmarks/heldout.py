@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .accuracy import _predictor, demo_parser, use_demo_workdir
+from .accuracy import _predictor, demo_parser, evaluate_cases, fast_options, mean_metrics, use_demo_workdir
 from .speed import FAST
 from .speed import TRAINERS as HEADS
 
@@ -55,17 +55,13 @@ def settings_to_run(heads: list[str], variant: str) -> list[tuple[str, str, obje
     refinement off and its defaults; the other heads at their documented faster setting (``speed.FAST``, parsed as
     ``nndiff predict`` parses it). The change maps the network's SamplingOptions to the ones to use (None: as is)."""
     from dataclasses import replace
-
-    from nnunet_diffusion.inference.options import options_from_env
-    from nnunet_diffusion.trainers import TRAINERS
     out = [(f"nnUNetTrainer_{variant}", "stock", None)]
     for head in heads:
         trainer = f"{HEADS[head]}_{variant}"
         if head == "nndm":
             out += [(trainer, "refine off", lambda o: replace(o, refine=False)), (trainer, "defaults", None)]
         else:
-            base = TRAINERS[HEADS[head]]
-            fast = options_from_env(base.sampling_defaults(), int(base.hparams()["num_train_timesteps"]), FAST[head])
+            fast = fast_options(head)
             label = "fast (" + " ".join(f"{k}={v}" for k, v in FAST[head].items()) + ")"
             out.append((trainer, label, lambda o, f=fast: replace(o, sampler=f.sampler, steps=f.steps,
                                                                     samples=f.samples)))
@@ -94,7 +90,7 @@ def main(argv=None) -> int:
     from nnunet_diffusion.demo import DATASET, run_demo
     run_demo(workdir, variant=args.variant)  # trains what is missing; reuses what is there
     use_demo_workdir(workdir)
-    from nnunet_diffusion.evaluation.evaluate import evaluate_folder, write_text_atomic
+    from nnunet_diffusion.evaluation.evaluate import write_text_atomic
     raw = make_heldout(workdir, args.cases, args.seed)
     cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
     inputs = [[str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases]
@@ -109,14 +105,12 @@ def main(argv=None) -> int:
         p.predict_from_files(inputs, [str(out / c) for c in cases], save_probabilities=False, overwrite=True,
                              num_processes_preprocessing=1, num_processes_segmentation_export=1)
         seconds = (time.perf_counter() - t0) / len(cases)
-        res = evaluate_folder(out, raw / "labelsTr", dataset_json=raw / "dataset.json", cases=cases,
-                              num_processes=1, progress=False)
+        res = evaluate_cases(out, raw, cases)
         per_case = {c: {} for c in cases}
         for rec in res.per_case[["case", "region", "dice"]].itertuples(index=False):
             per_case[rec.case][rec.region] = float(rec.dice)
         rows.append({"trainer": trainer, "setting": label, "seconds_per_case": seconds,
-                     "metrics": {r: {"dice": m["dice"]["mean"], "hd95": m["hd95"]["mean"]}
-                                 for r, m in res.summary["metrics"].items()},
+                     "metrics": mean_metrics(res),
                      "per_case_dice": per_case})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_case_dice"}), flush=True)
     comparisons = {}

@@ -225,7 +225,9 @@ def test_remeasuring_one_heads_accuracy_keeps_the_other_heads_rows_and_says_when
 
 
 def test_remeasuring_one_head_with_other_settings_than_the_stored_run_is_refused_before_measuring(tmp_path):
-    from benchmarks.__main__ import merge_accuracy
+    from benchmarks.__main__ import check_mergeable, merge_accuracy
     stored = {"quick": False, "samples": [1, 4, 16], "samples_steps": 10, "trainer_defaults": True}
     with pytest.raises(SystemExit, match=r"other settings \(quick False, now True, samples \[1, 4, 16\], now \[1, 4\]"):
-        merge_accuracy(stored, dict(stored, quick=True, samples=[1, 4]), None, ["nndm"])
+        check_mergeable(stored, dict(stored, quick=True, samples=[1, 4]))
+    with pytest.raises(SystemExit, match=r"other settings \(quick False, now True"):
+        merge_accuracy(stored, dict(stored, quick=True, samples=[1, 4]), {"rows": []}, ["nndm"])
