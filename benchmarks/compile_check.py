@@ -1,13 +1,19 @@
-"""The trainers' torch.compile path on CUDA: does it build, train each stage and predict, and what does it cost?
+"""The trainers' torch.compile path: does it build, train each stage and predict, and what does it cost?
 
-    python -m benchmarks.compile_check [--workdir bench_work] [nndm medsegdiff recoseg modiff ddmd]
+    python -m benchmarks.compile_check [--workdir bench_work] [--backend inductor|eager] [nndm medsegdiff …]
 
-Needs a GPU (nnU-Net never compiles on the CPU). On the speed benchmark's synthetic dataset (made and planned if
-missing), for each head: the trainer is built with nnUNet_compile=1, so ``initialize()`` compiles its
-``compiled_parts`` in place; the state-dict keys must stay plain (checkpoints load without torch.compile); then 3
-train steps of each stage on one real augmented batch from nnU-Net's data loader (under nnU-Net's autocast), and 3
-predictions of one case with nnU-Net's predictor (8 mirrors, DDIM 5 steps). Prints each step's seconds: the first
-holds the compilation. Exits non-zero when a loss or a prediction is not finite or a state-dict key changed.
+On the speed benchmark's synthetic dataset (made and planned if missing), for each head: its ``compiled_parts``
+are compiled in place; the state-dict keys must stay plain (checkpoints load without torch.compile); then 3 train
+steps of each stage on one real augmented batch from nnU-Net's data loader (under nnU-Net's autocast on CUDA), and
+3 predictions of one case with nnU-Net's predictor (8 mirrors, DDIM 5 steps). Prints each step's seconds: the first
+holds the compilation. Exits non-zero when a loss or a prediction is not finite, a state-dict key changed, or
+dynamo broke a compiled part's graph (each break is a Python fallback, and a sign the part will recompile).
+
+Who compiles: on CUDA with the default backend, the trainer itself, built with nnUNet_compile=1 as
+``nnUNetv2_train`` builds it (the path users take). On the CPU nnU-Net never compiles (nnUNetTrainer._do_i_compile),
+so the script calls the trainer's ``compile_parts()`` itself: that checks the same graphs through inductor's CPU code
+generation, not CUDA's kernels or AMP. ``--backend eager`` only captures the graphs (dynamo, no code generation):
+the quick check of graph breaks, seconds per head instead of minutes.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .nndm_cost import _env, _sync, prepare, stock_head_case
+from .nndm_cost import _env, _sync, device, prepare, stock_head_case
 from .speed import TRAINERS, _train_batches
 
 
@@ -30,17 +36,27 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, result
 
 
-def check(head: str) -> list[str]:
+def check(head: str, backend: str = "inductor") -> list[str]:
     """Compile, train and predict one head; return what went wrong (nothing when all is well)."""
     import numpy as np
     import torch
+    from torch._dynamo.utils import counters
     problems = []
-    stock, batch, tr, _, predict = stock_head_case(TRAINERS[head], compile_head=True)
+    by_trainer = device().type == "cuda" and backend == "inductor"
+    torch._dynamo.reset()
+    counters.clear()
+    stock, batch, tr, _, predict = stock_head_case(TRAINERS[head], compile_head=by_trainer)
     stock.on_train_end()  # the stock trainer only supplies the batch
     net = tr.unwrapped_network()
+    if by_trainer:
+        if any(getattr(net, part)._compiled_call_impl is None for part in tr.compiled_parts):
+            problems.append(f"{head}: initialize() with nnUNet_compile=1 on CUDA did not compile its parts")
+    else:
+        tr.compile_parts(backend=backend)
     if any("_orig_mod" in k for k in net.state_dict()):
         problems.append(f"{head}: compiling changed the state-dict keys")
-    print(f"[{head}] compiled in place: {', '.join(tr.compiled_parts)}", flush=True)
+    who = "by initialize() (nnUNet_compile=1)" if by_trainer else f"by compile_parts(backend={backend!r})"
+    print(f"[{head}] compiled in place {who} on {device()}: {', '.join(tr.compiled_parts)}", flush=True)
     for label, epoch, b in _train_batches(head, tr, batch):
         tr.current_epoch = epoch
         tr.lr_scheduler.step(epoch)
@@ -58,22 +74,30 @@ def check(head: str) -> list[str]:
     if not bool(torch.isfinite(runs[-1][1]).all()):
         problems.append(f"{head}: non-finite prediction")
     print(f"[{head}] predict DDIM 5 steps: {', '.join(f'{s:.3f}' for s, _ in runs)} s", flush=True)
-    return problems
+    return problems + graph_breaks(head)
+
+
+def graph_breaks(head: str) -> list[str]:
+    """One problem per distinct graph break dynamo counted since ``torch._dynamo.utils.counters`` was cleared."""
+    from torch._dynamo.utils import counters
+    return [f"{head}: {count} graph break(s) in a compiled part: {' '.join(reason.split())[:500]}"
+            for reason, count in counters["graph_break"].items()]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("heads", nargs="*", default=list(TRAINERS), choices=list(TRAINERS))
+    ap.add_argument("heads", nargs="*", metavar="HEAD", help=f"heads to check (default: all of {', '.join(TRAINERS)})")
     ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
+    ap.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                    help="torch.compile backend (default inductor, what nnU-Net uses); eager: graph capture only")
     args = ap.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.compile_check needs a CUDA GPU: nnU-Net does not compile on the CPU "
-                         "(nnUNetTrainer._do_i_compile), so there is nothing to check here")
+    unknown = sorted(set(args.heads) - set(TRAINERS))
+    if unknown:  # checked here: argparse's choices refuse an empty nargs="*" list on Python 3.11
+        ap.error(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(TRAINERS)}")
     workdir = args.workdir.resolve()
     prepare(workdir, (32, 40, 36))
-    os.environ.update(_env(workdir))  # nnUNet_compile=0: only the heads are compiled, by stock_head_case
-    problems = [p for head in args.heads for p in check(head)]
+    os.environ.update(_env(workdir))  # nnUNet_compile=0: only the heads are compiled, by check()
+    problems = [p for head in args.heads or list(TRAINERS) for p in check(head, args.backend)]
     for p in problems:
         print(f"FAILED {p}", file=sys.stderr)
     return 1 if problems else 0

@@ -69,3 +69,15 @@ def test_3d_denoisers_use_the_onednn_conv():
     net = TimeConditionedUNet(3, 4, 2, [8, 16], [(2, 2, 2)])
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(isinstance(m, Conv3d) for m in convs)
+
+
+def test_conv3d_compiles_in_one_graph_on_the_cpu():
+    """Under torch.compile the oneDNN shortcut steps aside (dynamo cannot trace torch.backends.mkldnn's checks nor
+    the direct call): one graph, no break, the eager result."""
+    from nnunet_diffusion.nets.layers import Conv3d
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv3d(3, 4, 3, padding=1), torch.nn.ReLU(), Conv3d(4, 2, 3, padding=1))
+    x = torch.randn(1, 3, 6, 8, 8)
+    explained = torch._dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained
+    torch.testing.assert_close(torch.compile(net, backend="eager")(x), net(x))

@@ -8,7 +8,8 @@ predictor sends windows one at a time, so every refiner / denoiser pass at infer
 
 :class:`Conv3d` calls oneDNN directly in exactly that case (CPU, float32, zero padding, oneDNN available) and is
 torch's ``nn.Conv3d`` otherwise: same parameters, same state-dict keys, same result to float rounding, autograd
-intact. nnU-Net's own backbone is left as nnU-Net builds it.
+intact. Under torch.compile it is ``nn.Conv3d`` (dynamo cannot trace the direct oneDNN call, and inductor chooses
+the CPU kernel itself). nnU-Net's own backbone is left as nnU-Net builds it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch import nn
 
 class Conv3d(nn.Conv3d):
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias):
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+        if (not torch.compiler.is_compiling()  # dynamo cannot trace the direct call; inductor picks its own kernel
+                and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)

@@ -57,8 +57,15 @@ class DiffusionTrainer(ConfiguredTrainer):
         net.region_based.fill_(int(self.label_manager.has_regions))
         if nnUNetTrainer._do_i_compile(self) and self.compiled_parts:
             self.print_to_log_file(f"Using torch.compile on {', '.join(self.compiled_parts)} (in place)")
-            for part in self.compiled_parts:
-                getattr(net, part).compile()
+            self.compile_parts()
+
+    def compile_parts(self, **options) -> None:
+        """torch.compile each of ``compiled_parts`` in place (``nn.Module.compile``, so the state-dict keys stay
+        plain); ``options`` go to torch.compile. ``initialize()`` calls it where nnU-Net would compile (CUDA,
+        nnUNet_compile not off); ``benchmarks.compile_check`` also calls it on the CPU."""
+        net = self.unwrapped_network()
+        for part in self.compiled_parts:
+            getattr(net, part).compile(**options)
 
     def _do_i_compile(self):
         # the network's forward holds Python control flow (stages, the sampling loop); compiling it whole would
