@@ -218,8 +218,9 @@ def heldout_section(run: dict) -> list[str]:
     lines = [
         "## Held-out phantoms (`python -m benchmarks.heldout`)",
         _para(_provenance(run["meta"])),
-        _para(f"The same `_demo` models on {len(h['cases'])} fresh phantoms (seed {h['seed']}, the demo's layout and",
-              "4 mm resolution) that no model has seen, in training or as a validation case; predicted from the raw",
+        _para(f"The same `_demo` models on {len(h['cases'])} fresh phantoms (seed {h['seed']}, the demo's layout:",
+              f"BraTS {h['phantoms']['edition']}, {h['phantoms']['spacing']} mm voxels) that no model has seen, in",
+              "training or as a validation case; predicted from the raw",
               "NIfTI files with nnU-Net's predict_from_files (s / case: preprocessing, prediction and export, one",
               "process each). NNDM with its refinement off and at its defaults, the other heads at their documented",
               "faster setting; mean over cases."),

@@ -26,9 +26,9 @@ from .speed import FAST
 from .speed import TRAINERS as HEADS
 
 
-def make_heldout(workdir: Path, n: int, seed: int) -> Path:
+def make_heldout(workdir: Path, n: int, seed: int) -> tuple[Path, dict]:
     """``n`` phantom cases of ``seed`` (the demo's layout and resolution) as an nnU-Net raw dataset with labels, made
-    once under ``workdir/heldout``; returns the dataset folder."""
+    once under ``workdir/heldout``; returns the dataset folder and the phantom settings it was made with."""
     from nnunet_diffusion.dataset_conversion.brats import convert_brats
     from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
     from nnunet_diffusion.demo import DATASET, DATASET_ID, PHANTOMS
@@ -42,7 +42,7 @@ def make_heldout(workdir: Path, n: int, seed: int) -> Path:
         convert_brats([folders["training"]], settings["edition"], raw_root=root / "nnUNet_raw",
                       dataset_id=DATASET_ID, overwrite=True)
         (root / "done").write_text(json.dumps({k: str(v) for k, v in settings.items()}))
-    return raw
+    return raw, json.loads((root / "done").read_text())
 
 
 def result_file(workdir: Path, name: str) -> Path:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     run_demo(workdir, variant=args.variant)  # trains what is missing; reuses what is there
     use_demo_workdir(workdir)
     from nnunet_diffusion.evaluation.evaluate import write_text_atomic
-    raw = make_heldout(workdir, args.cases, args.seed)
+    raw, phantoms = make_heldout(workdir, args.cases, args.seed)
     cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
     inputs = [[str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases]
     pred_root = raw.parent.parent / "predictions"
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         comparisons["NNDM defaults against its refinement off"] = paired(nndm[0]["per_case_dice"],
                                                                          nndm[1]["per_case_dice"])
     write_text_atomic(result_file(workdir, args.out), json.dumps(
-        {"cases": cases, "seed": args.seed, "rows": rows, "comparisons": comparisons}, indent=2))
+        {"cases": cases, "seed": args.seed, "phantoms": phantoms, "rows": rows, "comparisons": comparisons}, indent=2))
     return 0
 
 

@@ -214,12 +214,13 @@ def test_results_md_shows_the_heldout_part_only_when_it_was_run():
     acc = {"meta": _run("a"), "quick": False, "accuracy": {"cases": ["c1"], "rows": [row]}, "samples_steps": 10}
     assert "Held-out" not in render(speed_run, acc)
     heldout = {"meta": _run("python -m benchmarks --part heldout"), "heldout": {
-        "cases": ["x1", "x2"], "seed": 7, "rows": [row],
+        "cases": ["x1", "x2"], "seed": 7, "phantoms": {"edition": "2023", "spacing": "3"}, "rows": [row],
         "comparisons": {"NNDM defaults against its refinement off": {
             "tumor core": {"higher": 1, "same": 0, "lower": 1}, "mean over regions": {"higher": 1, "same": 0, "lower": 1}}}}}
     text = render(speed_run, acc, None, heldout)
     part = text[text.index("## Held-out phantoms"):]
     assert "`python -m benchmarks --part heldout`" in part and "2 fresh phantoms (seed 7" in part
+    assert "BraTS 2023, 3 mm voxels" in part
     assert "| t | refine off | 2.00 | 25.0 | 7.0 |" in part
     assert "NNDM defaults against its refinement off, per case (Dice higher / same / lower): tumor core 1 / 0 / 1." in part
 
