@@ -1,13 +1,15 @@
 """The trainers' torch.compile path: does it build, train each stage and predict, and what does it cost?
 
-    python -m benchmarks.compile_check [--workdir bench_work] [--backend inductor|eager] [nndm medsegdiff …]
+    python -m benchmarks.compile_check [--workdir bench_work] [--backend inductor|eager] [--repeats 3]
+                                       [nndm medsegdiff …]
 
 On the speed benchmark's synthetic dataset (made and planned if missing), for each head: its ``compiled_parts``
-are compiled in place; the state-dict keys must stay plain (checkpoints load without torch.compile); then 3 train
-steps of each stage on one real augmented batch from nnU-Net's data loader (under nnU-Net's autocast on CUDA), and
-3 predictions of one case with nnU-Net's predictor (8 mirrors, DDIM 5 steps). Prints each step's seconds: the first
-holds the compilation. Exits non-zero when a loss or a prediction is not finite, a state-dict key changed, or
-dynamo broke a compiled part's graph (each break is a Python fallback, and a sign the part will recompile).
+are compiled in place; the state-dict keys must stay plain (checkpoints load without torch.compile); then
+``--repeats`` train steps of each stage on one real augmented batch from nnU-Net's data loader (under nnU-Net's
+autocast on CUDA), and as many predictions of one case with nnU-Net's predictor (8 mirrors, DDIM 5 steps). Prints
+each step's seconds: the first holds the compilation. Exits non-zero when a loss or a prediction is not finite, a
+state-dict key changed, or dynamo broke a compiled part's graph (each break is a Python fallback, and a sign the
+part will recompile).
 
 Who compiles: on CUDA with the default backend, the trainer itself, built with nnUNet_compile=1 as
 ``nnUNetv2_train`` builds it (the path users take). On the CPU nnU-Net never compiles (nnUNetTrainer._do_i_compile),
@@ -36,7 +38,7 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, result
 
 
-def check(head: str, backend: str = "inductor") -> list[str]:
+def check(head: str, backend: str = "inductor", repeats: int = 3) -> list[str]:
     """Compile, train and predict one head; return what went wrong (nothing when all is well)."""
     import numpy as np
     import torch
@@ -60,7 +62,7 @@ def check(head: str, backend: str = "inductor") -> list[str]:
     for label, epoch, b in _train_batches(head, tr, batch):
         tr.current_epoch = epoch
         tr.lr_scheduler.step(epoch)
-        runs = [_timed(lambda: tr.train_step(b)["loss"]) for _ in range(3)]
+        runs = [_timed(lambda: tr.train_step(b)["loss"]) for _ in range(repeats)]
         loss = runs[-1][1]
         if not np.isfinite(loss):
             problems.append(f"{head}: loss {loss} in {label}")
@@ -70,7 +72,7 @@ def check(head: str, backend: str = "inductor") -> list[str]:
         net.refiner_updates.fill_(1)  # NNDM: refine as a trained model does
     tr.set_deep_supervision_enabled(False)
     net.set_sampling(replace(tr.sampling_defaults(), sampler="ddim", steps=5, samples=1))
-    runs = [_timed(lambda: predict(net)) for _ in range(3)]
+    runs = [_timed(lambda: predict(net)) for _ in range(repeats)]
     if not bool(torch.isfinite(runs[-1][1]).all()):
         problems.append(f"{head}: non-finite prediction")
     print(f"[{head}] predict DDIM 5 steps: {', '.join(f'{s:.3f}' for s, _ in runs)} s", flush=True)
@@ -90,14 +92,18 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("bench_work"))
     ap.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                     help="torch.compile backend (default inductor, what nnU-Net uses); eager: graph capture only")
+    ap.add_argument("--repeats", type=int, default=3, help="train steps per stage and predictions (default 3; the "
+                    "first holds the compilation)")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.heads) - set(TRAINERS))
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1; got {args.repeats}")
     if unknown:  # checked here: argparse's choices refuse an empty nargs="*" list on Python 3.11
         ap.error(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(TRAINERS)}")
     workdir = args.workdir.resolve()
     prepare(workdir, (32, 40, 36))
     os.environ.update(_env(workdir))  # nnUNet_compile=0: only the heads are compiled, by check()
-    problems = [p for head in args.heads or list(TRAINERS) for p in check(head, args.backend)]
+    problems = [p for head in args.heads or list(TRAINERS) for p in check(head, args.backend, args.repeats)]
     for p in problems:
         print(f"FAILED {p}", file=sys.stderr)
     return 1 if problems else 0
