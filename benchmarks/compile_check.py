@@ -44,7 +44,8 @@ def check(head: str, backend: str = "inductor", repeats: int = 3) -> list[str]:
     import torch
     from torch._dynamo.utils import counters
     problems = []
-    by_trainer = device().type == "cuda" and backend == "inductor"
+    dev = device()
+    by_trainer = dev.type == "cuda" and backend == "inductor"
     torch._dynamo.reset()
     counters.clear()
     stock, batch, tr, _, predict = stock_head_case(TRAINERS[head], compile_head=by_trainer)
@@ -58,7 +59,7 @@ def check(head: str, backend: str = "inductor", repeats: int = 3) -> list[str]:
     if any("_orig_mod" in k for k in net.state_dict()):
         problems.append(f"{head}: compiling changed the state-dict keys")
     who = "by initialize() (nnUNet_compile=1)" if by_trainer else f"by compile_parts(backend={backend!r})"
-    print(f"[{head}] compiled in place {who} on {device()}: {', '.join(tr.compiled_parts)}", flush=True)
+    print(f"[{head}] compiled in place {who} on {dev}: {', '.join(tr.compiled_parts)}", flush=True)
     for label, epoch, b in _train_batches(head, tr, batch):
         tr.current_epoch = epoch
         tr.lr_scheduler.step(epoch)
@@ -95,9 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="train steps per stage and predictions (default 3; the "
                     "first holds the compilation)")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.heads) - set(TRAINERS))
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1; got {args.repeats}")
+    unknown = sorted(set(args.heads) - set(TRAINERS))
     if unknown:  # checked here: argparse's choices refuse an empty nargs="*" list on Python 3.11
         ap.error(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(TRAINERS)}")
     workdir = args.workdir.resolve()
