@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench table clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,12 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# the comparison table (issue 20): every head and stock nnU-Net at the same budget (1000 optimiser steps, the
+# [variants.table] of trainer_configs/), 24 training + 20 held-out phantoms; hours on 2 CPU cores, resumable (re-run
+# the same command after an interruption). TABLE_ARGS e.g. "--device cuda --shape 128 160 160 --spacing 1"
+TABLE_ARGS ?=
+table: install
+	$(PY) -m benchmarks --part table $(TABLE_ARGS)
+
 clean:
-	rm -rf $(VENV) nndiff_demo bench_work bench_phantoms .pytest_cache build *.egg-info
+	rm -rf $(VENV) nndiff_demo bench_work bench_phantoms bench_table .pytest_cache build *.egg-info

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -34,39 +32,10 @@ from pathlib import Path
 
 from nnunet_diffusion.evaluation.evaluate import write_text_atomic
 
-from . import speed
+from . import speed, table
+from .provenance import machine as _machine
+from .provenance import versions as _versions
 from .heldout import result_file as heldout_file
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "nnunetv2", "monai", "dynamic-network-architectures"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f", {kb / 1024 ** 2:.0f} GB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU run)"
-    return f"{os.cpu_count()} CPU cores ({cpu}){mem}; {gpu}"
 
 
 def _sec(v: float) -> str:
@@ -233,14 +202,20 @@ def heldout_section(run: dict) -> list[str]:
     return lines
 
 
-def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None, heldout_run: dict | None = None) -> str:
-    """RESULTS.md from the CPU speed run, the accuracy run, any other stored speed runs ({file stem: run}) and the
-    held-out run (optional: RESULTS.md has no held-out section without one)."""
+def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None, heldout_run: dict | None = None,
+           table_runs: dict | None = None) -> str:
+    """RESULTS.md from the CPU speed run, the accuracy run, any other stored speed runs ({file stem: run}), the
+    held-out run and the table runs ({file stem: run}; optional: RESULTS.md has no such section without one)."""
     extra_speed = extra_speed or {}
+    tables = [x for name, run in sorted((table_runs or {}).items())
+              for x in ["## The table: every head at an equal training budget against stock nnU-Net, on held-out "
+                        f"phantoms (`python -m benchmarks.table`, {name}.json)",
+                        *table.section(run, f"results/{name}_curves.png")]]
     acc = acc_run["accuracy"]
     samples = acc_run.get("samples", [1])
     return "\n\n".join([
         "# Benchmark results",
+        *tables,
         _para("Written by `python -m benchmarks` (`make bench`) from benchmarks/results/speed.json and accuracy.json;",
               "each part says when, where and how it was measured."),
         *speed_section(speed_run, "## Speed against the stock nnUNetTrainer (`python -m benchmarks.speed`)"),
@@ -268,9 +243,12 @@ def render(speed_run: dict, acc_run: dict, extra_speed: dict | None = None, held
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--part", "table"]:  # hours: never part of "all"; its options are benchmarks.table's
+        table.main(argv[2:])
+        return main(["--part", "render"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=["all", "speed", "accuracy", "heldout", "render"], default="all",
+    ap.add_argument("--part", choices=["all", "speed", "accuracy", "heldout", "render", "table"], default="all",
                     help="measure only this part (RESULTS.md is rendered with the other part's stored results); "
                          "render: measure nothing, only render RESULTS.md from benchmarks/results/")
     ap.add_argument("--samples", type=int, nargs="+", help="samples axis (default: 1 4 16; --quick: 1 4)")
@@ -336,8 +314,9 @@ def main(argv=None) -> int:
             {"meta": meta, "heldout": json.loads(heldout_file(phantoms, "bench.json").read_text())}, indent=2))
     extra = {p.stem: json.loads(p.read_text()) for p in sorted(args.results_dir.glob("speed_*.json"))}
     heldout = args.results_dir / "heldout.json"
+    tables = {p.stem: json.loads(p.read_text()) for p in sorted(args.results_dir.glob("table*.json"))}
     text = render(_load(args.results_dir, "speed"), _load(args.results_dir, "accuracy"), extra,
-                  json.loads(heldout.read_text()) if heldout.is_file() else None)
+                  json.loads(heldout.read_text()) if heldout.is_file() else None, tables)
     write_text_atomic(args.out, text)
     print(text)
     return 0

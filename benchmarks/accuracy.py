@@ -69,20 +69,22 @@ def preprocessed_cases(p, cases: list[str]):
     return infer_dataset_class(str(folder))(str(folder), list(cases))
 
 
-def _predictor(model_folder: Path):
+def _predictor(model_folder: Path, checkpoint: str = "checkpoint_final.pth"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(model_folder), (0,), "checkpoint_final.pth")
+    p.initialize_from_trained_model_folder(str(model_folder), (0,), checkpoint)
     return p
 
 
-def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=None) -> float:
-    """Predict ``cases`` (preprocessed) into ``out_dir`` with the fold-0 model; return seconds per case."""
+def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=None,
+                  checkpoint: str = "checkpoint_final.pth") -> float:
+    """Predict ``cases`` (preprocessed) into ``out_dir`` with the fold-0 model's ``checkpoint``; return seconds per
+    case."""
     import numpy as np
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    p = _predictor(model_folder)
+    p = _predictor(model_folder, checkpoint)
     target = None if sampling is None else sampling(p.network)
     if target is not None:  # the warm-up samples with one DDIM step: it loads and allocates, its result is unused
         p.network.set_sampling(replace(target, sampler="ddim", steps=1, samples=1))

@@ -16,6 +16,10 @@ from .errors import NNDiffConfigError
 TRAINING_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every",
                  "initial_lr", "weight_decay", "oversample_foreground_percent")
 META_KEYS = ("description",)
+# keys any head's variant may set without a [defaults] entry, with their default value: keep_snapshots keeps a copy
+# of every checkpoint_latest.pth nnU-Net writes (every save_every epochs) as checkpoint_ep<E>.pth, for curves of
+# accuracy against training length (benchmarks/table.py)
+COMMON_KEYS = {"keep_snapshots": False}
 
 
 def _config_file(head: str):
@@ -34,7 +38,7 @@ def load(head: str) -> dict:
         raise NNDiffConfigError(f"trainer config {f} is not valid TOML: {e}") from None
     defaults = data.get("defaults", {})
     variants = data.get("variants", {})
-    allowed = set(defaults) | set(META_KEYS)
+    allowed = set(defaults) | set(META_KEYS) | set(COMMON_KEYS)
     for name, overrides in variants.items():
         unknown = sorted(set(overrides) - allowed)
         if unknown:
@@ -53,7 +57,7 @@ def variant_names(head: str) -> list[str]:
 def resolve(head: str, variant: str | None = None) -> dict:
     """``[defaults]`` with ``[variants.<variant>]`` laid over it."""
     cfg = load(head)
-    out = dict(cfg["defaults"])
+    out = dict(COMMON_KEYS, **cfg["defaults"])
     if variant is not None:
         if variant not in cfg["variants"]:
             raise NNDiffConfigError(f"unknown {head} variant {variant!r}; known variants: "

@@ -51,7 +51,8 @@ class ConfiguredTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict (same keys, so nnUNetv2_predict and --c read it) plus our state,
         written to a temporary file and renamed into place: an interrupted save never leaves a broken
-        checkpoint behind."""
+        checkpoint behind. With ``keep_snapshots`` (trainer_configs) every checkpoint_latest.pth is also kept
+        as checkpoint_ep<E>.pth (E = epochs done), which nnU-Net's predictor loads by name (``-chk``)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -69,6 +70,13 @@ class ConfiguredTrainer(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_diffusion": self.extra_checkpoint_state(),
         }
+        self._save_atomic(checkpoint, filename)
+        if self.hparams()["keep_snapshots"] and os.path.basename(filename) == "checkpoint_latest.pth":
+            self._save_atomic(checkpoint, os.path.join(os.path.dirname(filename),
+                                                       f"checkpoint_ep{self.current_epoch + 1:04d}.pth"))
+
+    @staticmethod
+    def _save_atomic(checkpoint: dict, filename: str) -> None:
         tmp = f"{filename}.tmp{os.getpid()}"
         try:
             torch.save(checkpoint, tmp)

@@ -1,0 +1,600 @@
+"""The table users came for (issue 20): every head against stock nnU-Net at an equal training budget, scored on
+held-out cases, each head at the cheapest sampler that keeps its accuracy.
+
+This module holds the table's machinery, each piece small enough to test on made-up inputs
+(tests/test_table.py):
+
+- budget accounting: :func:`optimizer_steps` (what a trainer variant will train) and :func:`training_budget` (what a
+  finished training did, read from its checkpoint);
+- statistics: :func:`bootstrap_interval` (95 % percentile bootstrap of a mean, SciPy's), :func:`paired_test`
+  (SciPy's Wilcoxon signed-rank test against stock, paired by case) and :func:`verdict`;
+- the default-choosing rule: :func:`cheapest_within`;
+- resume: :class:`TableState` (what has finished, written atomically after every step).
+
+One optimiser step is one ``train_step`` call: one batch, one update of every part that trains at that stage
+(NNDM's joint stage updates backbone and refiner in the same step; it counts once). A head with stages (NNDM's
+nnU-Net + refiner + joint, ReCoSeg's synthesiser + segmenter, DDMD's autoencoders + diffusion) counts all of
+them, baseline included: NNDM's budget is its whole schedule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# config head -> the keys whose epochs add up to the whole schedule (a head not listed trains num_epochs)
+STAGE_EPOCH_KEYS = {"nndm": ("stage1_epochs", "stage2_epochs", "stage3_epochs"),
+                    "recoseg": ("stage1_epochs", "stage2_epochs"),
+                    "ddmd": ("ae_epochs", "diffusion_epochs")}
+
+
+# ------------------------------------------------------------------------------------------------ budget
+def total_epochs(hp: dict, head: str) -> int:
+    """Epochs of a head's whole schedule (every stage, NNDM's nnU-Net stage included) for the resolved config
+    ``hp`` of trainer_configs/<head>.toml."""
+    return sum(int(hp[k]) for k in STAGE_EPOCH_KEYS.get(head, ("num_epochs",)))
+
+
+def optimizer_steps(head: str, variant: str | None) -> int:
+    """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch: its whole
+    schedule's epochs x ``num_iterations_per_epoch``."""
+    from nnunet_diffusion import config
+    hp = config.resolve(head, variant)
+    return total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int        # optimiser steps
+    seconds: float    # wall time of those steps' epochs
+
+
+def training_budget(checkpoint: str | os.PathLike) -> Budget:
+    """What a (finished or interrupted) training spent, read from its checkpoint: the epochs it completed
+    (nnU-Net's ``current_epoch``) x its trainer's ``num_iterations_per_epoch`` optimiser steps, and the wall time of
+    those epochs from nnU-Net's own per-epoch timestamps (set-up, data unpacking and the final validation are not
+    part of it; a resumed training counts the epochs of the model it finished with, once each). A training seeded
+    from another checkpoint (NNDM's ``NNDIFF_BASELINE``: its stage 1 skipped) adds that checkpoint's budget."""
+    import torch
+
+    from nnunet_diffusion.trainers import TRAINERS
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    name = ckpt["trainer_name"]
+    if name not in TRAINERS:
+        raise ValueError(f"{checkpoint}: written by {name!r}, not a trainer of this package; its steps per epoch "
+                         f"are unknown")
+    steps = int(ckpt["current_epoch"]) * int(TRAINERS[name].hparams()["num_iterations_per_epoch"])
+    log = ckpt["logging"]
+    seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
+    seed = (ckpt.get("nnunet_diffusion") or {}).get("nndm_baseline")
+    if seed:
+        if not os.path.isfile(seed):
+            raise FileNotFoundError(f"{checkpoint} was seeded from {seed}, which no longer exists: its steps are "
+                                    f"part of this training's budget")
+        before = training_budget(seed)
+        steps, seconds = steps + before.steps, seconds + before.seconds
+    return Budget(steps, seconds)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (SciPy's ``bootstrap``). One value, or values that
+    are all equal, give the degenerate interval (value, value); NaNs are an error (score every case first)."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0 or np.isnan(v).any():
+        raise ValueError(f"bootstrap_interval needs finite values, got {v.tolist()}")
+    if np.all(v == v[0]):
+        return float(v[0]), float(v[0])
+    from scipy.stats import bootstrap
+    res = bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A head against stock on the same cases: mean difference (head − stock), its bootstrap interval and the
+    two-sided Wilcoxon signed-rank p-value."""
+    n: int
+    mean_difference: float
+    interval: tuple[float, float]
+    p_value: float
+
+
+def paired_test(head: Sequence[float], stock: Sequence[float], seed: int = 0) -> Paired:
+    """``head`` and ``stock`` are one metric per case, in the same case order. All differences zero: p = 1."""
+    h, s = np.asarray(head, dtype=float), np.asarray(stock, dtype=float)
+    if h.shape != s.shape or h.ndim != 1:
+        raise ValueError(f"paired_test needs one value per case for both, in the same order; got {h.shape} and "
+                         f"{s.shape}")
+    d = h - s
+    if np.all(d == 0):
+        p = 1.0
+    else:
+        from scipy.stats import wilcoxon
+        p = float(wilcoxon(h, s).pvalue)
+    return Paired(n=int(d.size), mean_difference=float(d.mean()), interval=bootstrap_interval(d, seed=seed),
+                  p_value=p)
+
+
+def verdict(p: Paired, higher_is_better: bool = True, alpha: float = 0.05) -> str:
+    """"better" / "worse" than stock when the paired test rejects at ``alpha`` and the difference's interval
+    excludes 0 on that side; otherwise "no significant difference" (which is a result, not a failure)."""
+    lo, hi = p.interval
+    sign = 1 if higher_is_better else -1
+    if p.p_value < alpha and sign * lo > 0 and sign * hi > 0:
+        return "better"
+    if p.p_value < alpha and sign * lo < 0 and sign * hi < 0:
+        return "worse"
+    return "no significant difference"
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+def cheapest_within(rows: Iterable[dict], tolerance: float = 1.0) -> dict:
+    """The default-choosing rule: of the measured sampling settings ``rows`` (each with ``cost``, e.g. denoiser
+    passes per window = steps x samples, and ``dice``, the mean over regions in percent), the cheapest whose Dice
+    is within ``tolerance`` points of the best one's. Equal cost: the more accurate. Rows with a NaN Dice are
+    never chosen."""
+    rows = [r for r in rows if not math.isnan(float(r["dice"]))]
+    if not rows:
+        raise ValueError("cheapest_within: no measured setting with a Dice value")
+    best = max(float(r["dice"]) for r in rows)
+    keep = [r for r in rows if float(r["dice"]) >= best - tolerance]
+    return min(keep, key=lambda r: (float(r["cost"]), -float(r["dice"])))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+class TableState:
+    """What has finished, as JSON in ``path``: {key: record}. Written atomically after every record, so an
+    interrupted run resumes from the last finished step and never reads a half-written file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str):
+        return self.records[key]
+
+    def record(self, key: str, value) -> None:
+        from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+        self.records[key] = value
+        write_text_atomic(self.path, json.dumps(self.records, indent=2, sort_keys=True))
+
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _ci(stats: dict, scale: float = 1.0, digits: int = 1) -> str:
+    lo, hi = stats["interval"]
+    return f"{scale * stats['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def markdown(result: dict) -> str:
+    """The table of ``table.json``: one row per trainer and setting, Dice (%) and HD95 (mm) per region as mean
+    [95 % bootstrap interval], the paired test against stock per region, prediction seconds per case and x stock,
+    and the budget each trainer trained with."""
+    regions = result["regions"]
+    head = ["trainer", "prediction setting", "optimiser steps", "training wall time"]
+    head += [f"Dice {r} (%)" for r in regions] + [f"HD95 {r} (mm)" for r in regions]
+    head += ["against stock (Dice, paired Wilcoxon)", "s / case", "x stock"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    stock_s = result["rows"][0]["seconds_per_case"]
+    for row in result["rows"]:
+        b = result["budget"][row["trainer"]]
+        cells = [row["trainer"], row["setting"], str(b["steps"]), f"{b['seconds'] / 60:.0f} min"]
+        cells += [_ci(row["dice"][r], 100) for r in regions] + [_ci(row["hd95"][r]) for r in regions]
+        if row.get("against_stock"):
+            cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, p={c['p_value']:.3f})"
+                                   for r, c in row["against_stock"].items()))
+        else:
+            cells.append("(the reference)")
+        cells += [f"{row['seconds_per_case']:.2f}", f"{row['seconds_per_case'] / stock_s:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance_line(result: dict) -> str:
+    p = result["phantoms"]
+    return (f"{result['date']}, {result['machine']}; {len(result['heldout_cases'])} held-out phantoms (seed "
+            f"{p['heldout_seed']}) never seen in training or in any choice, {p['train_cases']} training phantoms "
+            f"(seed {p['seed']}, fold 0 of nnU-Net's 5-fold split), BraTS {p['edition']} layout at {p['spacing']} mm"
+            f"{', shape ' + 'x'.join(map(str, p['shape'])) if p.get('shape') else ''}; every trainer "
+            f"{result['budget_steps']} optimiser steps; `{result['command']}`")
+
+
+def update_between_markers(text: str, name: str, content: str) -> str:
+    """``text`` with what stands between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``content``
+    (how the README's and RESULTS.md's generated sections are kept; a missing marker is an error)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"expected one '{start}' followed by one '{end}'")
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + content.strip("\n") + "\n" + text[j:]
+
+
+def plot_curves(result: dict, png: Path) -> None:
+    """Dice per region against optimiser steps, one line per trainer (and NNDM's refinement off), one panel per
+    region, from the snapshots' scores on fold 0's validation cases."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    regions = result["regions"]
+    fig, axes = plt.subplots(1, len(regions), figsize=(4.2 * len(regions), 3.6), sharey=True)
+    for ax, region in zip(np.atleast_1d(axes), regions):
+        for label, points in sorted(result["curves"].items()):
+            pts = sorted(points, key=lambda q: q["steps"])
+            ax.plot([q["steps"] for q in pts], [100 * q["dice"][region] for q in pts], marker="o", ms=3,
+                    label=label)
+        ax.set_title(region)
+        ax.set_xlabel("optimiser steps")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("Dice (%), fold 0 validation cases")
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def verdict_sentences(result: dict) -> list[str]:
+    """One plain sentence per head row: where it is better than stock, where worse, where no different."""
+    out = []
+    for row in result["rows"][1:]:
+        by = {}
+        for r, c in row["against_stock"].items():
+            by.setdefault(c["verdict"], []).append(r)
+        parts = [f"{v} than stock in {', '.join(rs)}" if v != "no significant difference" else
+                 f"not significantly different from stock in {', '.join(rs)}" for v, rs in by.items()]
+        out.append(f"{row['trainer']} ({row['setting']}): Dice " + "; ".join(parts) + ".")
+    return out
+
+
+def section(result: dict, png_name: str) -> list[str]:
+    """RESULTS.md's blocks (wrapped paragraphs, the table, a list) for one table run, rendered by
+    ``python -m benchmarks``."""
+    import textwrap
+
+    def para(text: str) -> str:
+        return textwrap.fill(text, 116, break_long_words=False, break_on_hyphens=False)
+
+    defaults = [f"- {trainer}: {d['chosen']['setting']} ({d['chosen']['dice']:.1f}; best "
+                f"{max(d['rows'], key=lambda r: r['dice'])['setting']} {max(r['dice'] for r in d['rows']):.1f})"
+                for trainer, d in result["defaults"].items()]
+    return [para(f"Taken {provenance_line(result)}."),
+            para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
+                 "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
+                 "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
+                 "predict_from_files (preprocessing, sliding window with mirroring, export), in the same process as "
+                 "the stock row."),
+            markdown(result), "\n".join(map(para, verdict_sentences(result))),
+            f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
+            para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
+                 f"within {result['tolerance']:g} Dice point (mean over regions) of the best measured on fold 0's "
+                 "validation cases (the papers' own chains " + ("included" if result["paper_chain_measured"] else
+                                                                "not measured in this run") + "):"),
+            "\n".join(defaults)]
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def per_case(res, metric: str) -> dict:
+    """{region: [value per case, in case order]} of an evaluation result (``nndiff evaluate``'s per-case frame)."""
+    frame = res.per_case.sort_values("case")
+    return {region: [float(v) for v in part[metric]] for region, part in frame.groupby("region", sort=False)}
+
+
+def score_against(rows: dict, stock: dict, regions: Sequence[str]) -> dict:
+    """Per region the mean and interval of Dice and HD95 of ``rows`` and, unless it is the stock row itself, the
+    paired test of its Dice against ``stock``'s (HD95's test beside it)."""
+    out = {"dice": {}, "hd95": {}, "against_stock": {}}
+    for r in regions:
+        for metric in ("dice", "hd95"):
+            v = rows[metric][r]
+            out[metric][r] = {"mean": float(np.mean(v)), "interval": bootstrap_interval(v)}
+        if rows is not stock:
+            d, h = paired_test(rows["dice"][r], stock["dice"][r]), paired_test(rows["hd95"][r], stock["hd95"][r])
+            out["against_stock"][r] = {"verdict": verdict(d), "mean_difference": d.mean_difference,
+                                       "interval": d.interval, "p_value": d.p_value,
+                                       "hd95_verdict": verdict(h, higher_is_better=False),
+                                       "hd95_mean_difference": h.mean_difference, "hd95_p_value": h.p_value}
+    return out
+
+
+DATASET_ID = 503
+HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
+         ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench_table"))
+    ap.add_argument("--variant", default="table", help="the trainer variant every head trains (its TOML sets the "
+                    "budget; all must give the same optimiser steps)")
+    ap.add_argument("--heads", nargs="+", default=[h for h, _ in HEADS[1:]], choices=[h for h, _ in HEADS[1:]])
+    ap.add_argument("--train-cases", type=int, default=24)
+    ap.add_argument("--heldout-cases", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed of the training cases")
+    ap.add_argument("--heldout-seed", type=int, default=20261129)
+    ap.add_argument("--spacing", type=float, default=4.0, help="phantom voxel size in mm")
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="phantom volume shape (e.g. 128 160 160 at 1 mm "
+                    "for a BraTS-size patch on a GPU)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 25, 100])
+    ap.add_argument("--samples", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--samples-steps", type=int, default=10)
+    ap.add_argument("--paper-chain", choices=["auto", "on", "off"], default="auto", help="also measure each "
+                    "head's paper sampling chain (e.g. DDPM 1000 steps x 5 samples: hours per case on a CPU); auto: "
+                    "on with --device cuda, off on the CPU (the output says which)")
+    ap.add_argument("--tolerance", type=float, default=1.0, help="Dice points (mean over regions) a default may "
+                    "lose against the best measured setting")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/table.json (table_cuda.json "
+                    "on a GPU)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.train_cases < 5 or args.heldout_cases < 2:
+        raise SystemExit(f"--train-cases must be >= 5 (nnU-Net's 5-fold split) and --heldout-cases >= 2; got "
+                         f"{args.train_cases} and {args.heldout_cases}")
+    heads = [(h, c) for h, c in HEADS if h == "nnunet" or h in args.heads]
+    budgets = {f"{c}_{args.variant}": optimizer_steps(h, args.variant) for h, c in heads}
+    if len(set(budgets.values())) != 1:
+        raise SystemExit(f"unequal budgets for --variant {args.variant}: {budgets} (optimiser steps of each "
+                         f"trainer's whole schedule); make the [variants.{args.variant}] tables agree")
+    run = TableRun(args, heads, next(iter(budgets.values())))
+    run.prepare()
+    for head, cls in heads:
+        run.train(head, f"{cls}_{args.variant}")
+    for head, cls in heads:
+        run.curve(head, f"{cls}_{args.variant}")
+    for head, cls in heads:
+        run.choose_default(head, cls, f"{cls}_{args.variant}")
+    run.heldout()
+    run.write()
+    return 0
+
+
+class TableRun:
+    """The run's steps, each recorded in ``<workdir>/state.json`` when it finishes and skipped when found there:
+    phantoms and nnU-Net's planning, each training (resumed with nnU-Net's ``--c`` from its last checkpoint), the
+    curve point of each kept checkpoint, each steps-accuracy setting, each held-out prediction."""
+
+    def __init__(self, args, heads, budget: int):
+        from nnunet_diffusion.cli import environment_with_trainers
+        self.args, self.heads, self.budget = args, heads, budget
+        self.paper_chain = args.paper_chain == "on" or (args.paper_chain == "auto" and args.device == "cuda")
+        self.workdir = args.workdir.resolve()
+        self.state = TableState(self.workdir / "state.json")
+        self.logs = self.workdir / "logs"
+        env = environment_with_trainers()
+        env.update(nnUNet_raw=str(self.workdir / "nnUNet_raw"),
+                   nnUNet_preprocessed=str(self.workdir / "nnUNet_preprocessed"),
+                   nnUNet_results=str(self.workdir / "nnUNet_results"), nnUNet_compile="0",
+                   nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"),
+                   nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
+        self.env = {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("nnUNet_")})
+        for k in [k for k in os.environ if k.startswith("NNDIFF_")]:
+            del os.environ[k]  # predict-time overrides would change what is measured
+
+    # -------------------------------------------------------------- data
+    @property
+    def dataset(self) -> str:
+        return self.state.get("data")["dataset"]
+
+    def raw(self, heldout: bool = False) -> Path:
+        return self.workdir / ("heldout_raw" if heldout else "nnUNet_raw") / self.dataset
+
+    def model_folder(self, trainer: str) -> Path:
+        return self.workdir / "nnUNet_results" / self.dataset / f"{trainer}__nnUNetPlans__3d_fullres"
+
+    def val_cases(self) -> list[str]:
+        split = self.workdir / "nnUNet_preprocessed" / self.dataset / "splits_final.json"
+        return json.loads(split.read_text())[0]["val"]
+
+    def prepare(self) -> None:
+        from nnunet_diffusion.dataset_conversion.brats import convert_brats
+        from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
+        from nnunet_diffusion.demo import BIN, _run
+        a = self.args
+        if not self.state.done("data"):
+            settings = dict(edition="2021", spacing=a.spacing, shape=a.shape, crop="brain")
+            print(f"[table] phantoms: {a.train_cases} training (seed {a.seed}) + {a.heldout_cases} held-out (seed "
+                  f"{a.heldout_seed}), {a.spacing} mm", flush=True)
+            train = make_phantoms(self.workdir / "phantoms_train", n=a.train_cases, seed=a.seed, overwrite=True,
+                                  **settings)
+            res = convert_brats([train["training"]], "2021", raw_root=self.workdir / "nnUNet_raw",
+                                dataset_id=DATASET_ID, overwrite=True)
+            held = make_phantoms(self.workdir / "phantoms_heldout", n=a.heldout_cases, seed=a.heldout_seed,
+                                 first_case=10000, overwrite=True, **settings)
+            convert_brats([held["training"]], "2021", raw_root=self.workdir / "heldout_raw", dataset_id=DATASET_ID,
+                          overwrite=True)
+            self.state.record("data", {"dataset": res.dataset_dir.name, "phantoms": dict(
+                settings, train_cases=a.train_cases, heldout_cases=a.heldout_cases, seed=a.seed,
+                heldout_seed=a.heldout_seed)})
+        if not self.state.done("plan"):
+            seconds = _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1",
+                            "-np", "1", "--verify_dataset_integrity"], self.env, self.logs / "plan.log",
+                           "[table] nnUNetv2_plan_and_preprocess")
+            self.state.record("plan", {"seconds": seconds})
+
+    # -------------------------------------------------------------- training
+    def train(self, head: str, trainer: str) -> None:
+        from nnunet_diffusion import config
+        from nnunet_diffusion.demo import BIN, _run
+        key = f"train {trainer}"
+        if self.state.done(key):
+            return
+        fold = self.model_folder(trainer) / "fold_0"
+        if not (fold / "checkpoint_final.pth").is_file():
+            resume = (fold / "checkpoint_latest.pth").is_file()
+            attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
+            _run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", self.args.device,
+                  *(["--c"] if resume else [])], self.env, self.logs / f"train_{trainer}.{attempt}.log",
+                 f"[table] nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}",
+                 total_epochs(config.resolve(head, self.args.variant), head), r"Epoch \d+$")
+        b = training_budget(fold / "checkpoint_final.pth")
+        if b.steps != self.budget:
+            raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
+        self.state.record(key, {"steps": b.steps, "seconds": b.seconds})
+
+    # -------------------------------------------------------------- measuring
+    def _measure(self, key: str, trainer: str, cases: list[str], change=None, checkpoint="checkpoint_final.pth",
+                 **extra):
+        """Predict fold 0's validation ``cases`` with ``trainer``'s ``checkpoint`` (``change`` maps the network's
+        SamplingOptions to the ones to use), evaluate, record {seconds_per_case, dice per region, **extra}."""
+        from .accuracy import evaluate_cases, mean_metrics, predict_cases
+        if self.state.done(key):
+            return self.state.get(key)
+        out = self.workdir / "measure" / key.replace(" ", "_").replace("/", "-")
+        sampling = None if change is None else (lambda net: change(net.sampling))
+        seconds = predict_cases(self.model_folder(trainer), cases, out, sampling, checkpoint=checkpoint)
+        from nnunet_diffusion.evaluation.evaluate import ALL_REGIONS
+        dice = {r: m["dice"] for r, m in mean_metrics(evaluate_cases(out, self.raw(), cases)).items()
+                if r != ALL_REGIONS}
+        self.state.record(key, {"seconds_per_case": seconds, "dice": dice, **extra})
+        print(f"[table] {key}: " + ", ".join(f"{r} {100 * v:.1f}" for r, v in dice.items()), flush=True)
+        return self.state.get(key)
+
+    def curve(self, head: str, trainer: str) -> None:
+        """Dice on fold 0's validation cases at every kept checkpoint: the head's online-validation sampler (NNDM:
+        its defaults, and its refinement off)."""
+        from dataclasses import replace
+
+        from nnunet_diffusion.trainers import TRAINERS
+        fold = self.model_folder(trainer) / "fold_0"
+        changes = {trainer: None}
+        if head == "nndm":
+            changes[f"{trainer} (refinement off)"] = lambda o: replace(o, refine=False)
+        elif head != "nnunet":
+            val = TRAINERS[trainer].sampling_defaults(validation=True)
+            changes[trainer] = lambda o, v=val: replace(o, sampler=v.sampler, steps=v.steps, samples=v.samples)
+        for ckpt in sorted(fold.glob("checkpoint_ep*.pth")) + [fold / "checkpoint_final.pth"]:
+            steps = training_budget(ckpt).steps
+            for label, change in changes.items():
+                self._measure(f"curve {label} {ckpt.name}", trainer, self.val_cases(), change, ckpt.name, steps=steps)
+
+    def choose_default(self, head: str, cls: str, trainer: str) -> None:
+        """The steps-accuracy curve of the converged model on fold 0's validation cases, and the default chosen by
+        :func:`cheapest_within` (cost = denoiser passes per window = steps x samples)."""
+        from dataclasses import replace
+
+        from nnunet_diffusion.trainers import TRAINERS
+
+        from .accuracy import _predictor, sampling_grid
+        if head == "nnunet" or self.state.done(f"default {trainer}"):
+            return
+        a = self.args
+        samples = a.samples if _predictor(self.model_folder(trainer)).network.supports_samples else [1]
+        grid = sampling_grid(a.steps, samples, a.samples_steps)
+        named = {"shipped": TRAINERS[cls].sampling_defaults()}
+        if self.paper_chain:
+            named["paper"] = TRAINERS.get(f"{cls}_paper", TRAINERS[cls]).sampling_defaults()
+        for o in named.values():
+            if (o.sampler, o.steps, o.samples) not in grid:
+                grid.append((o.sampler, o.steps, o.samples))
+        rows = []
+        for sampler, k, n in grid:
+            tags = [name for name, o in named.items() if (o.sampler, o.steps, o.samples) == (sampler, k, n)]
+            label = f"{sampler} {k} steps x {n} samples"
+            m = self._measure(f"steps {trainer} {label}", trainer, self.val_cases(),
+                              lambda o, s=sampler, k=k, n=n: replace(o, sampler=s, steps=k, samples=n))
+            rows.append({"setting": label, "sampler": sampler, "steps": k, "samples": n, "cost": k * n,
+                         "tags": tags, "seconds_per_case": m["seconds_per_case"],
+                         "dice": 100 * float(np.mean(list(m["dice"].values())))})
+        chosen = cheapest_within(rows, a.tolerance)
+        self.state.record(f"default {trainer}", {"rows": rows, "chosen": chosen, "tolerance": a.tolerance})
+        print(f"[table] {trainer}: default {chosen['setting']} (mean Dice {chosen['dice']:.1f}; best "
+              f"{max(r['dice'] for r in rows):.1f})", flush=True)
+
+    def heldout_settings(self) -> list[tuple[str, str, object]]:
+        """(trainer, label, change) on the held-out cases: stock, NNDM with its refinement off, every head at its
+        chosen default."""
+        from dataclasses import replace
+        out = []
+        for head, cls in self.heads:
+            trainer = f"{cls}_{self.args.variant}"
+            if head == "nnunet":
+                out.append((trainer, "stock", None))
+                continue
+            c = self.state.get(f"default {trainer}")["chosen"]
+            change = (lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"]))
+            if head == "nndm":
+                out.append((trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)))
+            out.append((trainer, c["setting"], change))
+        return out
+
+    def heldout(self) -> None:
+        from .accuracy import _predictor, evaluate_cases
+        raw = self.raw(heldout=True)
+        cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
+        inputs = [[str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases]
+        for trainer, label, change in self.heldout_settings():
+            key = f"heldout {trainer} {label}"
+            if self.state.done(key):
+                continue
+            p = _predictor(self.model_folder(trainer))
+            if change is not None:
+                p.network.set_sampling(change(p.network.sampling))
+            out = self.workdir / "heldout_predictions" / key.replace(" ", "_")
+            t0 = time.perf_counter()
+            p.predict_from_files(inputs, [str(out / c) for c in cases], save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            seconds = (time.perf_counter() - t0) / len(cases)
+            res = evaluate_cases(out, raw, cases)
+            self.state.record(key, {"trainer": trainer, "setting": label, "seconds_per_case": seconds,
+                                    "cases": cases, "dice": per_case(res, "dice"), "hd95": per_case(res, "hd95")})
+            print(f"[table] {key}: {seconds:.2f} s / case", flush=True)
+
+    # -------------------------------------------------------------- output
+    def result(self) -> dict:
+        from .provenance import machine, versions
+        settings = self.heldout_settings()
+        measured = [self.state.get(f"heldout {t} {label}") for t, label, _ in settings]
+        stock = measured[0]
+        regions = list(stock["dice"])
+        rows = []
+        for m in measured:
+            rows.append({"trainer": m["trainer"], "setting": m["setting"], "seconds_per_case": m["seconds_per_case"],
+                         **score_against(m, stock, regions)})
+        curves = {}
+        for key, rec in self.state.records.items():
+            if key.startswith("curve "):
+                label = key[len("curve "):].rsplit(" ", 1)[0]
+                curves.setdefault(label, []).append({"steps": rec["steps"], "dice": rec["dice"]})
+        return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "versions": versions(),
+                "command": "python -m benchmarks.table " + " ".join(sys.argv[1:]),
+                "phantoms": self.state.get("data")["phantoms"], "budget_steps": self.budget,
+                "budget": {t: self.state.get(f"train {t}") for t in {m["trainer"] for m in measured}},
+                "regions": regions, "heldout_cases": stock["cases"], "validation_cases": self.val_cases(),
+                "curves": curves, "paper_chain_measured": self.paper_chain, "tolerance": self.args.tolerance,
+                "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
+                "rows": rows}
+
+    def write(self) -> None:
+        from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+        result = self.result()
+        out = self.args.out or RESULTS / ("table.json" if self.args.device == "cpu" else "table_cuda.json")
+        plot_curves(result, out.with_name(out.stem + "_curves.png"))
+        write_text_atomic(out, json.dumps(result, indent=2))
+        print(markdown(result))
+        print(f"[table] written: {out} and {out.with_name(out.stem + '_curves.png')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
