@@ -387,6 +387,50 @@ def convert_lidc(source: os.PathLike, raw_root: Optional[os.PathLike] = None, da
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+# ---------------------------------------------------------------------------------------------- phantom
+def _phantom_blob(shape, center, radius):
+    grid = np.indices(shape)
+    return (sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2).astype(np.uint8)
+
+
+def write_isbi2015_phantom(root, subjects=2, timepoints=3, shape=(24, 28, 24), seed=0) -> Path:
+    """ISBI 2015 training folders: trainingNN/preprocessed/trainingNN_TT_{flair,mprage,pd,t2}_pp.nii and
+    trainingNN/masks/trainingNN_TT_mask{1,2}.nii. Rater 1 marks a sphere, rater 2 a larger sphere around it plus a
+    second lesion; FLAIR = 100 + 100 × (number of raters), so image and vote count can be compared voxel by voxel.
+    Subjects differ in voxel spacing (1.0 / 1.2 / … mm on the second axis), so nnU-Net resamples them. The raters
+    disagree on the shell between the two spheres and on the second lesion (used by tests/test_multirater.py,
+    tests/test_e2e_modiff.py and benchmarks/modiff_diversity.py)."""
+    import SimpleITK as sitk
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for s in range(1, subjects + 1):
+        subj = root / f"training{s:02d}"
+        (subj / "preprocessed").mkdir(parents=True)
+        (subj / "masks").mkdir()
+        for t in range(1, timepoints + 1):
+            case = f"training{s:02d}_{t:02d}"
+            c = [n // 2 + int(rng.integers(-3, 4)) for n in shape]
+            m1 = _phantom_blob(shape, c, 4)
+            m2 = np.maximum(_phantom_blob(shape, c, 6), _phantom_blob(shape, [c[0] - 7, c[1] + 6, c[2]], 3))
+            votes = m1 + m2
+            imgs = {"flair": 100.0 + 100.0 * votes + rng.normal(0, 2, shape),
+                    "mprage": 50 + rng.normal(0, 10, shape), "pd": 80 + 20 * m2 + rng.normal(0, 10, shape),
+                    "t2": 60 + 30 * m1 + rng.normal(0, 10, shape)}
+            ref = None
+            for mod, arr in imgs.items():
+                img = sitk.GetImageFromArray(arr.astype(np.float32))
+                img.SetSpacing((1.0, 1.0 + 0.2 * (s - 1), 1.0))
+                img.SetOrigin((1.0, 2.0, 3.0))
+                sitk.WriteImage(img, str(subj / "preprocessed" / f"{case}_{mod}_pp.nii"))
+                ref = img
+            for r, m in ((1, m1), (2, m2)):
+                mi = sitk.GetImageFromArray(m)
+                mi.CopyInformation(ref)
+                sitk.WriteImage(mi, str(subj / "masks" / f"{case}_mask{r}.nii"))
+    return root
+
+
 def cmd_convert_isbi2015(args) -> int:
     out = convert_isbi2015(args.input_dir, args.raw, args.d, args.name, args.overwrite, not args.no_progress)
     print(f"{out}: vote-count labels (2 raters) in labelsTr, rater masks in {RATER_FOLDER}/")

@@ -119,3 +119,45 @@ def test_noise_prediction_loss_respects_mask():
     assert noise_prediction_loss(noise, pred).item() == pytest.approx(4.5)
     mask[..., :2] = 0
     assert noise_prediction_loss(noise, pred, mask).item() == 0.0
+
+
+def _all_diffusion_configs():
+    """(head, variant) for every trainer_configs/*.toml and every variant (None = [defaults]) that has a schedule."""
+    from importlib import resources
+
+    from nnunet_diffusion import config
+    heads = sorted(f.name[:-5] for f in resources.files("nnunet_diffusion.trainer_configs").iterdir()
+                   if f.name.endswith(".toml"))
+    assert {"nndm", "medsegdiff", "recoseg", "modiff", "ddmd"} <= set(heads)
+    return [(h, v) for h in heads if "num_train_timesteps" in config.resolve(h)
+            for v in [None, *config.variant_names(h)]]
+
+
+@pytest.mark.parametrize("head,variant", _all_diffusion_configs())
+def test_every_config_ends_its_forward_process_in_noise(head, variant):
+    """Sampling starts from pure N(0, I) at t = T−1, so q(x_{T−1} | x_0) must be (nearly) pure noise: ᾱ_{T−1} < 1e-2
+    (terminal SNR ᾱ/(1−ᾱ) < 0.01), for every head and every variant."""
+    from nnunet_diffusion.trainers.diffusion_base import DiffusionTrainer
+
+    # the schedule exactly as every diffusion trainer builds it from its config (DiffusionTrainer.schedule)
+    sched = type("T", (DiffusionTrainer,), {"head": head, "variant": variant}).schedule()
+    a = sched.alpha_bar(sched.num_train_timesteps - 1)
+    assert a < 1e-2, f"{head} [{variant or 'defaults'}]: alpha_bar(T-1) = {a:.3g} (T = {sched.num_train_timesteps})"
+
+
+def test_linear_beta_for_T_scales_the_range_stated_for_1000_steps():
+    # improved DDPM (Nichol & Dhariwal 2021): scale = 1000 / T, betas = linspace(scale * 1e-4, scale * 0.02, T)
+    s = NoiseSchedule(ScheduleConfig(250, "linear_beta_for_T", 1e-4, 0.02))
+    assert torch.allclose(s.betas, torch.linspace(4e-4, 0.08, 250, dtype=torch.float64), atol=1e-7)
+    assert s.alpha_bar(249) == pytest.approx(math.prod(1 - (4e-4 + i * (0.08 - 4e-4) / 249) for i in range(250)),
+                                             rel=1e-4)
+    assert s.alpha_bar(249) < 1e-4
+    # at T = 1000 it is the plain linear schedule
+    assert torch.allclose(NoiseSchedule(ScheduleConfig(1000, "linear_beta_for_T")).betas,
+                          NoiseSchedule(ScheduleConfig(1000, "linear_beta")).betas)
+    # the unscaled range at T = 250 is the bug of issue 19: x_249 still holds sqrt(0.08) ≈ 28 % of x_0
+    assert NoiseSchedule(ScheduleConfig(250, "linear_beta", 1e-4, 0.02)).alpha_bar(249) > 0.07
+    with pytest.raises(ValueError, match="every β must lie in"):
+        NoiseSchedule(ScheduleConfig(10, "linear_beta_for_T", 1e-4, 0.02))
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        NoiseSchedule(ScheduleConfig(10, "linaer"))

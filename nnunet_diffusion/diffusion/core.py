@@ -31,11 +31,23 @@ from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim")
 PREDICTION_TYPES = ("epsilon", "sample")
+# the linear β range is quoted for T = 1000; this schedule rescales it to the configured T
+LINEAR_FOR_T = "linear_beta_for_T"
+REFERENCE_T = 1000
+SCHEDULES = ("linear_beta", LINEAR_FOR_T, "scaled_linear_beta", "sigmoid_beta", "cosine")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Training-time noise schedule. Paper defaults of NNDM §5.1: linear β from 1e-4 to 0.02, T = 1000."""
+    """Training-time noise schedule. Paper defaults of NNDM §5.1: linear β from 1e-4 to 0.02, T = 1000.
+
+    ``schedule``: one of MONAI's (``linear_beta``, ``scaled_linear_beta``, ``sigmoid_beta``, ``cosine``) or
+    ``linear_beta_for_T``: the linear range ``beta_start``..``beta_end`` is read as stated for T = 1000 and scaled by
+    1000 / T, i.e. β_t = linspace(β_start·1000/T, β_end·1000/T, T) (Nichol & Dhariwal 2021, improved DDPM,
+    ``get_named_beta_schedule("linear")``). Σβ_t, and so ᾱ_{T−1} ≈ exp(−Σβ_t), is then about the same for any T:
+    with 1e-4..0.02, ᾱ_{T−1} = 4.0e-5 at T = 1000 and 3.3e-5 at T = 250, whereas the unscaled range at T = 250 stops at
+    ᾱ_{249} ≈ 0.08 (x_249 still 28 % signal) while sampling starts from pure noise.
+    """
     num_train_timesteps: int = 1000
     schedule: str = "linear_beta"
     beta_start: float = 1e-4
@@ -48,12 +60,21 @@ class NoiseSchedule:
     def __init__(self, config: ScheduleConfig = ScheduleConfig()):
         if config.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1; got {config.num_train_timesteps}")
-        kwargs = {}
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {SCHEDULES}; got {config.schedule!r}")
+        kwargs, name = {}, config.schedule
         if config.schedule in ("linear_beta", "scaled_linear_beta", "sigmoid_beta"):
             kwargs = dict(beta_start=config.beta_start, beta_end=config.beta_end)
+        elif config.schedule == LINEAR_FOR_T:
+            scale = REFERENCE_T / config.num_train_timesteps
+            name, kwargs = "linear_beta", dict(beta_start=config.beta_start * scale, beta_end=config.beta_end * scale)
+            if not 0.0 < kwargs["beta_start"] <= kwargs["beta_end"] < 1.0:
+                raise ValueError(f"beta_schedule {LINEAR_FOR_T!r}: β_start..β_end = "
+                                 f"{config.beta_start}..{config.beta_end} scaled by 1000/T = {scale:g} gives "
+                                 f"{kwargs['beta_start']:g}..{kwargs['beta_end']:g}; every β must lie in (0, 1) "
+                                 f"(raise num_train_timesteps)")
         self.config = config
-        self._monai = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, schedule=config.schedule,
-                                    **kwargs)
+        self._monai = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, schedule=name, **kwargs)
         self.betas = self._monai.betas.double()
         self.alphas_cumprod = self._monai.alphas_cumprod.double()
 

@@ -10,15 +10,18 @@ single-rater region datasets (BraTS) diffuse their region maps (``heads.common.t
 
 - eq. 8 (training): L_total = L_simple + λ1 L_LDF + λ2 L_MCA, λ1 = λ2 = 0.5            (``training_losses``)
   * L_simple: DDPM's ||ε − ε_θ(x_t, c_t, t)||² (paper §3.3); ``prediction_type="sample"``: ||x_0 − x̂_0||² (ours)
-  * L_LDF (eq. 7): ||LDF(x_t) − y_target||² with y_target the morphological gradient (dilation − erosion, 3-voxel
-    structuring element, halved to [0, 1]) of the clean label map x_0: the paper calls y_target "the ideal
-    morphological feature map" and does not define it further; this choice (ours) is the label's boundary band,
-    what the edge detectors LDF is compared with in Table 4 find.
+  * L_LDF (eq. 7): ||LDF(y^B) − y^B_target||², "to ensure the generated feature map preserves the original image's
+    morphological details" (§3.3). y^B = [f(B) ‖ S'] (eq. 3) is MCA's token map; the paper leaves y^B_target
+    undefined ("the ideal morphological feature map"). Ours, the nearest faithful reading (``nets.modiff.MCA``): a
+    learned 1×1 read-out of LDF(y^B) against the image's morphology M(B) (per-channel morphological gradient scaled
+    to [0, 1], averaged over each query patch); in the "LDF only" ablation (no y^B), LDF(B) itself against M(B).
   * L_MCA: "attention regularisation ... prevents bias toward specific patches" (§3.3, no formula). Ours:
     KL(ū ‖ uniform) where ū_k is the attention label patch k receives, averaged over all query patches, after a
     softmax over the keys of eq. 2's (softmax-free) scores. 0 when every label patch gets the same attention.
-- sampling (§4.1): n samples from noise per image (16 and 32 in the paper), each binarised at a threshold (0.9 in
-  the paper: "retaining only the pixels with a probability of 0.9 or higher")           (``sample_probabilities``)
+- sampling (§4.1): n samples from noise per image (16 and 32 in the paper)                (``sample_probabilities``),
+  each binarised (``binarize_sample``): by default sample i keeps the voxels that at least k_i = 1 + (i mod R) of the
+  R raters mark in its sampled map ("presence of individual radiologist labels", abstract); the paper's literal cut
+  at 0.9 ("retaining only the pixels with a probability of 0.9 or higher", §4.1) is ``sample_reading = "threshold"``.
 """
 from __future__ import annotations
 
@@ -26,12 +29,13 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss
+from ..nets.modiff import morphological_gradient, morphology_target  # noqa: F401  (re-exported)
 from .medsegdiff import mask_to_x0, sample_masks
 
 PAPER_THRESHOLD = 0.9  # MoDiff §4.1
+SAMPLE_READINGS = ("raters", "threshold")  # how a sampled probability map becomes a binary sample (binarize_sample)
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -58,18 +62,10 @@ def foreground_probability(y: torch.Tensor) -> torch.Tensor:
     return ((y[:, 1:2].float() + 1.0 - y[:, 0:1].float()) / 2.0).clamp(0.0, 1.0)
 
 
-def morphological_gradient(x: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Dilation − erosion of (B, C, *spatial) with a ``size``-voxel cubic structuring element (2D or 3D)."""
-    pool = {2: F.max_pool2d, 3: F.max_pool3d}[x.ndim - 2]
-    dil = pool(x, size, stride=1, padding=size // 2)
-    ero = -pool(-x, size, stride=1, padding=size // 2)
-    return dil - ero
-
-
-def ldf_target(x0: torch.Tensor) -> torch.Tensor:
-    """y_target of MoDiff eq. 7 (ours, see module docstring): half the morphological gradient of x_0 ∈ [−1, 1],
-    i.e. the label's boundary band with values in [0, 1]."""
-    return 0.5 * morphological_gradient(x0.float())
+def ldf_target(image: torch.Tensor, patch) -> torch.Tensor:
+    """y^B_target of MoDiff eq. 7 (our reading, see the module docstring): the image's morphology on MCA's query grid
+    (``nets.modiff.morphology_target``)."""
+    return morphology_target(image, patch)
 
 
 def attention_balance_loss(scores: Optional[torch.Tensor]) -> torch.Tensor:
@@ -87,7 +83,10 @@ def training_losses(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: t
                     mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                     prediction_type: str = "epsilon", lambda_ldf: float = 0.5, lambda_mca: float = 0.5) -> dict:
     """MoDiff eq. 8: {"loss": L_simple + λ1 L_LDF + λ2 L_MCA, "simple", "ldf", "mca"} for a batch of images and
-    probability label maps ``y`` ∈ [0, 1]. L_LDF is 0 without LDF, L_MCA 0 without MCA (Table 3 ablations)."""
+    probability label maps ``y`` ∈ [0, 1]. L_LDF is 0 without LDF, L_MCA 0 without MCA (Table 3 ablations).
+
+    Eq. 7: L_LDF = E‖LDF(y^B) − y^B_target‖², computed as the mean of (aux["ldf_pred"] − aux["ldf_target"])² over
+    MCA's query grid: r(LDF(y^B)) against the image's morphology M(B) (our reading; ``nets.modiff.MCA``)."""
     x0 = mask_to_x0(y)
     t = schedule.sample_timesteps(x0.shape[0], x0.device, generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
@@ -98,8 +97,7 @@ def training_losses(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: t
     else:
         simple = noise_prediction_loss(noise, predicted, mask)
     zero = simple.new_zeros(())
-    use_ldf = getattr(denoiser, "mca", None) is None or denoiser.mca.use_ldf
-    ldf = masked_mse(ldf_target(x0), aux["ldf_label"], mask) if use_ldf else zero            # eq. 7
+    ldf = masked_mse(aux["ldf_target"], aux["ldf_pred"]) if aux.get("ldf_pred") is not None else zero  # eq. 7
     mca = attention_balance_loss(aux.get("scores")).to(simple) if aux.get("scores") is not None else zero
     total = simple + float(lambda_ldf) * ldf + float(lambda_mca) * mca                       # eq. 8
     return {"loss": total, "simple": simple, "ldf": ldf, "mca": mca}
@@ -116,6 +114,45 @@ def binarize(p: torch.Tensor, threshold: float = PAPER_THRESHOLD) -> torch.Tenso
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"binarisation threshold must be in (0, 1]; got {threshold}")
     return p >= threshold
+
+
+def rater_level(i: int, raters: int) -> int:
+    """k_i = 1 + (i mod R): the number of raters whose label sample i (0-based) reads as present ("raters" reading).
+    Cycling through 1..R makes every R consecutive samples cover all consensus levels."""
+    return 1 + int(i) % max(int(raters), 1)
+
+
+def sample_threshold(i: int, raters: int, reading: str = "raters", threshold: float = PAPER_THRESHOLD) -> float:
+    """The foreground-probability cut of sample i (0-based) under a ``reading`` (see :func:`binarize_sample`)."""
+    if reading == "threshold":
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"binarisation threshold must be in (0, 1]; got {threshold}")
+        return float(threshold)
+    if reading == "raters":
+        r = max(int(raters), 1)
+        return (rater_level(i, r) - 0.5) / r
+    raise ValueError(f"sample_reading must be one of {SAMPLE_READINGS}; got {reading!r}")
+
+
+def binarize_sample(p: torch.Tensor, i: int, raters: int, reading: str = "raters",
+                    threshold: float = PAPER_THRESHOLD) -> torch.Tensor:
+    """Sample i's binary mask from its sampled foreground probability map P̂ (values ≈ k/R).
+
+    MoDiff abstract: "By determining the presence of individual radiologist labels, MoDiff enables diverse
+    sampling"; §4.1: "the binary masks for each image were generated by thresholding the predicted probability maps
+    at 0.9, retaining only the pixels with a probability of 0.9 or higher". Two readings (``reading``):
+
+    * "threshold" (§4.1 literally): P̂ ≥ ``threshold`` (0.9) for every sample. A P̂ of k/R passes only when
+      k/R ≥ 0.9, i.e. where (nearly) all raters agree: the samples differ only where the sampled maps themselves
+      differ, and a model that has learned P = k/R well returns the raters' intersection every time.
+    * "raters" (ours, our reading of "determining the presence of individual radiologist labels"): P̂ is read as the
+      mean of R rater masks, and sample i decides how many raters' labels are present: k_i = 1 + (i mod R)
+      (:func:`rater_level`), mask = P̂ ≥ (k_i − ½)/R, i.e. "at least k_i of the R raters marked the voxel" (the ½/R
+      margin absorbs the sampling noise of P̂ around k/R). Over the k_i, a voxel is in the fraction ≈ P̂ of the
+      samples, so the samples' mean is the raters' mean and they vary where the raters disagree (measured in
+      trainer_configs/modiff.toml and benchmarks/modiff_diversity.py). With R = 1 it is the cut P̂ ≥ 0.5.
+    """
+    return p >= sample_threshold(i, raters, reading, threshold)
 
 
 def vote_count_probabilities(p: torch.Tensor, raters: int) -> torch.Tensor:

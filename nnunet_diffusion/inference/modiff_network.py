@@ -6,7 +6,8 @@ Inference (eval mode, nnU-Net's predictor calls it per window): n probability la
 (persistent buffer ``raters`` = R > 0) the fused foreground probability P̄ becomes probabilities of the vote counts
 0..R (Binomial(R, P̄), see ``heads.modiff.vote_count_probabilities``), so nnU-Net exports the predicted number of
 raters per voxel; otherwise the fused maps are returned as MedSegDiff does. The individual binarised samples (the
-paper's diverse samples) are written by ``inference/modiff_samples.py``.
+paper's diverse samples; ``reading`` and ``threshold``, see ``heads.modiff.binarize_sample``) are written by
+``inference/modiff_samples.py``.
 """
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ from .sampling_network import SamplingNetwork
 class MoDiffNetwork(SamplingNetwork):
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, sampling: SamplingOptions,
                  mask_channels: int, region_based: bool = False, prediction_type: str = "epsilon",
-                 lambda_ldf: float = 0.5, lambda_mca: float = 0.5, threshold: float = modiff.PAPER_THRESHOLD):
+                 lambda_ldf: float = 0.5, lambda_mca: float = 0.5, threshold: float = modiff.PAPER_THRESHOLD,
+                 reading: str = "raters"):
         super().__init__(schedule, sampling, region_based)
         self.denoiser = denoiser
         self.mask_channels = mask_channels
         self.prediction_type = prediction_type
         self.lambda_ldf, self.lambda_mca = float(lambda_ldf), float(lambda_mca)
         self.threshold = float(threshold)
+        if reading not in modiff.SAMPLE_READINGS:
+            raise ValueError(f"sample_reading must be one of {modiff.SAMPLE_READINGS}; got {reading!r}")
+        self.reading = reading  # how a sample's probability map is binarised (heads.modiff.binarize_sample)
         # R raters of a vote-count dataset (dataset.json "nndiff_raters"); 0 = a single-rater dataset
         self.register_buffer("raters", torch.tensor(0, dtype=torch.int64))
 

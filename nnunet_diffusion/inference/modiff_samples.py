@@ -3,9 +3,12 @@
 nnU-Net's predictor returns one (fused) segmentation per case, so the n individual samples of a case are drawn in a
 second pass over the whole case: nnU-Net's preprocessing, the same tiling and Gaussian blending
 (``residual_maps.sliding_window``) and nnU-Net's geometry revert (``residual_maps.revert_to_original_geometry``).
-Each sample is then binarised (MoDiff §4.1: probability ≥ 0.9, or the ``binarize_threshold`` of the trainer config,
-or ``threshold``) and written as ``<output>/samples/<case>_sample<i>.nii.gz`` (i from 1; uint8 0/1 for multi-rater
-models; nnU-Net's label map of the sample otherwise).
+Each sample is then binarised by :func:`sample_segmentation` with the trainer config's ``sample_reading`` (default
+"raters": sample i keeps the voxels that at least k_i = 1 + ((i − 1) mod R) of the R raters mark in its sampled
+map, R = 1 for single-rater models; "threshold": the paper's probability ≥ 0.9 of §4.1, the config's
+``binarize_threshold``; an explicit ``threshold`` argument / ``--threshold`` means "threshold" at that value), the
+same rule for multi-rater and single-rater models, and written as ``<output>/samples/<case>_sample<i>.nii.gz`` (i from 1; uint8 0/1 for multi-rater
+models; the label map of the sample otherwise).
 
 Samples of a window are drawn with seeds NNDIFF_SEED + i (so sample i is one draw per window, blended across
 overlapping windows). With several folds, sample i comes from fold i mod F (all folds contribute, every sample is
@@ -57,6 +60,29 @@ def samples_of_case(network, data: torch.Tensor, patch_size: Sequence[int], num_
     return out.reshape(num_samples, k, *out.shape[1:])
 
 
+def sample_segmentation(prob: np.ndarray, i: int, raters: int, reading: str, threshold: float,
+                        label_manager=None) -> np.ndarray:
+    """Sample i's (0-based) segmentation from its probability map ``prob`` (K, *spatial), in the input geometry.
+
+    The cut is ``heads.modiff.sample_threshold(i, R, reading, threshold)``: with ``reading`` "threshold" the
+    paper's P̂ ≥ 0.9 (§4.1, or the given threshold); with "raters" the level "at least k_i = 1 + (i mod R) of R raters",
+    P̂ ≥ (k_i − ½)/R (R = 1 for a single-rater model: P̂ ≥ 0.5). Multi-rater model (``raters`` = R > 0, K = 1): the
+    foreground probability cut there (0/1). Single-rater model: regions: region r is on where its probability
+    passes the cut (nnU-Net's regions_class_order then paints the labels); labels: the most probable foreground
+    class where its (normalised) probability passes the cut, background elsewhere.
+    """
+    from ..heads.modiff import sample_threshold
+
+    cut = sample_threshold(i, raters if raters else 1, reading, threshold)
+    if raters:
+        return (prob[0] >= cut).astype(np.uint8)
+    if label_manager is not None and label_manager.has_regions:
+        return np.asarray(label_manager.convert_probabilities_to_segmentation((prob >= cut).astype(np.float32)))
+    prob = prob / np.clip(prob.sum(0, keepdims=True), 1e-6, None)
+    fg = prob[1:]
+    return np.where(fg.max(0) >= cut, fg.argmax(0) + 1, 0).astype(np.uint8)
+
+
 def write_samples(model_folder: os.PathLike, input_folder: os.PathLike, output_folder: os.PathLike,
                   folds: Optional[Sequence] = None, checkpoint_name: str = "checkpoint_final.pth",
                   num_samples: Optional[int] = None, threshold: Optional[float] = None,
@@ -73,6 +99,7 @@ def write_samples(model_folder: os.PathLike, input_folder: os.PathLike, output_f
     if n < 1:
         raise NNDiffConfigError(f"samples: the number of samples must be >= 1; got {n}")
     thr = network.threshold if threshold is None else float(threshold)
+    reading = getattr(network, "reading", "threshold") if threshold is None else "threshold"
     if not 0.0 < thr <= 1.0:
         raise NNDiffConfigError(f"samples: the binarisation threshold must be in (0, 1]; got {thr}")
     pm, cm = predictor.plans_manager, predictor.configuration_manager
@@ -96,12 +123,7 @@ def write_samples(model_folder: os.PathLike, input_folder: os.PathLike, output_f
                 draws[i] = s[j]
         for i, s in enumerate(draws, start=1):
             prob = revert_to_original_geometry(s.cpu().numpy(), properties, pm, cm)
-            if network.num_raters:
-                seg = prob[0] >= thr                                    # MoDiff §4.1
-            else:
-                if not label_manager.has_regions:
-                    prob = prob / np.clip(prob.sum(0, keepdims=True), 1e-6, None)
-                seg = np.asarray(label_manager.convert_probabilities_to_segmentation(prob))
+            seg = sample_segmentation(prob, i - 1, network.num_raters, reading, thr, label_manager)
             path = sample_file(out_dir, case, i, ending)
             _write(seg, properties, path)
             written.append(path)

@@ -12,8 +12,10 @@ Filter (LDF), the Morphology-based Cross Attention network (MCA) and the denoise
     Q = B W_Q, K = S W_K, V = S W_V                                          (eq. 1)
   B: patches of the image, S: patches of the noisy label x_t after LDF; W_* are patch embeddings (strided convs).
   Query patches are 2 voxels per axis and key/value patches 4 (the paper's H/2·W/2 and H/4·W/4 token grids),
-  enlarged per axis until the token count is at most ``max_tokens`` (ours: keeps 3D patches tractable).
-  Sinusoidal positional encodings are added to queries and keys (paper §3.1).
+  enlarged per axis until the query count is at most ``max_tokens`` (ours; 4096 keeps the paper's 2×2 / 4×4 on
+  128² crops; 3D windows get larger patches, e.g. 8×8×8 / 16×16×16 on 128³, see trainer_configs/modiff.toml).
+  Sinusoidal positional encodings are added to queries and keys (paper §3.1), of their *physical* patch centres on
+  one scale (key-patch units), so a query patch is nearest, in encoding space, the key patch that contains it.
     S' = (Q Kᵀ / √d) V / N_k        — eq. 2's score, no softmax                    (eq. 2)
   (the 1/N_k, a constant, is ours: without softmax the sum over keys grows with their number.)
     y^B = [f(B) ‖ S']                                                      (eq. 3)
@@ -29,8 +31,8 @@ Ablations (paper Table 3): ``use_ldf=False`` replaces every LDF by the identity 
 drops eqs. 1–3 and the MSA: O^B = f^B(Squeeze(LDF(B))) + f^S(Squeeze(LDF(x_t))) (LDF only; the label term is
 ours, so that the label still reaches the condition through LDF).
 
-``forward(..., return_aux=True)`` also returns what the auxiliary losses of §3.3 need: LDF(x_t) (eq. 7) and the
-cross-attention scores (L_MCA).
+``forward(..., return_aux=True)`` also returns what the auxiliary losses of §3.3 need: both sides of eq. 7 (a read-out
+of LDF(y^B) and the image's morphology, see :class:`MCA`) and the cross-attention scores (L_MCA).
 """
 from __future__ import annotations
 
@@ -72,12 +74,21 @@ def token_patch(spatial: Sequence[int], base: int, max_tokens: int) -> tuple[int
     return tuple(p)
 
 
-def sinusoidal_positions(grid: Sequence[int], channels: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def sinusoidal_positions(grid: Sequence[int], channels: int, device=None, dtype=torch.float32,
+                         patch: Sequence[int] | None = None, unit: Sequence[int] | None = None) -> torch.Tensor:
     """Fixed sinusoidal position encodings of an N-D token grid, (prod(grid), channels): the channels are split
-    among the axes, each axis encoded as in Vaswani et al. (sin/cos at geometric frequencies)."""
+    among the axes, each axis encoded as in Vaswani et al. (sin/cos at geometric frequencies 1 … 1/10000).
+
+    With ``patch`` the encoded position is physical: token i of an axis tokenised by ``patch``-voxel patches sits at
+    its patch centre i·p + (p − 1)/2 (voxels), measured in units of ``unit`` voxels (MCA: the key patch). Without it,
+    the position is the grid index i."""
     dim = len(grid)
+    patch = [1] * dim if patch is None else [int(p) for p in patch]
+    unit = patch if unit is None else [int(u) for u in unit]
     per_axis = [channels // dim + (1 if i < channels % dim else 0) for i in range(dim)]
-    coords = torch.meshgrid(*[torch.arange(g, device=device, dtype=torch.float32) for g in grid], indexing="ij")
+    axes = [(torch.arange(g, device=device, dtype=torch.float32) * p + (p - 1) / 2.0) / u
+            for g, p, u in zip(grid, patch, unit)]
+    coords = torch.meshgrid(*axes, indexing="ij")
     parts = []
     for c, pos in zip(per_axis, coords):
         pos = pos.reshape(-1, 1)
@@ -86,6 +97,27 @@ def sinusoidal_positions(grid: Sequence[int], channels: int, device=None, dtype=
         enc = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1)[:, :c]
         parts.append(enc)
     return torch.cat(parts, 1).to(dtype)
+
+
+def morphological_gradient(x: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Dilation − erosion of (B, C, *spatial) with a ``size``-voxel cubic structuring element (2D or 3D)."""
+    pool = {2: F.max_pool2d, 3: F.max_pool3d}[x.ndim - 2]
+    dil = pool(x, size, stride=1, padding=size // 2)
+    ero = -pool(-x, size, stride=1, padding=size // 2)
+    return dil - ero
+
+
+def morphology_target(image: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """y^B_target of MoDiff eq. 7 (our reading, see :class:`MCA`): the morphology of the image B on MCA's query grid.
+
+    Per image channel, the morphological gradient (dilation − erosion, 3-voxel structuring element) scaled by its
+    maximum over the window to [0, 1] (nnU-Net's intensity normalisations differ by modality), then averaged over
+    each ``patch``-voxel query patch: (B, C, *spatial) → (B, C, *spatial / patch). No gradient flows into it."""
+    with torch.no_grad():
+        g = morphological_gradient(image.float())
+        g = g / g.flatten(2).amax(-1).clamp_min(1e-6).view(*g.shape[:2], *([1] * (g.ndim - 2)))
+        pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[g.ndim - 2]
+        return pool(g, tuple(patch), stride=tuple(patch))
 
 
 class LDF(nn.Module):
@@ -153,19 +185,29 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         d_head = q.shape[-1] // self.heads
         q, k, v = (t.reshape(b, n, self.heads, d_head).transpose(1, 2) for t in (q, k, v))
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d_head * self.heads), dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.heads * d_head))
+        # fused kernel: the N × N attention matrix is not kept for the backward pass (memory linear in N)
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d_head * self.heads))
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * d_head))
 
 
 class MCA(nn.Module):
     """MoDiff eqs. 1–5: the condition c_t = z^B = [g^B(O^B) ‖ B] from the image B and the noisy label x_t.
 
-    ``forward(image, x_t)`` returns (c_t, aux) with aux = {"ldf_label": LDF(x_t), "scores": Q Kᵀ/√d or None}.
+    ``forward(image, x_t)`` returns (c_t, aux) with aux = {"scores": Q Kᵀ/√d or None (for L_MCA), "ldf_pred" and
+    "ldf_target": the two sides of eq. 7 on the query grid, or None without LDF}.
+
+    Eq. 7, L_LDF = E‖LDF(y^B) − y^B_target‖², "to ensure the generated feature map preserves the original image's
+    morphological details" (§3.3). The paper does not define y^B_target ("the ideal morphological feature map"), and
+    LDF(y^B) has 2·embed_dim learned channels, which no fixed map of the image can equal channel by channel. Our
+    nearest faithful reading: a learned 1×1 read-out r (2·embed_dim → image channels) of LDF(y^B), compared with the
+    image's morphology on the same token grid (:func:`morphology_target`): L_LDF = ‖r(LDF(y^B)) − M(B)‖². Without
+    MCA (Table 3 "LDF only") there is no y^B; eq. 6 says LDF also acts on "the input ... of the MCA encoder", so
+    L_LDF = ‖pool(LDF(B)) − M(B)‖² (the LDF of the image, averaged over the query patches, needs no read-out).
     """
 
     def __init__(self, dim: int, image_channels: int, mask_channels: int, patch_size: Sequence[int],
                  embed_dim: int = 16, model_dim: int = 32, heads: int = 4, cond_channels: int = 8,
-                 max_tokens: int = 1024, use_mca: bool = True, use_ldf: bool = True, ldf_width: int = 4):
+                 max_tokens: int = 4096, use_mca: bool = True, use_ldf: bool = True, ldf_width: int = 4):
         super().__init__()
         conv, convT = _conv(dim), _convT(dim)
         self.dim, self.use_mca, self.use_ldf = dim, bool(use_mca), bool(use_ldf)
@@ -184,6 +226,8 @@ class MCA(nn.Module):
             self.ldf_tokens = LDF(dim, 2 * embed_dim, ldf_width) if use_ldf else ident()
             self.norm = nn.LayerNorm(2 * embed_dim)
             self.msa = MultiHeadSelfAttention(2 * embed_dim, model_dim, heads)
+            if self.use_ldf:
+                self.morph_readout = conv(2 * embed_dim, image_channels, 1)                # r of eq. 7 (ours)
         else:
             self.label_squeeze = conv(mask_channels, model_dim, self.q_patch, stride=self.q_patch)  # ours (LDF only)
         self.g = convT(model_dim, cond_channels, self.q_patch, stride=self.q_patch)               # g^B, eq. 5
@@ -194,29 +238,37 @@ class MCA(nn.Module):
         img = _pad_to_multiple(image, mult)
         lab = _pad_to_multiple(x_t.to(image.dtype), mult)
         ldf_label = self.ldf_label(lab)
-        o = self.squeeze(self.ldf_image(img))                                     # f^B(Squeeze(LDF(B)))
+        ldf_image = self.ldf_image(img)
+        o = self.squeeze(ldf_image)                                               # f^B(Squeeze(LDF(B)))
         grid = tuple(o.shape[2:])
-        scores = None
+        scores, ldf_pred = None, None
         if self.use_mca:
             q = self.w_q(img).flatten(2).transpose(1, 2)                          # (B, N_q, d)   eq. 1
             k = self.w_k(ldf_label).flatten(2).transpose(1, 2)                    # (B, N_k, d)
             v = self.w_v(ldf_label).flatten(2).transpose(1, 2)
-            q = q + sinusoidal_positions(grid, self.embed_dim, q.device, q.dtype)
-            # keys: the same encoding evaluated at their own (coarser) grid positions
+            # sinusoidal encodings of the physical patch centres (in key-patch units) on both sides, so a query is
+            # nearest, in encoding space, the key patch that contains it
             k_grid = tuple(ldf_label.shape[2 + i] // self.k_patch[i] for i in range(self.dim))
-            k = k + sinusoidal_positions(k_grid, self.embed_dim, k.device, k.dtype)
+            q = q + sinusoidal_positions(grid, self.embed_dim, q.device, q.dtype, self.q_patch, self.k_patch)
+            k = k + sinusoidal_positions(k_grid, self.embed_dim, k.device, k.dtype, self.k_patch, self.k_patch)
             scores = q @ k.transpose(1, 2) / math.sqrt(self.embed_dim)            # eq. 2, no softmax
             s_prime = scores @ v / k.shape[1]
             f_b = self.f_image(img).flatten(2).transpose(1, 2)
             y_b = torch.cat([f_b, s_prime], -1)                                   # eq. 3
             y_grid = y_b.transpose(1, 2).reshape(y_b.shape[0], -1, *grid)
-            y_f = self.ldf_tokens(y_grid).flatten(2).transpose(1, 2)
+            y_f = self.ldf_tokens(y_grid)                                         # LDF(y^B), eqs. 4, 6
+            if self.use_ldf:
+                ldf_pred = self.morph_readout(y_f)                                # r(LDF(y^B)), eq. 7
+            y_f = y_f.flatten(2).transpose(1, 2)
             o = o + self.msa(self.norm(y_f)).transpose(1, 2).reshape(o.shape)     # eq. 4
         else:
             o = o + self.label_squeeze(ldf_label)
+            if self.use_ldf:                                                      # eq. 7 on LDF(B) (LDF only)
+                pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[self.dim]
+                ldf_pred = pool(ldf_image.float(), self.q_patch, stride=self.q_patch)
         cond = self.g(o)[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
-        aux = {"ldf_label": ldf_label[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)],
-               "scores": scores}
+        aux = {"scores": scores, "ldf_pred": ldf_pred,
+               "ldf_target": morphology_target(img, self.q_patch) if ldf_pred is not None else None}
         return torch.cat([cond, image], 1), aux                                   # eq. 5
 
 
@@ -231,7 +283,7 @@ class MoDiffDenoiser(nn.Module):
 
     def __init__(self, dim: int, image_channels: int, mask_channels: int, patch_size: Sequence[int],
                  channels: Sequence[int], strides: Sequence, num_res_blocks: int = 1, embed_dim: int = 16,
-                 model_dim: int = 32, heads: int = 4, cond_channels: int = 8, max_tokens: int = 1024,
+                 model_dim: int = 32, heads: int = 4, cond_channels: int = 8, max_tokens: int = 4096,
                  use_mca: bool = True, use_ldf: bool = True, ldf_width: int = 4):
         super().__init__()
         self.mask_channels = mask_channels

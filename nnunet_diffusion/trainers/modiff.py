@@ -81,6 +81,9 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
             raise NNDiffConfigError(f"modiff: model_dim {hp['model_dim']} must be divisible by heads {hp['heads']}")
         if not 0.0 < float(hp["binarize_threshold"]) <= 1.0:
             raise NNDiffConfigError(f"modiff: binarize_threshold must be in (0, 1]; got {hp['binarize_threshold']}")
+        if hp["sample_reading"] not in modiff.SAMPLE_READINGS:
+            raise NNDiffConfigError(f"modiff: sample_reading must be one of {modiff.SAMPLE_READINGS}; "
+                                    f"got {hp['sample_reading']!r}")
         pools = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes]
         n = max(1, min(len(pools), int(hp["levels"])))
         features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
@@ -94,7 +97,7 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
         return MoDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
                              num_output_channels, prediction_type=hp["prediction_type"],
                              lambda_ldf=float(hp["lambda_ldf"]), lambda_mca=float(hp["lambda_mca"]),
-                             threshold=float(hp["binarize_threshold"]))
+                             threshold=float(hp["binarize_threshold"]), reading=hp["sample_reading"])
 
     def initialize(self):
         super().initialize()
