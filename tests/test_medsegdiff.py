@@ -135,3 +135,87 @@ def test_label_datasets_get_softmax_logits_that_sum_to_one():
     with torch.no_grad():
         probs = torch.softmax(net(torch.randn(1, 4, *patch)).float(), 1)
     assert np.allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- FF-Parser placement (§II-B)
+@pytest.mark.parametrize("dim", [2, 3])
+def test_default_ff_parser_filters_the_x_t_features_before_they_meet_the_image(dim):
+    """§II-B: the FF-Parser constrains "the noise-related components in the x_t features"; in the authors' code
+    it filters the x_t path's feature before that feature modulates the image features. So the tensor each
+    FF-Parser sees must be exactly what the x_t encoder's stage produced, not the image + x_t sum."""
+    net, patch = _unet(dim)
+    seen, produced = {}, {}
+    for k, ff in enumerate(net.ff):
+        ff.register_forward_pre_hook(lambda m, args, k=k: seen.__setitem__(k, args[0].detach().clone()))
+        net.mask_stages[k].register_forward_hook(
+            lambda m, args, out, k=k: produced.__setitem__(k, out.detach().clone()))
+    with torch.no_grad():
+        net(torch.randn(2, 3, *patch), torch.randn(2, 4, *patch), torch.tensor([5, 500]))
+    assert sorted(seen) == list(range(len(net.ff))) and sorted(produced) == sorted(seen)
+    for k in seen:
+        assert torch.equal(seen[k], produced[k]), f"FF-Parser {k} does not filter the x_t encoder's features"
+
+
+def _zero_filters(net):
+    with torch.no_grad():
+        for ff in net.ff:
+            ff.weight.zero_()  # A = 0 in eq. 5: the parser lets nothing through
+    return net
+
+
+@pytest.mark.parametrize("dynamic_conditioning", [True, False])
+def test_ff_parsers_are_the_only_way_x_t_reaches_the_condition_in_the_default_placement(dynamic_conditioning):
+    """With every A = 0 (eq. 5) the default placement removes x_t from every fusion (eq. 3, the skips and the sum
+    before the last stage), so ε̂ no longer depends on x_t; filtering the fused skips instead ("skip", the
+    ablation) leaves x_t its way through eq. 3 and the sum E^I + E^x into the last stage."""
+    patch = (16, 16)
+    image, t = torch.randn(2, 4, *patch), torch.tensor([3, 700])
+    x_a, x_b = torch.randn(2, 3, *patch), torch.randn(2, 3, *patch)
+    default, _ = _unet(2, dynamic_conditioning=dynamic_conditioning)
+    default = _zero_filters(default)
+    skip, _ = _unet(2, dynamic_conditioning=dynamic_conditioning, ff_parser_on="skip")
+    skip = _zero_filters(skip)
+    with torch.no_grad():
+        assert torch.allclose(default(x_a, image, t), default(x_b, image, t), atol=1e-6)
+        assert not torch.allclose(skip(x_a, image, t), skip(x_b, image, t), atol=1e-4)
+        if not dynamic_conditioning:  # (with eq. 3, m̃_x = 0 gives LN(m̃_x) = 0 and so zeroes m_I as well)
+            assert not torch.allclose(default(x_a, image, t), default(x_a, image * 2, t))  # the image counts
+
+
+def test_ff_parser_placement_comes_from_the_trainer_config():
+    from types import SimpleNamespace
+
+    from nnunet_diffusion.errors import NNDiffConfigError
+    from nnunet_diffusion.trainers import TRAINERS
+    from nnunet_diffusion.trainers import medsegdiff as msd_trainers
+    cm = SimpleNamespace(patch_size=[16, 16], pool_op_kernel_sizes=[[1, 1], [2, 2], [2, 2], [2, 2]],
+                         network_arch_init_kwargs={"features_per_stage": [8, 8, 16, 16]})
+    assert TRAINERS["nnUNetTrainerMedSegDiff"].build_network_architecture(None, cm, 4, 3).denoiser.ff_parser_on \
+        == "mask"
+    assert TRAINERS["nnUNetTrainerMedSegDiff_ffSkip"].build_network_architecture(None, cm, 4, 3) \
+        .denoiser.ff_parser_on == "skip"
+
+    class Bad(msd_trainers.nnUNetTrainerMedSegDiff):
+        @classmethod
+        def hparams(cls):
+            return {**super().hparams(), "ff_parser_on": "decoder"}
+    with pytest.raises(NNDiffConfigError, match="ff_parser_on"):
+        Bad.build_network_architecture(None, cm, 4, 3)
+    with pytest.raises(ValueError, match="ff_parser_on"):
+        _unet(2, ff_parser_on="decoder")
+
+
+# ------------------------------------------------------------------------------- block counts (§II-C, §III-B)
+@pytest.mark.parametrize("variant,expected", [
+    # ResNet34's counts 3, 4, 6 for the separate encoder stages, 6 again for every further separate stage, 3 for
+    # the shared last stage; S/B/L = 4/5/6 downsamplings = 5/6/7 stages (§III-B)
+    ("_S", [3, 4, 6, 6, 3]), ("", [3, 4, 6, 6, 6, 3]), ("_L", [3, 4, 6, 6, 6, 6, 3])])
+def test_default_block_counts_per_size(variant, expected):
+    from types import SimpleNamespace
+
+    from nnunet_diffusion.trainers import TRAINERS
+    cm = SimpleNamespace(patch_size=[128, 128], pool_op_kernel_sizes=[[1, 1]] + [[2, 2]] * 7,
+                         network_arch_init_kwargs={"features_per_stage": [8] * 8})
+    net = TRAINERS[f"nnUNetTrainerMedSegDiff{variant}"].build_network_architecture(None, cm, 4, 3).denoiser
+    for stages in (net.image_stages, net.mask_stages):
+        assert [len(s.blocks) for s in stages] + [len(net.last_stage.blocks)] == expected

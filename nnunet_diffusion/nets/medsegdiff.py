@@ -7,9 +7,34 @@
 - dynamic conditional encoding on the middle two stages:
   A(m_I, m_x) = (LN(m_I) ⊗ LN(m_x)) ⊗ m_I                                  (MedSegDiff eq. 3)
 - the two encodings are added and sent to the last encoding stage;
-- a U-Net decoder whose skip connections pass through FF-Parsers:
+- FF-Parsers, one per separate encoder stage:
   M = F[m], M' = A ⊙ M, m' = F⁻¹[M']                                       (MedSegDiff eqs. 4–6)
-  with a learnable complex map A sized from the planned patch at that stage (identity at initialisation).
+  with a learnable complex map A sized from the planned patch at that stage (identity at initialisation);
+- a U-Net decoder whose skip connections carry the fused features of each separate encoder stage.
+
+Where the FF-Parser sits (``ff_parser_on``). The paper says both "FF-Parsers are adopted on each skip connection
+path for the multi-scale integration" (§I) and that they "constrain the noise-related components in the x_t
+features" (§II-B) on "the path ways of the feature integration". Two readings:
+
+- ``"mask"`` (default): m̃_x = FF_k(m_x) filters the x_t encoder's feature of stage k on its way into the
+  condition, i.e. *before* fusion: eq. 3 uses A(m_I, m̃_x), the decoder skip is m_I + m̃_x and the last stage
+  gets E^I + m̃_x; the x_t encoder itself goes on with the unfiltered m_x. Every route by which x_t reaches the
+  image features passes a parser, and nothing else is filtered.
+- ``"skip"`` (variant ``_ffSkip``; this code's earlier default): the fused skip m_I + m_x (after eq. 3) is
+  filtered before the decoder; eq. 3 and the sum into the last stage see the unfiltered m_x.
+
+The default is the one the authors' code supports. In the public MedSegDiff repository (KidsWithTokens/
+MedSegDiff, now MedicineToken/MedSegDiff), guided_diffusion/unet.py builds the paper's model as
+``UNetModel_v1preview``: the main U-Net encodes the image with the noisy mask as its last channel, and a
+second, image-only U-Net (``Generic_UNet`` with ``highway=True``, the conditional "highway") receives the main
+encoder's feature at the end of four levels. For each of those levels it maps the main-path feature to the
+highway's width with a 1×1 convolution, passes it through that level's ``FFParser`` (rfft2, a learned complex
+weight, irfft2), derives from the filtered feature a one-channel spatial map and a per-channel mean, and
+multiplies the image feature by both. The parser thus sits on the x_t-carrying features before they modulate
+the image features; the main U-Net's own decoder skips are not filtered, and the highway's result is added at
+the bottleneck. (Differences left as they are here: the authors' parser starts from small random weights, not
+the identity, and they fuse at every level with that map-times-mean product rather than eq. 3 on the middle two
+stages, which follows the paper.)
 """
 from __future__ import annotations
 
@@ -23,6 +48,8 @@ from torch import nn
 from .layers import conv as _conv
 from .layers import conv_transpose as _convT
 from .time_unet import TimeResBlock, _groups
+
+FF_PARSER_PLACEMENTS = ("mask", "skip")  # where the FF-Parsers filter; see the module docstring
 
 
 class FFParser(nn.Module):
@@ -94,12 +121,17 @@ class MedSegDiffUNet(nn.Module):
         blocks: residual blocks per encoder stage (n entries).
         patch_size: the planned patch; sizes the FF-Parsers.
         dynamic_conditioning / ff_parser: the paper's Table II ablation switches.
+        ff_parser_on: ``"mask"`` (the x_t encoder's features before fusion; default, as the authors' code) or
+            ``"skip"`` (the fused decoder skips); see the module docstring.
     """
 
     def __init__(self, dim: int, image_channels: int, mask_channels: int, channels: Sequence[int],
                  strides: Sequence[Sequence[int]], blocks: Sequence[int], patch_size: Sequence[int],
-                 dynamic_conditioning: bool = True, ff_parser: bool = True, norm_groups: int = 8):
+                 dynamic_conditioning: bool = True, ff_parser: bool = True, norm_groups: int = 8,
+                 ff_parser_on: str = "mask"):
         super().__init__()
+        if ff_parser_on not in FF_PARSER_PLACEMENTS:
+            raise ValueError(f"ff_parser_on must be one of {FF_PARSER_PLACEMENTS}; got {ff_parser_on!r}")
         channels, blocks = [int(c) for c in channels], [int(b) for b in blocks]
         strides = [tuple(int(v) for v in s) for s in strides]
         n = len(channels)
@@ -109,6 +141,7 @@ class MedSegDiffUNet(nn.Module):
         if len(strides) != n - 1 or len(blocks) != n:
             raise ValueError(f"need {n - 1} strides and {n} block counts for {n} stages; got {strides}, {blocks}")
         self.dim, self.channels, self.strides = dim, channels, strides
+        self.ff_parser_on = ff_parser_on
         temb = channels[0] * 4
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
 
@@ -148,13 +181,16 @@ class MedSegDiffUNet(nn.Module):
         temb = self.time_mlp(get_timestep_embedding(t, self.channels[0]).to(image.dtype))
         h_i, h_x = self.image_stem(image), self.mask_stem(x_t.to(image.dtype))
         skips = []
+        on_mask = self.ff is not None and self.ff_parser_on == "mask"
+        on_skip = self.ff is not None and self.ff_parser_on == "skip"
         for k, (stage_i, stage_x) in enumerate(zip(self.image_stages, self.mask_stages)):
             h_i, h_x = stage_i(h_i, temb), stage_x(h_x, temb)
+            m_x = self.ff[k](h_x) if on_mask else h_x                                  # eqs. 4–6 on x_t's m_x
             if k in self.dyn_stages:
-                h_i = self.dyn[str(k)](h_i, h_x)                                      # eq. 3
-            skip = h_i + h_x
-            skips.append(self.ff[k](skip) if self.ff is not None else skip)            # eqs. 4–6
-        h = self.last_stage(h_i + h_x, temb)                                           # E^I + E^x → last stage
+                h_i = self.dyn[str(k)](h_i, m_x)                                      # eq. 3
+            fused = h_i + m_x
+            skips.append(self.ff[k](fused) if on_skip else fused)                      # eqs. 4–6 ("skip")
+        h = self.last_stage(fused, temb)                                               # E^I + E^x → last stage
         for up, block in zip(self.upsamples, self.up_blocks):
             skip = skips.pop()
             h = up(h)

@@ -3,7 +3,10 @@
 The network is a diffusion model over the segmentation mask (no nnU-Net segmentation network): MedSegDiff's
 two-encoder denoiser (eqs. 2–6) trained with eq. 7 on nnU-Net's augmented patches, AdamW at 1e-4 (paper
 §III-B) with nnU-Net's poly decay. The size variant (S/B/L/++: 4/5/6/6 downsamplings) is capped by the
-number of stages nnU-Net planned for the patch; widths are the plans' features per stage × ``width``.
+number of stages nnU-Net planned for the patch; widths are the plans' features per stage × ``width``; residual
+blocks per stage from :func:`default_blocks` unless ``blocks`` is set. The FF-Parsers filter the x_t encoder's
+features before they are fused with the image's (``ff_parser_on = "mask"``, as the authors' code; see
+nets/medsegdiff.py); ``_ffSkip`` filters the fused decoder skips instead.
 """
 from __future__ import annotations
 
@@ -14,13 +17,23 @@ from nnunetv2.utilities.helpers import dummy_context
 from ..errors import NNDiffConfigError
 from ..heads.common import target_channels
 from ..inference.medsegdiff_network import MedSegDiffNetwork
-from ..nets.medsegdiff import MedSegDiffUNet
+from ..nets.medsegdiff import FF_PARSER_PLACEMENTS, MedSegDiffUNet
 from .base import make_variants
 from .diffusion_base import DiffusionTrainer
 
 # MedSegDiff §III-B: "UNet with 4x, 5x, 6x, 6x downsamples" for S, B, L, ++
 DOWNSAMPLINGS = {"S": 4, "B": 5, "L": 6, "++": 6}
 RESNET34_BLOCKS = (3, 4, 6, 3)  # §II-C: residual blocks per stage "following that of ResNet34"
+
+
+def default_blocks(n: int) -> list[int]:
+    """Residual blocks per stage for n stages (n − 1 separate encoder stages, then the shared last one).
+
+    §II-C gives ResNet34's counts for a four-stage encoder (three separate stages, 3/4/6, then the last, 3), while
+    §III-B's sizes have 4/5/6 downsamplings, i.e. 5/6/7 stages here (one per planned stride). The paper does not
+    say how the extra stages are filled; ours: they repeat ResNet34's third-stage count, as deeper ResNets grow
+    their third stage. So S/B/L on plans deep enough: 3/4/6/6 + 3, 3/4/6/6/6 + 3, 3/4/6/6/6/6 + 3."""
+    return [RESNET34_BLOCKS[min(i, 2)] for i in range(n - 1)] + [RESNET34_BLOCKS[3]]
 
 
 class nnUNetTrainerMedSegDiff(DiffusionTrainer):
@@ -40,6 +53,9 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
         hp = cls.hparams()
         if hp["size"] not in DOWNSAMPLINGS:
             raise NNDiffConfigError(f"medsegdiff size must be one of {sorted(DOWNSAMPLINGS)}; got {hp['size']!r}")
+        if hp["ff_parser_on"] not in FF_PARSER_PLACEMENTS:
+            raise NNDiffConfigError(f"trainer_configs/medsegdiff.toml: ff_parser_on must be one of "
+                                    f"{FF_PARSER_PLACEMENTS}; got {hp['ff_parser_on']!r}")
         pools = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes]
         n = min(len(pools), DOWNSAMPLINGS[hp["size"]] + 1)
         if n < 3:
@@ -47,13 +63,13 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
                                     f"have {len(pools) - 1}")
         features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
         channels = [max(8, int(round(f * float(hp["width"])))) for f in features]
-        blocks = list(hp["blocks"]) if hp["blocks"] else \
-            [RESNET34_BLOCKS[min(i, 2)] for i in range(n - 1)] + [RESNET34_BLOCKS[3]]
+        blocks = list(hp["blocks"]) if hp["blocks"] else default_blocks(n)
         if len(blocks) < n:
             blocks = blocks + [blocks[-1]] * (n - len(blocks))
         denoiser = MedSegDiffUNet(len(configuration_manager.patch_size), num_input_channels, num_output_channels,
                                   channels, pools[1:n], blocks[:n], configuration_manager.patch_size,
-                                  bool(hp["dynamic_conditioning"]), bool(hp["ff_parser"]))
+                                  bool(hp["dynamic_conditioning"]), bool(hp["ff_parser"]),
+                                  ff_parser_on=str(hp["ff_parser_on"]))
         schedule = cls.schedule()
         return MedSegDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
                                  num_output_channels, prediction_type=hp["prediction_type"])
