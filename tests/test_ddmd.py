@@ -188,6 +188,7 @@ def test_defaults_are_the_papers_values():
     assert (hp["num_samples"], hp["sampler"], hp["sampling_steps"]) == (5, "ddpm", 1000)          # §5.1, Alg. 2
     assert hp["diffusion_epochs"] * hp["num_iterations_per_epoch"] == 120_000                      # §4.3
     assert hp["inter_discrepancy"] and hp["intra_discrepancy"] and hp["normal_max_tumour_fraction"] == 0
+    assert hp["ae2_normal"] == "patch" and hp["ae1_balanced"] is True                             # §4.1
     light, mini = config.resolve("ddmd", "light"), config.resolve("ddmd", "mini")
     assert light["inter_discrepancy"] and not light["intra_discrepancy"]
     assert not mini["inter_discrepancy"] and not mini["intra_discrepancy"]
@@ -218,6 +219,35 @@ def test_stage1_forward_trains_ae2_only_on_normal_patches():
     _, _, _, zero = net(b, mode="ae", normal=torch.tensor([False, False]), tie_frozen=True)
     zero.backward()
     assert all(p.grad is not None for p in net.ae2.parameters())
+
+
+class _Zeros(torch.nn.Module):
+    """A stand-in ensemble of L = 2 'autoencoders' that reconstruct every image as 0: each image's MSE is mean(b²)."""
+
+    def forward(self, b):
+        return torch.zeros(2, *b.shape)
+
+
+def test_ae1_loss_over_the_papers_balanced_mixture_by_hand():
+    # §4.1: AE-1's set is half normal, half abnormal slices. Batch: 3 abnormal, 1 normal → weights 1/6, 1/6, 1/6, 1/2
+    abnormal = torch.tensor([True, True, True, False])
+    assert torch.allclose(ddmd.balanced_weights(abnormal), torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
+    assert torch.allclose(ddmd.balanced_weights(torch.ones(4, dtype=torch.bool)), torch.full((4,), 0.25))
+    # images constant 1, 2, 3, 4 → per-image MSE against 0: 1, 4, 9, 16; two models → twice the weighted sum
+    b = torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 2, 3, 3).contiguous()
+    loss, per_model = ddmd.ae_loss(_Zeros(), b, weights=ddmd.balanced_weights(abnormal))
+    assert loss.item() == pytest.approx(2 * ((1 + 4 + 9) / 6 + 16 / 2))
+    assert per_model.tolist() == pytest.approx([(1 + 4 + 9) / 6 + 8] * 2)
+    assert ddmd.ae_loss(_Zeros(), b)[0].item() == pytest.approx(2 * (1 + 4 + 9 + 16) / 4)  # unweighted: batch mean
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ddmd.ae_loss(_Zeros(), b, voxel_mask=torch.ones(4, 1, 3, 3), weights=torch.full((4,), 0.25))
+    # the network's stage-1 forward passes the weights to AE-1 (eq. 9) and leaves AE-2 on the normal patch (eq. 10)
+    net = _build("nnUNetTrainerDDMD_tiny", regions=True).train()
+    x = torch.randn(2, 4, 16, 24, 24)
+    w = ddmd.balanced_weights(torch.tensor([True, False]))
+    l1, l2, _, _ = net(x, mode="ae", normal=torch.tensor([False, True]), ae1_weights=w)
+    assert torch.allclose(l1, ddmd.ae_loss(net.ae1, x, weights=w)[0])
+    assert torch.allclose(l2, ddmd.ae_loss(net.ae2, x[1:])[0])
 
 
 def test_stage2_forward_keeps_the_autoencoders_frozen():

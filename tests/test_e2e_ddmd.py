@@ -15,6 +15,7 @@ from conftest import BIN, DATASET_ID, DEVICE, make_trainer, model_folder, predic
 from test_e2e_nndm import assert_valid_label_maps
 
 from nnunet_diffusion.errors import NNDiffConfigError, NNDiffError, NNDiffTrainingError
+from nnunet_diffusion.heads import ddmd
 from nnunet_diffusion.trainers import TRAINERS
 
 pytestmark = pytest.mark.e2e
@@ -54,6 +55,7 @@ def test_two_stages_and_resume_through_the_console_scripts(trained_ddmd):
           f"{trained_ddmd.ddmd_resumed.seconds:.1f} s")
     assert f"Using trainer '{TRAINER}' from" in first and "DDMD stage 1 (autoencoders)" in first
     assert "L_AE-1 (eq. 9)" in first and "L_AE-2 (eq. 10)" in first  # the autoencoders' losses are logged
+    assert "ae2_normal = 'voxel' (ours, not the paper's)" in first  # _tiny's AE-2 mode is said to be ours
     killed = trained_ddmd.ddmd_killed
     epoch = killed["current_epoch"]
     assert epoch in (1, 2)  # killed after stage 1 (or, on a slow machine, one diffusion epoch later)
@@ -135,6 +137,9 @@ def test_bad_config_and_untrained_ae2_are_explained(planned, nnunet_paths, monke
     monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae2_normal": "slice"}))
     with pytest.raises(NNDiffConfigError, match="ae2_normal must be one of patch, voxel; got 'slice'"):
         make_trainer(planned, cls, 0)
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae1_balanced": "yes"}))
+    with pytest.raises(NNDiffConfigError, match="ae1_balanced must be true or false; got 'yes'"):
+        make_trainer(planned, cls, 0)
     monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae2_normal": "patch"}))
     trainer = make_trainer(planned, cls, 0)
     trainer.initialize()
@@ -168,6 +173,17 @@ def test_patch_mode_steps_ae2_only_for_batches_with_a_normal_patch(planned, nnun
     assert np.isfinite(out["ae2_loss"]) and out["normal"] == 0.5
     assert not all(torch.equal(a, b) for a, b in zip(ae2_before, net.ae2.parameters()))
     assert (int(net.ae1.updates), int(net.ae2.updates)) == (2, 1)
+    # §4.1's balanced mixture for AE-1 (eq. 9): 2 abnormal + 1 normal patch weigh 1/4, 1/4, 1/2
+    seen, ae_loss = [], ddmd.ae_loss
+
+    def spy(ensemble, b, voxel_mask=None, weights=None):
+        seen.append((ensemble is net.ae1, None if weights is None else weights.tolist()))
+        return ae_loss(ensemble, b, voxel_mask, weights)
+    monkeypatch.setattr(ddmd, "ae_loss", spy)
+    target3 = torch.zeros(3, 3, *patch)
+    target3[:2, :, 10:14, 10:14, 10:14] = 1
+    trainer.train_step({"data": torch.randn(3, 4, *patch), "target": target3})
+    assert seen[0][0] and seen[0][1] == pytest.approx([0.25, 0.25, 0.5]) and seen[1] == (False, None)
 
 
 def test_autoencoders_from_another_run_skip_stage_1(trained_ddmd, nnunet_paths, monkeypatch):
@@ -196,3 +212,21 @@ def test_autoencoders_from_another_run_skip_stage_1(trained_ddmd, nnunet_paths, 
     monkeypatch.setenv("NNDIFF_DDMD_AES", "nnUNetTrainerDDMD_nope")
     with pytest.raises(NNDiffConfigError, match="NNDIFF_DDMD_AES='nnUNetTrainerDDMD_nope': no finished DDMD"):
         make_trainer(trainer_ctx, light, 0)
+
+
+def test_the_papers_2d_regime_trains_and_predicts_on_the_2d_configuration(planned, tmp_path):
+    """The documented default on BraTS: DDMD on nnU-Net's 2d configuration (slices; AE-2 only on tumour-free slices,
+    AE-1's batches balanced), trained and predicted through the console scripts."""
+    run([BIN / "nnUNetv2_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", "1"], planned.env)
+    trainer = "nnUNetTrainerDDMD_tiny2d"
+    assert TRAINERS[trainer].hparams()["ae2_normal"] == "patch" and TRAINERS[trainer].hparams()["ae1_balanced"]
+    run([BIN / "nnUNetv2_train", DATASET_ID, "2d", 0, "-tr", trainer, "-device", DEVICE], planned.env)
+    ckpt = torch.load(model_folder(planned, trainer).with_name(f"{trainer}__nnUNetPlans__2d") / "fold_0" /
+                      "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["init_args"]["configuration"] == "2d" and ckpt["current_epoch"] == 3
+    out = tmp_path / "pred"
+    run([BIN / "nnUNetv2_predict", "-i", planned.raw / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d", "-f", 0,
+         "-tr", trainer, "-device", DEVICE, "-npp", "1", "-nps", "1", "--disable_progress_bar"], planned.env)
+    cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (planned.raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert cases and len(list(out.glob("*.nii.gz"))) == len(cases)
+    assert_valid_label_maps(out, planned.raw / "imagesTs", cases)

@@ -3,6 +3,7 @@
 Discrepancy features (§3.2):
 - image-level labels from the ground truth: normal (no tumour) / abnormal               (``image_labels``)
 - eq. 9:  AE-1 trained on all images,  L_AE-1 = Σ_j ||b_B − b̂_Bj||²                     (``ae_loss``)
+  over a balanced mixture of normal and abnormal images (§4.1)                           (``balanced_weights``)
 - eq. 10: AE-2 trained on normal images, L_AE-2 = Σ_j ||b_A − b̂_Aj||²                    (``ae_loss``)
 - eq. 11: μ̂^AE = (1/L) Σ_j b̂_j^AE                                                          (``discrepancy``)
 - eq. 12: inter-discrepancy X = (1/C) Σ_c |μ̂_c^AE-1 − μ̂_c^AE-2|                             (``discrepancy``)
@@ -51,13 +52,35 @@ def image_labels(y: torch.Tensor, regions: bool, mask: Optional[torch.Tensor] = 
     return fraction > float(max_tumour_fraction)
 
 
-def ae_loss(ensemble, b: torch.Tensor, voxel_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_weights(abnormal: torch.Tensor) -> torch.Tensor:
+    """(B,) weights that make a batch the paper's balanced mixture (§4.1: "to ensure a balanced data distribution,
+    the training set consists of 5,643 instances of healthy slices and an equivalent number of unhealthy slices";
+    I_B, AE-1's set, is that whole set): the normal and the abnormal images of the batch weigh 1/2 each, shared
+    equally inside each group; uniform 1/B when the batch holds only one of the two. They sum to 1."""
+    abnormal = abnormal.bool().flatten()
+    n_ab = abnormal.float().sum()
+    n_no = abnormal.numel() - n_ab
+    if n_ab == 0 or n_no == 0:
+        return torch.full(abnormal.shape, 1.0 / abnormal.numel(), device=abnormal.device)
+    return torch.where(abnormal, 0.5 / n_ab, 0.5 / n_no)
+
+
+def ae_loss(ensemble, b: torch.Tensor, voxel_mask: Optional[torch.Tensor] = None,
+            weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DDMD eq. 9 (AE-1, all images) / eq. 10 (AE-2, normal images): Σ_j ||b − b̂_j||², as the mean squared
     error over voxels and channels (§4.3 "MSE loss") summed over the L models. ``voxel_mask`` (B, 1, …)
-    restricts the error to some voxels (ours: AE-2 on the non-tumour voxels of every patch). Returns (loss,
+    restricts the error to some voxels (ours: AE-2 on the non-tumour voxels of every patch). ``weights`` (B,),
+    summing to 1: each image's mean squared error weighted so (e.g. :func:`balanced_weights`, eq. 9 over the
+    balanced mixture) instead of the plain batch mean; not together with ``voxel_mask``. Returns (loss,
     per-model MSE (L,) detached, for the log)."""
+    if weights is not None and voxel_mask is not None:
+        raise ValueError("ae_loss: weights and voxel_mask cannot be combined")
     recon = ensemble(b)
-    per_model = torch.stack([masked_mse(b, r, voxel_mask) for r in recon])
+    if weights is None:
+        per_model = torch.stack([masked_mse(b, r, voxel_mask) for r in recon])
+    else:
+        w = weights.to(torch.float32).flatten()
+        per_model = torch.stack([(((b.float() - r.float()) ** 2).flatten(1).mean(1) * w).sum() for r in recon])
     return per_model.sum(), per_model.detach()
 
 

@@ -6,7 +6,8 @@ here: both autoencoder ensembles (they give X and Y for every window), the denoi
 ``region_based`` flag and the sampling options (trainer config + NNDIFF_* variables).
 
 Training (the trainer picks the stage):
-- ``forward(b, mode="ae", normal=…, ae2_voxels=…)`` → (L_AE-1, L_AE-2 or None, per-model MSEs, zero): eqs. 9–10;
+- ``forward(b, mode="ae", normal=…, ae2_voxels=…, ae1_weights=…)`` → (L_AE-1, L_AE-2 or None, per-model MSEs,
+  zero): eqs. 9–10;
 - ``forward(b, y=…, mode="diffusion")`` → (eq. 16 loss, zero), X and Y from the frozen AEs (no gradient).
 ``zero`` is a 0-valued term that, with ``tie_frozen`` (under DDP), ties the parameters a stage does not train
 into the graph: nnU-Net wraps without ``find_unused_parameters``.
@@ -89,11 +90,12 @@ class DDMDNetwork(SamplingNetwork):
         return zero
 
     def ae_forward(self, b: torch.Tensor, normal: Optional[torch.Tensor], ae2_voxels: Optional[torch.Tensor],
-                   tie_frozen: bool):
-        """Stage 1: L_AE-1 on every patch (eq. 9); L_AE-2 (eq. 10) on the normal patches (``normal``, (B,) bool)
-        or, with ``ae2_voxels`` (B, 1, …), on those voxels of every patch; None when there is nothing to learn
-        from in this batch."""
-        l1, mse1 = ddmd.ae_loss(self.ae1, b) if self.ae1 is not None else (None, None)
+                   tie_frozen: bool, ae1_weights: Optional[torch.Tensor] = None):
+        """Stage 1: L_AE-1 on every patch (eq. 9; each patch weighted by ``ae1_weights`` (B,) if given, e.g. the
+        balanced mixture of §4.1); L_AE-2 (eq. 10) on the normal patches (``normal``, (B,) bool) or, with
+        ``ae2_voxels`` (B, 1, …), on those voxels of every patch; None when there is nothing to learn from in
+        this batch."""
+        l1, mse1 = ddmd.ae_loss(self.ae1, b, weights=ae1_weights) if self.ae1 is not None else (None, None)
         l2, mse2 = None, None
         if ae2_voxels is not None:
             if ae2_voxels.any():
@@ -111,9 +113,10 @@ class DDMDNetwork(SamplingNetwork):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 mode: Optional[str] = None, normal: Optional[torch.Tensor] = None,
-                ae2_voxels: Optional[torch.Tensor] = None, tie_frozen: bool = False):
+                ae2_voxels: Optional[torch.Tensor] = None, tie_frozen: bool = False,
+                ae1_weights: Optional[torch.Tensor] = None):
         if mode == "ae":
-            return self.ae_forward(x, normal, ae2_voxels, tie_frozen)
+            return self.ae_forward(x, normal, ae2_voxels, tie_frozen, ae1_weights)
         if mode == "diffusion" or y is not None:
             return self.diffusion_forward(x, y, mask, tie_frozen)
         self._warn_untrained()

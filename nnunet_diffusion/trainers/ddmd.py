@@ -2,7 +2,8 @@
 predictor (3d_fullres or 2d, regions or labels; the paper: 2D middle slices, binary masks).
 
 Stages by epoch (trainer_configs/ddmd.toml):
-  1. ``ae_epochs``: the 2L autoencoders — AE-1 on every patch (eq. 9), AE-2 on the normal ones (eq. 10) —
+  1. ``ae_epochs``: the 2L autoencoders — AE-1 on every patch (eq. 9; with ``ae1_balanced`` the batch's normal
+     and abnormal patches weigh half each, the paper's balanced set, §4.1), AE-2 on the normal ones (eq. 10) —
      with one Adam optimiser at the paper's fixed 1e-4. The image-level label of a patch comes from its own
      ground truth inside ``train_step`` (no extra files); see ``ae2_normal`` in the config for what "normal"
      means for a patch. AE-2's step is skipped for a batch without a normal patch.
@@ -70,6 +71,9 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         if hp["ae2_normal"] not in ddmd.NORMAL_MODES:
             raise NNDiffConfigError(f"trainer_configs/ddmd.toml: ae2_normal must be one of "
                                     f"{', '.join(ddmd.NORMAL_MODES)}; got {hp['ae2_normal']!r}")
+        if not isinstance(hp["ae1_balanced"], bool):
+            raise NNDiffConfigError(f"trainer_configs/ddmd.toml: ae1_balanced must be true or false; "
+                                    f"got {hp['ae1_balanced']!r}")
         if not 0.0 <= float(hp["normal_max_tumour_fraction"]) < 1.0:
             raise NNDiffConfigError(f"trainer_configs/ddmd.toml: normal_max_tumour_fraction must be in [0, 1); "
                                     f"got {hp['normal_max_tumour_fraction']}")
@@ -167,6 +171,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         feats = " + ".join(["b"] + ["X"] * bool(hp["inter_discrepancy"]) + ["Y"] * bool(hp["intra_discrepancy"]))
         self.print_to_log_file(f"DDMD stages (epochs): autoencoders {self.stage_epochs[0]}, diffusion "
                                f"{self.stage_epochs[1]}; conditioning {feats}; AE-2 normal: {hp['ae2_normal']}")
+        if hp["ae2_normal"] == "voxel" and self.stage_epochs[0] > 0:
+            self.print_to_log_file("DDMD: ae2_normal = 'voxel' (ours, not the paper's): AE-2 sees tumour voxels as "
+                                   "input and is only left out of the loss there; the paper's regime is the 2d "
+                                   "configuration with ae2_normal = 'patch' (see trainer_configs/ddmd.toml)")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -205,7 +213,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
     def _autoencoder_step(self, data, y, mask) -> dict:
         hp = self.hparams()
         regions = self.label_manager.has_regions
-        normal, voxels = None, None
+        normal, voxels, weights = None, None, None
         abnormal = ddmd.image_labels(y, regions, mask, float(hp["normal_max_tumour_fraction"]))
         if hp["ae2_normal"] == "voxel":
             voxels = ~ddmd.tumour_voxels(y, regions, mask)
@@ -213,11 +221,13 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
                 voxels = voxels & (mask > 0.5)
         else:
             normal = ~abnormal
+            if hp["ae1_balanced"]:  # §4.1: AE-1's mixture is half normal, half abnormal
+                weights = ddmd.balanced_weights(abnormal)
         net = self.unwrapped_network()
         self.ae_optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             l1, l2, (mse1, mse2), zero = self.network(data, mode="ae", normal=normal, ae2_voxels=voxels,
-                                                      tie_frozen=self.is_ddp)
+                                                      tie_frozen=self.is_ddp, ae1_weights=weights)
         terms = [v for v in (l1, l2) if v is not None]
         if any(not torch.isfinite(v) for v in terms):
             self.stop_on_non_finite("DDMD stage 1", {"L_AE-1 (eq. 9)": l1, "L_AE-2 (eq. 10)": l2},

@@ -1,0 +1,222 @@
+"""DDMD: does the inter-discrepancy X (eq. 12) separate tumour from normal tissue, in the paper's 2D slice regime
+and in our 3D ``ae2_normal = "voxel"`` mode?
+
+    OMP_NUM_THREADS=1 python -m benchmarks.ddmd_auc [--train 10] [--test 4] [--steps-2d 600] [--steps-3d 800]
+                                                   [--cache /tmp/ddmd_auc_phantoms] [--out result.json]
+
+The runs behind trainer_configs/ddmd.toml's ae2_normal comment are kept in benchmarks/results/ddmd_auc.json.
+
+The phantoms are the demo's (``nnunet_diffusion.demo.PHANTOMS``: 4 mm voxels, cropped to the brain), drawn with
+their own seeds (training ``(1, i)``, test ``(2, i)``), z-scored per channel over the brain as nnU-Net normalises
+BraTS (zero outside). The autoencoder ensembles are the package's (``nets.ddmd.AutoencoderEnsemble``, L = 3,
+default widths), trained with the package's losses (``heads.ddmd.ae_loss``: eq. 9 for AE-1, eq. 10 for AE-2) and
+one Adam, as ``nnUNetTrainerDDMD``'s stage 1 does:
+
+* ``2d`` (the paper, §3.2 and §4.1): axial slices; image-level label = tumour present in the slice's mask; every
+  batch balanced (half normal, half abnormal slices, §4.1 "balanced data distribution"); AE-1 on all of them (the
+  mixture set I_B), AE-2 on the normal ones (I_A);
+* ``3d_voxel`` (ours, ``_voxel`` / ``_demo``): random 3D patches (nearly all hold tumour), AE-1 on every patch,
+  AE-2's MSE restricted to the patch's non-tumour voxels (so AE-2 does see tumour as input).
+
+Then X and Y (eqs. 11–13) of the unseen test phantoms by nnU-Net's sliding window (as ``nndiff predict
+--discrepancy``) and, over the brain voxels, the ROC AUC of the voxel's X (and Y, and of the raw FLAIR intensity as
+a reference) for tumour (any label) against normal tissue; plus the slice-level AUC of the inter-discrepancy score
+(mean X over a slice's brain voxels, §3.2 / Fig. 4) for abnormal against normal slices.
+Learning rate 1e-3 (the paper's 1e-4 needs its 200 epochs; the demo variant uses 1e-3 as well).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHANNELS = 4
+
+
+def load_cases(kind: int, n: int, cache: Path) -> list[dict]:
+    """n phantoms of seed (kind, i) at the demo's settings: image (C, Z, Y, X) z-scored over the brain, label."""
+    from nnunet_diffusion.dataset_conversion.phantoms import CONTRASTS, make_phantom_case
+    from nnunet_diffusion.demo import PHANTOMS
+    out = []
+    for i in range(n):
+        path = cache / f"case_{kind}_{i}.npz"
+        if not path.is_file():
+            case = make_phantom_case((kind, i), spacing=PHANTOMS["spacing"], crop=PHANTOMS["crop"])
+            cache.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, image=np.stack([case.images[c] for c in CONTRASTS]).astype(np.float32),
+                                label=case.label)
+        z = np.load(path)
+        image, label = z["image"], z["label"]
+        brain = (image != 0).any(0)
+        norm = np.zeros_like(image)
+        for c in range(image.shape[0]):
+            v = image[c][brain]
+            norm[c][brain] = (v - v.mean()) / max(float(v.std()), 1e-8)
+        out.append({"image": norm, "label": label, "brain": brain})
+    return out
+
+
+def build(dim: int, patch, strides, seed: int):
+    import torch
+    from nnunet_diffusion.nets.ddmd import AutoencoderEnsemble
+    torch.manual_seed(seed)
+    ae1 = AutoencoderEnsemble(3, dim, CHANNELS, patch, strides)
+    ae2 = AutoencoderEnsemble(3, dim, CHANNELS, patch, strides)
+    return ae1, ae2
+
+
+def train_2d(cases, steps: int, batch: int, lr: float, seed: int):
+    """The paper's regime: slices, normal = no tumour voxel, balanced batches; AE-1 on all, AE-2 on the normal."""
+    import torch
+    from nnunet_diffusion.heads import ddmd
+    slices, labels = [], []
+    for c in cases:
+        for z in range(c["image"].shape[1]):
+            if c["brain"][z].mean() < 0.05:
+                continue  # (almost) no brain in this slice
+            slices.append(c["image"][:, z])
+            labels.append(c["label"][z])
+    b = torch.from_numpy(np.stack(slices))
+    y = torch.from_numpy((np.stack(labels) > 0)[:, None].astype(np.float32))
+    abnormal = ddmd.image_labels(y, regions=True)  # eq. 9/10's image-level label: tumour present (§3.2)
+    idx_n, idx_a = torch.nonzero(~abnormal).ravel(), torch.nonzero(abnormal).ravel()
+    patch = tuple(b.shape[2:])
+    ae1, ae2 = build(2, patch, [(2, 2)] * 4, seed)
+    opt = torch.optim.Adam(list(ae1.parameters()) + list(ae2.parameters()), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    log = []
+    for step in range(steps):
+        pick_n = idx_n[torch.randint(len(idx_n), (batch // 2,), generator=g)]
+        pick_a = idx_a[torch.randint(len(idx_a), (batch - batch // 2,), generator=g)]
+        x = b[torch.cat([pick_n, pick_a])]
+        l1, m1 = ddmd.ae_loss(ae1, x)                 # eq. 9: the mixture set
+        l2, m2 = ddmd.ae_loss(ae2, b[pick_n])         # eq. 10: the normal slices
+        opt.zero_grad(set_to_none=True)
+        (l1 + l2).backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append((step, float(m1.mean()), float(m2.mean())))
+    stats = {"slices": len(slices), "normal_slices": int(len(idx_n)), "abnormal_slices": int(len(idx_a)),
+             "patch": list(patch), "loss_log": log}
+    return ae1, ae2, patch, stats
+
+
+def train_3d_voxel(cases, steps: int, batch: int, lr: float, seed: int, patch=(32, 32, 32)):
+    """Ours (_voxel): random 3D patches, AE-1 on every patch, AE-2's MSE on the patch's non-tumour voxels."""
+    import torch
+    from nnunet_diffusion.heads import ddmd
+    ae1, ae2 = build(3, patch, [(2, 2, 2)] * 4, seed)
+    opt = torch.optim.Adam(list(ae1.parameters()) + list(ae2.parameters()), lr=lr)
+    rng = np.random.default_rng(seed)
+    log, tumour_patches = [], 0
+    for step in range(steps):
+        xs, ys = [], []
+        for _ in range(batch):
+            c = cases[rng.integers(len(cases))]
+            img, lab = c["image"], c["label"]
+            pad = [(0, max(0, p - s)) for p, s in zip(patch, lab.shape)]
+            img = np.pad(img, [(0, 0)] + pad)
+            lab = np.pad(lab, pad)
+            corner = [rng.integers(0, s - p + 1) for s, p in zip(lab.shape, patch)]
+            sl = tuple(slice(a, a + p) for a, p in zip(corner, patch))
+            xs.append(img[(slice(None), *sl)])
+            ys.append(lab[sl])
+        x = torch.from_numpy(np.stack(xs))
+        y = torch.from_numpy((np.stack(ys) > 0)[:, None].astype(np.float32))
+        tumour_patches += int(ddmd.image_labels(y, regions=True).sum())
+        voxels = ~ddmd.tumour_voxels(y, regions=True)
+        l1, m1 = ddmd.ae_loss(ae1, x)                  # eq. 9
+        l2, m2 = ddmd.ae_loss(ae2, x, voxels)          # eq. 10 restricted to non-tumour voxels (ours)
+        opt.zero_grad(set_to_none=True)
+        (l1 + l2).backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.append((step, float(m1.mean()), float(m2.mean())))
+    stats = {"patch": list(patch), "patches_with_tumour": tumour_patches / (steps * batch), "loss_log": log}
+    return ae1, ae2, patch, stats
+
+
+def maps(ae1, ae2, image: np.ndarray, patch) -> np.ndarray:
+    """X and Y (2, Z, Y, X) of one case by nnU-Net's sliding window (2D patches: slice by slice)."""
+    import torch
+    from nnunet_diffusion.heads import ddmd
+    from nnunet_diffusion.inference.residual_maps import sliding_window
+
+    @torch.no_grad()
+    def fn(window):
+        x, y = ddmd.discrepancy(ae1(window), ae2(window))
+        return torch.cat([x, y], 1)
+    return sliding_window(fn, torch.from_numpy(image), patch, 2).numpy()
+
+
+def evaluate(ae1, ae2, patch, cases) -> dict:
+    from sklearn.metrics import roc_auc_score
+    for m in (ae1, ae2):
+        m.eval()
+    xs, ys, flair, truth, slice_scores, slice_truth = [], [], [], [], [], []
+    for c in cases:
+        xy = maps(ae1, ae2, c["image"], patch)
+        brain, tumour = c["brain"], c["label"] > 0
+        xs.append(xy[0][brain])
+        ys.append(xy[1][brain])
+        flair.append(c["image"][3][brain])
+        truth.append(tumour[brain])
+        for z in range(brain.shape[0]):
+            if brain[z].mean() >= 0.05:
+                slice_scores.append(float(xy[0, z][brain[z]].mean()))
+                slice_truth.append(bool(tumour[z].any()))
+    truth = np.concatenate(truth)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return {"voxel_auc_X": float(roc_auc_score(truth, x)), "voxel_auc_Y": float(roc_auc_score(truth, y)),
+            "voxel_auc_flair": float(roc_auc_score(truth, np.concatenate(flair))),
+            "mean_X_tumour": float(x[truth].mean()), "mean_X_normal": float(x[~truth].mean()),
+            "slice_auc_inter_score": float(roc_auc_score(slice_truth, slice_scores)),
+            "tumour_voxels": int(truth.sum()), "brain_voxels": int(truth.size), "test_slices": len(slice_truth)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=10)
+    p.add_argument("--test", type=int, default=4)
+    p.add_argument("--steps-2d", type=int, default=600)
+    p.add_argument("--steps-3d", type=int, default=800)
+    p.add_argument("--batch-2d", type=int, default=16)
+    p.add_argument("--batch-3d", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", nargs="+", default=["2d", "3d_voxel"], choices=["2d", "3d_voxel"])
+    p.add_argument("--cache", type=Path, default=Path("/tmp/ddmd_auc_phantoms"))
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    import torch
+    t0 = time.time()
+    train, test = load_cases(1, a.train, a.cache), load_cases(2, a.test, a.cache)
+    result = {"command": "python -m benchmarks.ddmd_auc " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "phantoms_seconds": round(time.time() - t0, 1), "modes": {}}
+    for mode in a.modes:
+        t = time.time()
+        if mode == "2d":
+            ae1, ae2, patch, stats = train_2d(train, a.steps_2d, a.batch_2d, a.lr, a.seed)
+            stats["steps"], stats["batch"] = a.steps_2d, a.batch_2d
+        else:
+            ae1, ae2, patch, stats = train_3d_voxel(train, a.steps_3d, a.batch_3d, a.lr, a.seed)
+            stats["steps"], stats["batch"] = a.steps_3d, a.batch_3d
+        stats["train_seconds"] = round(time.time() - t, 1)
+        stats.update(evaluate(ae1, ae2, patch, test))
+        result["modes"][mode] = stats
+        print(mode, json.dumps({k: v for k, v in stats.items() if k != "loss_log"}), flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
