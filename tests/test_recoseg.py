@@ -207,3 +207,148 @@ def test_2d_network_and_whole_case_residual():
         assert net(torch.randn(2, 4, 16, 16)).shape == (2, 3, 16, 16)
         r = residual_maps.residual_of_case(net, torch.randn(4, 3, 20, 18), (16, 16))
     assert r.shape == (1, 3, 20, 18) and (r >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- issue 19, item 9
+class _ContextSynth(torch.nn.Module):
+    """A synthesiser whose output depends on each voxel's neighbours (random 3×3×3 convolutions), as a trained
+    U-Net's does (an untrained TimeConditionedUNet outputs 0 everywhere, which hides window effects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.Conv3d(8, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _LastChannel(torch.nn.Module):
+    """A 'segmenter' whose one output is its input's last channel (the residual it is given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen_channels = []
+
+    def forward(self, x):
+        self.seen_channels.append(x.shape[1])
+        return x[:, -1:] * 1.0
+
+
+def test_training_and_prediction_use_the_same_residual(tmp_path):
+    """The residual stage 2 trains on (``precompute_residuals``, what the trainer stores after stage 1) and the
+    one nnU-Net's predictor hands the segmenter for the same case must be the same map: with a segmenter that
+    returns its residual channel, nnU-Net's sliding-window prediction of a case gives back the stored training
+    residual (up to float16 storage and nnU-Net's float16 averaging). Before the fix, the predictor synthesised
+    and differenced each window on its own, which differs near every window border (max 0.42 here)."""
+    from types import SimpleNamespace
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.manual_seed(0)
+    opts = SamplingOptions(True, 2, "ddim", 1, 0, "window", "mean")
+    seg = _LastChannel()
+    net = ReCoSegNetwork(_ContextSynth(), seg, SCHEDULE, opts, 4, prediction_type="sample", clip=5.0,
+                         region_based=True).eval()
+    net.target_channel.fill_(1)
+    case = torch.randn(4, 24, 20, 28)
+    patch = (16, 16, 16)
+    residual_maps.precompute_residuals(net, lambda i: case.numpy(), ["c"], tmp_path, patch, torch.device("cpu"),
+                                       progress=False)
+    trained_on = torch.from_numpy(np.load(tmp_path / "c.npy").astype(np.float32))
+
+    # unweighted averaging of the windows' outputs: nnU-Net's float16 buffer of Gaussian-weighted logits is too
+    # coarse at the case's corners, where the weights are tiny, for an exact comparison
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=False, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)
+    predictor.network = net
+    predictor.configuration_manager = SimpleNamespace(patch_size=list(patch))
+    predictor.label_manager = SimpleNamespace(num_segmentation_heads=1)
+    predicted = predictor.predict_sliding_window_return_logits(case).float()
+    assert set(seg.seen_channels) == {5}  # the segmenter saw images + residual
+    assert predicted.shape == trained_on.shape
+    assert torch.allclose(predicted, trained_on, atol=2e-2, rtol=1e-2), \
+        float((predicted - trained_on).abs().max())
+
+
+def test_direct_window_call_is_the_whole_case_function_on_one_window():
+    net = _network()
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        both = net.segmenter_input(x)
+        for i in range(2):
+            x_seg, r = residual_maps.case_residual(net, x[i], (8, 8, 8))
+            assert torch.allclose(both[i, -1:], r, atol=1e-5) and torch.equal(both[i, :-1], x_seg)
+
+
+# ---------------------------------------------------------------------------------------------- issue 19, item 10
+def test_labelled_subset_is_a_reproducible_fraction():
+    from nnunet_diffusion.trainers.recoseg import labelled_subset
+    ids = [f"case_{i}" for i in range(8)]
+    quarter = labelled_subset(ids, 0.25, 3)
+    assert len(quarter) == 2 and set(quarter) <= set(ids) and quarter == labelled_subset(ids[::-1], 0.25, 3)
+    assert len(labelled_subset(ids, 0.3, 0)) == 3 and len(labelled_subset(ids, 0.01, 0)) == 1
+    assert labelled_subset(ids, 1.0, 0) == ids
+    with pytest.raises(NNDiffConfigError, match="label_fraction"):
+        labelled_subset(ids, 0, 0)
+
+
+def test_unlabelled_folder_errors_are_one_line(tmp_path):
+    from nnunet_diffusion.trainers.recoseg import unlabelled_cases
+    with pytest.raises(NNDiffConfigError, match=f"folder {tmp_path / 'nope'} does not exist"):
+        unlabelled_cases(str(tmp_path / "nope"), ".nii.gz", 4)
+    with pytest.raises(NNDiffConfigError, match="no cases"):
+        unlabelled_cases(str(tmp_path), ".nii.gz", 4)
+    for c in range(4):
+        (tmp_path / f"a_{c:04d}.nii.gz").write_bytes(b"")
+    for c in range(3):
+        (tmp_path / f"b_{c:04d}.nii.gz").write_bytes(b"")
+    with pytest.raises(NNDiffConfigError) as e:
+        unlabelled_cases(str(tmp_path), ".nii.gz", 4)
+    assert "case b" in str(e.value) and "4 channels" in str(e.value) and "\n" not in str(e.value)
+    cases = unlabelled_cases(str(tmp_path), ".nii.gz", 4, exclude=["b"])
+    assert [c for c, _ in cases] == ["a"] and len(cases[0][1]) == 4
+
+
+def test_stage1_trains_on_unlabelled_images_and_stage2_on_a_label_fraction(planned, nnunet_paths, tmp_path,
+                                                                           monkeypatch):
+    """NNDIFF_UNLABELLED names a folder of images without labels (here: the test cases): they are preprocessed
+    like nnU-Net's predictor preprocesses images and join stage 1's training data; stage 2 of `_labels25` uses the
+    labels of a quarter of the fold's training cases."""
+    import shutil
+    from nnunet_diffusion.trainers import recoseg as module
+    folder = tmp_path / "unlabelled"
+    shutil.copytree(planned.raw / "imagesTs", folder)
+    monkeypatch.setenv("NNDIFF_UNLABELLED", str(folder))
+    t = make_trainer(planned, module.nnUNetTrainerReCoSeg_labels25, 0)
+    t.initialize()
+    tr, val = t.get_tr_and_val_datasets()
+    unlabelled = [i for i in tr.identifiers if i.startswith("unlabelled__")]
+    assert unlabelled == ["unlabelled__synth_ts_000", "unlabelled__synth_ts_001"]
+    labelled = [i for i in tr.identifiers if not i.startswith("unlabelled__")]
+    assert len(labelled) == 6 and not set(labelled) & set(val.identifiers)  # fold 0 of 8 cases: 6 train
+    data, _, _, props = tr.load_case(unlabelled[0])
+    assert data.shape[0] == 4 and props["class_locations"] == {}
+    ref = tr.load_case(labelled[0])[0]
+    assert abs(float(np.mean(data[:])) - float(np.mean(ref[:]))) < 1  # z-scored like the labelled cases
+
+    monkeypatch.setattr(t, "ensure_residuals", lambda ids: None)
+    t.current_epoch = t.stage_epochs[0]  # stage 2
+    tr2, val2 = t.get_tr_and_val_datasets()
+    assert len(tr2.identifiers) == 2 and set(tr2.identifiers) <= set(labelled)  # ceil(0.25 * 6)
+    assert val2.identifiers == val.identifiers
+
+    t = make_trainer(planned, module.nnUNetTrainerReCoSeg_unlabelled_synth, 0)  # stage 1 on unlabelled only
+    t.initialize()
+    assert t.get_tr_and_val_datasets()[0].identifiers == unlabelled
+
+    monkeypatch.setenv("NNDIFF_UNLABELLED", str(tmp_path / "missing"))
+    t = make_trainer(planned, module.nnUNetTrainerReCoSeg_tiny, 0)
+    t.initialize()
+    with pytest.raises(NNDiffConfigError, match="does not exist"):
+        t.get_tr_and_val_datasets()
+
+
+def test_synthesis_on_unlabelled_only_needs_a_folder(planned, nnunet_paths):
+    from nnunet_diffusion.trainers import recoseg as module
+    with pytest.raises(NNDiffConfigError, match="NNDIFF_UNLABELLED"):
+        make_trainer(planned, module.nnUNetTrainerReCoSeg_unlabelled_synth, 0)

@@ -8,7 +8,13 @@ The paper numbers no equations; each function names the step of §2 it implement
 - §2 stage 2, residual map: r = |ŝ_0 − s_0| ("the absolute difference between the predicted and actual T1ce
   images", ``residual_map``).
 - §2 stage 2, residual-guided segmentation: the segmenter sees the modalities ⊕ r (``segmenter_input``) and is
-  trained with BCE + Dice (nnU-Net's region loss, which is that loss).
+  trained with BCE + Dice (nnU-Net's region loss, which is that loss). Concatenation is what §2 describes ("We
+  concatenate the residual map with the original input modalities ... and feed them into a lightweight 2D
+  U-Net"); the abstract's and conclusion's "attention cues" name the residual's role, and no gating of features by
+  r is described, so none is implemented.
+- Whole cases: ``residual_inputs`` forms (x as the segmenter sees it, r) from a case and its synthetic T1ce; the
+  synthetic T1ce of a whole case is the Gaussian blend of per-window syntheses (``inference.residual_maps.
+  case_residual``, the one function both stage 2's training residuals and the prediction use).
 
 The synthesised channel lives in nnU-Net's normalised intensity space (z-scores for MRI), so r is in units of
 the channel's standard deviation. ``prediction_type`` "epsilon" is the paper's DDPM; "sample" (ours) lets the
@@ -126,14 +132,20 @@ def apply_missing(x: torch.Tensor, missing: Iterable[int]) -> torch.Tensor:
     return x
 
 
-def residual_for_window(denoiser, schedule: NoiseSchedule, x: torch.Tensor, target: int, steps: int,
-                        sampler: str, seed: int, prediction_type: str, clip: Optional[float],
-                        missing: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x as the segmenter sees it, r) for one window with missing channels handled as the module doc says."""
-    x = apply_missing(x, [m for m in missing if m != target])
-    synthetic = synthesise(denoiser, schedule, x, target, steps, sampler, seed, prediction_type, clip)
+def condition_input(x: torch.Tensor, target: int, missing: Sequence[int] = ()) -> torch.Tensor:
+    """x with the missing *condition* channels set to 0 (the synthesiser's input; a missing target is
+    synthesised anyway, its content is never read)."""
+    return apply_missing(x, [m for m in missing if m != target])
+
+
+def residual_inputs(x: torch.Tensor, synthetic: torch.Tensor, target: int,
+                    missing: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as the segmenter sees it, r) for one whole case ``x`` (C, *spatial) and its synthetic target channel
+    ``synthetic`` (1, *spatial), missing channels handled as the module doc says: r = |ŝ_0 − s_0| (ReCoSeg §2,
+    ``residual_map``); a missing target is replaced by ŝ_0 and r = 0."""
+    x = condition_input(x[None], target, missing)[0]
     if target in set(missing):
         x = x.clone()
-        x[:, target:target + 1] = synthetic.to(x.dtype)
-        return x, torch.zeros_like(synthetic)
-    return x, residual_map(synthetic, x[:, target:target + 1])
+        x[target:target + 1] = synthetic.to(x.dtype)
+        return x, torch.zeros_like(synthetic, dtype=torch.float32)
+    return x, residual_map(synthetic, x[target:target + 1])

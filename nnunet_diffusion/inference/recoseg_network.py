@@ -5,14 +5,20 @@ Calls:
 - ``forward(x)`` with C + 1 channels (stage 2 training and online validation): the last channel is the
   residual map the trainer computed once after stage 1 and nnU-Net's data pipeline cropped and augmented with
   the image; the segmenter alone runs.
-- ``forward(x)`` with C channels in eval mode (``nnUNetv2_predict``, the final validation): synthesise T1ce with
-  K reverse steps, r = |synthetic − real|, segment x ⊕ r. Once per window: the mirrored passes of nnU-Net's
-  test-time augmentation reuse the window's x ⊕ r, flipped (NNDIFF_TTA_REFINE=window, the default).
+- ``nnUNetv2_predict``, the final validation and ``nndiff predict``: before nnU-Net's sliding window runs,
+  ``install_predictor_hook`` replaces the case by x ⊕ r of the whole case (``case_input`` →
+  ``residual_maps.case_residual``: T1ce synthesised per window with K reverse steps, Gaussian-blended over the
+  case, r = |synthetic − real|), the very function that made stage 2's training residuals; nnU-Net's sliding
+  window (and its mirroring) then runs the segmenter on C + 1 channels, as in training.
+- ``forward(x)`` with C channels in eval mode (a direct call, not from nnU-Net's predictor): each batch element is
+  taken as a whole case of one window, through the same ``case_input``.
 
 The synthesis target's channel index is a persistent buffer (``build_network_architecture`` is not given
 dataset.json; the trainer fills it from the channel names and the checkpoint carries it to the predictor).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -20,11 +26,13 @@ from torch import nn
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffConfigError
 from ..heads import recoseg
+from . import residual_maps
 from .options import SamplingOptions
 from .sampling_network import SamplingNetwork
 
 
 class ReCoSegNetwork(SamplingNetwork):
+    whole_case_residual = True  # nnU-Net's predictor hands it x ⊕ r of the whole case (install_predictor_hook)
     supports_missing = True
     supports_samples = False  # one synthetic T1ce per window (the paper's); several would need a fusion rule
 
@@ -55,7 +63,8 @@ class ReCoSegNetwork(SamplingNetwork):
                                     "ReCoSeg training")
         return t
 
-    def _check_missing(self) -> tuple:
+    def missing_channels(self) -> tuple:
+        """NNDIFF_MISSING's channels, checked against this model's channels."""
         bad = [m for m in self.sampling.missing if m >= self.num_input_channels]
         if bad:
             raise NNDiffConfigError(f"NNDIFF_MISSING: channel(s) {bad} do not exist; this model has "
@@ -81,21 +90,73 @@ class ReCoSegNetwork(SamplingNetwork):
         if self.training:
             raise RuntimeError("ReCoSeg trains the segmenter on precomputed residual maps (C + 1 channels); "
                                "synthesising inside a training step is not supported")
+        # nnU-Net's predictor never gets here (``install_predictor_hook`` hands it x ⊕ r of the whole case); a
+        # direct call treats each batch element as a whole case of one window, through the same function
         return self.segmenter(self.cached(x, lambda: self.segmenter_input(x)))
 
     @torch.no_grad()
+    def synthesise_window(self, window: torch.Tensor) -> torch.Tensor:
+        """ŝ_0 for one window (1, C, *patch) → (1, 1, *patch) (ReCoSeg §2 stage 1, ``heads.recoseg.synthesise``
+        with the current sampling options). Missing condition channels are already zero (``case_residual``)."""
+        opts = self.sampling
+        return recoseg.synthesise(self.synthesizer, self.schedule, window, self.target, opts.steps, opts.sampler,
+                                  opts.seed, self.prediction_type, self.clip)
+
+    @torch.no_grad()
+    def case_input(self, data: torch.Tensor, patch_size, step_size: float = 0.5) -> torch.Tensor:
+        """x ⊕ r (C + 1, *spatial) of one whole preprocessed case (C, *spatial): ``residual_maps.case_residual``,
+        the same computation that made the residual maps stage 2 trained on."""
+        x_seg, r = residual_maps.case_residual(self, data, patch_size, step_size)
+        return torch.cat([x_seg, r.to(x_seg.dtype)], 0)
+
+    @torch.no_grad()
     def segmenter_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x ⊕ r for one window (missing channels handled as ``heads.recoseg`` describes)."""
-        x_seg, r = self.residual(x)
-        return recoseg.segmenter_input(x_seg, r)
+        """x ⊕ r for a batch of windows, each taken as a whole case (``case_input`` with patch = window)."""
+        return torch.stack([self.case_input(xi, xi.shape[1:]) for xi in x])
 
     @torch.no_grad()
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x as the segmenter sees it, r = |synthetic T1ce − T1ce|) for one window (ReCoSeg §2)."""
-        opts = self.sampling
-        return recoseg.residual_for_window(self.synthesizer, self.schedule, x, self.target, opts.steps,
-                                           opts.sampler, opts.seed, self.prediction_type, self.clip,
-                                           self._check_missing())
+        """(x as the segmenter sees it, r) for a batch of windows, each taken as a whole case."""
+        both = self.segmenter_input(x)
+        return both[:, :-1], both[:, -1:].float()
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    network = getattr(network, "module", network)  # DDP
+    return getattr(network, "_orig_mod", network)  # torch.compile
+
+
+def install_predictor_hook() -> None:
+    """Make nnU-Net's predictor give a ReCoSeg network the residual map of the whole case, as in training.
+
+    nnU-Net's ``nnUNetPredictor.predict_sliding_window_return_logits(case)`` tiles the case and calls the network
+    on each window; a network cannot see the case. Wrapped here (once, for every predictor: nnUNetv2_predict,
+    the final validation, ``nndiff predict``): when the predictor's network is a ReCoSeg network and the case
+    has its C image channels, the case is replaced by x ⊕ r (``ReCoSegNetwork.case_input``, computed on the
+    predictor's device, under autocast on CUDA as the predictor and the trainer do, with the predictor's
+    ``tile_step_size``) before nnU-Net's own sliding window runs the segmenter on it; mirroring then flips image
+    and residual together, as training's augmentation does. Any other network is untouched."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.helpers import dummy_context
+
+    original = nnUNetPredictor.predict_sliding_window_return_logits
+    if getattr(original, "_nndiff_recoseg_case_input", False):
+        return
+
+    @functools.wraps(original)
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        net = _unwrap(self.network)
+        if getattr(net, "whole_case_residual", False) and input_image.shape[0] == net.num_input_channels:
+            device = torch.device(self.device)
+            net.to(device).eval()
+            with torch.no_grad(), (torch.autocast(device.type) if device.type == "cuda" else dummy_context()):
+                both = net.case_input(input_image.to(device), self.configuration_manager.patch_size,
+                                      self.tile_step_size)
+            input_image = both.to(input_image.device, torch.float32)
+        return original(self, input_image)
+
+    predict_sliding_window_return_logits._nndiff_recoseg_case_input = True
+    nnUNetPredictor.predict_sliding_window_return_logits = predict_sliding_window_return_logits
 
 
 def _zero(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
@@ -105,3 +166,6 @@ def _zero(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
     for p in module.parameters():
         zero = zero + 0.0 * p.float().sum()
     return zero
+
+
+install_predictor_hook()

@@ -55,9 +55,28 @@ def sliding_window(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tenso
     return out[(slice(None), *slicer[1:])]
 
 
-def residual_of_case(network, data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    """r = |synthetic T1ce − T1ce| (ReCoSeg §2) for a whole preprocessed case (C, *spatial) → (1, *spatial)."""
-    return sliding_window(lambda w: network.residual(w)[1], data, patch_size)
+def case_residual(network, data: torch.Tensor, patch_size: Sequence[int], step_size: float = 0.5,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE residual computation of ReCoSeg, used by stage 2's training data (``precompute_residuals``), by
+    ``nnUNetv2_predict`` and the final validation (``ReCoSegNetwork.case_input``, before nnU-Net's sliding window
+    over the segmenter) and by ``nndiff predict --residuals``: for a whole preprocessed case ``data``
+    (C, *spatial), the synthetic T1ce ŝ_0 of every window (ReCoSeg §2 stage 1, ``network.synthesise_window``)
+    blended over the case with nnU-Net's tiling and Gaussian weights (``sliding_window``), then
+    r = |ŝ_0 − s_0| (ReCoSeg §2, ``heads.recoseg.residual_inputs``; missing channels as described there).
+    Returns (x as the segmenter sees it (C, *spatial), r (1, *spatial) float32)."""
+    from ..heads import recoseg
+
+    target, missing = network.target, network.missing_channels()
+    condition = recoseg.condition_input(data[None], target, missing)[0]
+    synthetic = sliding_window(network.synthesise_window, condition, patch_size, step_size=step_size)
+    return recoseg.residual_inputs(data, synthetic, target, missing)
+
+
+def residual_of_case(network, data: torch.Tensor, patch_size: Sequence[int], step_size: float = 0.5
+                     ) -> torch.Tensor:
+    """r = |synthetic T1ce − T1ce| (ReCoSeg §2) for a whole preprocessed case (C, *spatial) → (1, *spatial)
+    (``case_residual``'s r)."""
+    return case_residual(network, data, patch_size, step_size)[1]
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

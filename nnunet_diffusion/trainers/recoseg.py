@@ -1,20 +1,31 @@
 """nnUNetTrainerReCoSeg: ReCoSeg (Yavari et al., MIDL 2025) on nnU-Net's plans, data pipeline and predictor.
 
 Stages by epoch (trainer_configs/recoseg.toml):
-  1. the T1ce synthesis DDPM (noise on T1ce, the other channels as condition; Adam 2e-4, paper §2.1);
-  then, once: the residual map r = |synthetic − real T1ce| of every case of the dataset, computed with the
-     frozen synthesiser over the whole preprocessed case (nnU-Net's tiling) and stored in
+  1. the T1ce synthesis DDPM (noise on T1ce, the other channels as condition; Adam 2e-4, paper §2.1). It needs
+     no labels (the paper's "unsupervised generative phase"): it trains on the images of the fold's training
+     cases and, when ``unlabelled_folder`` / NNDIFF_UNLABELLED names a folder, on those unlabelled images too
+     (preprocessed once with the plans' own preprocessor, as nnU-Net's predictor does for images without a
+     segmentation, into ``<fold folder>/unlabelled/``); ``synthesis_cases = "unlabelled"`` trains it on those
+     only, so the residuals stage 2 learns from come from a synthesiser that never saw the case, as at prediction;
+  then, once: the residual map r = |synthetic − real T1ce| of every labelled case, computed with the frozen
+     synthesiser by ``residual_maps.case_residual`` over the whole preprocessed case and stored in
      ``<fold folder>/residuals/<case>.npy``;
-  2. the segmenter on the modalities ⊕ r with nnU-Net's loss, SGD and poly learning rate. nnU-Net's data loader
-     reads r as one more image channel, so cropping and augmentation move image and residual together, and no
-     sampling loop runs inside a training step.
-``nnUNetv2_predict`` (and the final validation) synthesises per window with K steps, forms r and segments.
+  2. the segmenter on the modalities ⊕ r with nnU-Net's loss, SGD and poly learning rate, on a ``label_fraction``
+     of the fold's training cases (1 = all; the paper's "reduced reliance on dense labels" as a knob). nnU-Net's
+     data loader reads r as one more image channel, so cropping and augmentation move image and residual
+     together, and no sampling loop runs inside a training step.
+``nnUNetv2_predict`` (and the final validation) computes r of the whole case with the same
+``residual_maps.case_residual`` before nnU-Net's sliding window runs the segmenter (``install_predictor_hook``).
 """
 from __future__ import annotations
 
 import copy
+import math
+import os
 import shutil
+import zlib
 from os.path import isdir, join
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +46,67 @@ from .diffusion_base import DiffusionTrainer
 from .nndm import _poly
 
 SEGMENTERS = ("planned", "light")
+UNLABELLED_ENV = "NNDIFF_UNLABELLED"
+UNLABELLED_PREFIX = "unlabelled__"  # identifiers of unlabelled cases, never equal to a labelled case's
+
+
+def labelled_subset(identifiers, fraction: float, seed: int) -> list[str]:
+    """The training cases whose labels stage 2 uses: ceil(fraction · n) of them (at least 1), drawn without
+    replacement by a generator seeded with ``seed`` (the fold), so a run and its resume pick the same cases."""
+    ids = sorted(identifiers)
+    if not 0 < fraction <= 1:
+        raise NNDiffConfigError(f"recoseg label_fraction must be in (0, 1]; got {fraction}")
+    if fraction == 1:
+        return ids
+    n = max(1, math.ceil(fraction * len(ids)))
+    order = np.random.RandomState(int(seed)).permutation(len(ids))
+    return sorted(ids[i] for i in order[:n])
+
+
+def unlabelled_cases(folder: str, file_ending: str, num_channels: int, exclude=()) -> list[tuple[str, list[str]]]:
+    """(case, its channel files) of every case in ``folder`` (nnU-Net's ``{case}_{XXXX}<file_ending>`` layout)
+    that is not in ``exclude``; a one-line NNDiffConfigError for a missing folder, no case, or a case whose
+    channel files are not exactly 0 .. num_channels − 1."""
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+    if not isdir(folder):
+        raise NNDiffConfigError(f"ReCoSeg unlabelled images ({UNLABELLED_ENV} / unlabelled_folder): folder "
+                                f"{folder} does not exist")
+    ids = [i for i in get_identifiers_from_splitted_dataset_folder(folder, file_ending) if i not in set(exclude)]
+    if not ids:
+        raise NNDiffConfigError(f"ReCoSeg unlabelled images: no cases named {{case}}_{{XXXX}}{file_ending} in "
+                                f"{folder}" + (" that are not already labelled training cases" if exclude else ""))
+    names = set(os.listdir(folder))
+    cases = []
+    for case in ids:
+        have = sorted(n for n in names if n.startswith(case + "_") and n.endswith(file_ending)
+                      and len(n) == len(case) + 5 + len(file_ending) and n[len(case) + 1:len(case) + 5].isdigit())
+        want = [f"{case}_{c:04d}{file_ending}" for c in range(num_channels)]
+        if have != want:
+            raise NNDiffConfigError(f"ReCoSeg unlabelled images: case {case} in {folder} has channel files "
+                                    f"{[h[len(case) + 1:len(case) + 5] for h in have]}, this dataset has "
+                                    f"{num_channels} channels (_0000 .. _{num_channels - 1:04d})")
+        cases.append((case, [join(folder, w) for w in want]))
+    return cases
+
+
+def with_extra_cases(base: type, extra_folder: str, extra_ids) -> type:
+    """A subclass of nnU-Net's dataset class ``base`` that also serves the cases ``extra_ids`` stored (by the same
+    class) in ``extra_folder``: stage 1 trains on labelled and unlabelled images through nnU-Net's data loader."""
+    extra_ids = sorted(extra_ids)
+
+    def __init__(self, folder, identifiers=None, folder_with_segs_from_previous_stage=None):
+        base.__init__(self, folder, identifiers, folder_with_segs_from_previous_stage)
+        self.extra = base(extra_folder, list(extra_ids))
+        self.identifiers = sorted(self.identifiers + extra_ids)
+
+    def load_case(self, identifier):
+        if identifier.startswith(UNLABELLED_PREFIX):
+            return self.extra.load_case(identifier)
+        return base.load_case(self, identifier)
+
+    return type(f"{base.__name__}WithUnlabelled", (base,),
+                {"__init__": __init__, "load_case": load_case, "__module__": __name__})
 
 
 class StagedLR:
@@ -55,7 +127,9 @@ class StagedLR:
 
 
 class nnUNetTrainerReCoSeg(DiffusionTrainer):
-    """ReCoSeg with the paper's settings where it gives them (trainer_configs/recoseg.toml [defaults])."""
+    """ReCoSeg with the paper's training settings where it gives them (trainer_configs/recoseg.toml [defaults]),
+    except the segmenter: nnU-Net's planned network with one more input channel, not the paper's lightweight
+    2D U-Net (``_light`` is a narrow planned U-Net), so that it compares with nnU-Net on the same plans."""
     head = "recoseg"
     compiled_parts = ("synthesizer", "segmenter")
 
@@ -73,6 +147,17 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
             raise NNDiffConfigError(f"{self.__class__.__name__}: both stages need at least one epoch (synthesis, "
                                     f"segmentation); trainer config gives {self.stage_epochs}")
         self.num_epochs = sum(self.stage_epochs)
+        self.label_fraction = float(hp["label_fraction"])
+        labelled_subset(["x"], self.label_fraction, 0)  # checks the value now, not after stage 1
+        self.unlabelled_folder = os.environ.get(UNLABELLED_ENV) or str(hp["unlabelled_folder"] or "")
+        self.synthesis_cases = str(hp["synthesis_cases"])
+        if self.synthesis_cases not in ("all", "unlabelled"):
+            raise NNDiffConfigError(f"recoseg synthesis_cases must be 'all' or 'unlabelled'; got "
+                                    f"{self.synthesis_cases!r}")
+        if self.synthesis_cases == "unlabelled" and not self.unlabelled_folder:
+            raise NNDiffConfigError(f"{self.__class__.__name__}: synthesis_cases = 'unlabelled' trains the "
+                                    f"synthesiser on unlabelled images only; name their folder with "
+                                    f"{UNLABELLED_ENV} or unlabelled_folder")
         self.synthesis_optimizer = None
         self._loader_stage = None
         self.logger.local_logger.my_fantastic_logging["recoseg_stage"] = []
@@ -128,15 +213,81 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         return optimizer, StagedLR(self)
 
     # ------------------------------------------------------------------ data: residual maps as a channel
+    @property
+    def unlabelled_preprocessed_folder(self) -> str:
+        return join(self.output_folder, "unlabelled")
+
+    def resolve_unlabelled_folder(self) -> str:
+        """The unlabelled-images folder; a relative one (e.g. "imagesTr") is a folder of the raw dataset."""
+        folder = self.unlabelled_folder
+        if not os.path.isabs(folder):
+            from nnunetv2.paths import nnUNet_raw
+            folder = join(nnUNet_raw or "", self.plans_manager.dataset_name, folder)
+        return folder
+
+    def ensure_unlabelled(self, labelled) -> list[str]:
+        """Identifiers of the unlabelled cases stage 1 also trains on ([] when no folder is named), each
+        preprocessed once with the plans' preprocessor without a segmentation (as nnU-Net's predictor does) and
+        saved by nnU-Net's dataset class in ``unlabelled_preprocessed_folder``; cases of the folder that are
+        labelled cases of this dataset are skipped."""
+        if not self.unlabelled_folder:
+            return []
+        cases = unlabelled_cases(self.resolve_unlabelled_folder(), self.dataset_json["file_ending"],
+                                 len(self.dataset_json["channel_names"]), exclude=labelled)
+        out = Path(self.unlabelled_preprocessed_folder)
+        out.mkdir(parents=True, exist_ok=True)
+        have = set(self.dataset_class.get_identifiers(str(out)))
+        ids = [UNLABELLED_PREFIX + case for case, _ in cases]
+        todo = [(i, files) for i, (_, files) in zip(ids, cases) if i not in have]
+        if todo and self.local_rank == 0:
+            preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+            for identifier, files in todo:
+                data, seg, properties = preprocessor.run_case(files, None, self.plans_manager,
+                                                              self.configuration_manager, self.dataset_json)
+                properties["class_locations"] = {}  # no labels: nnU-Net's loader falls back to random crops
+                self._save_preprocessed(data, seg, properties, str(out / identifier))
+            self.print_to_log_file(f"ReCoSeg: {len(todo)} unlabelled case(s) of {self.resolve_unlabelled_folder()} "
+                                   f"preprocessed into {out}")
+        if self.is_ddp:
+            dist.barrier()
+        return ids
+
+    def _save_preprocessed(self, data, seg, properties, path: str) -> None:
+        """As nnU-Net's ``DefaultPreprocessor.run_case_save`` stores a case (float32 data, int16 seg, blosc2 chunks
+        for the planned patch), with whichever dataset class this dataset uses."""
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
+
+        data, seg = data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False)
+        if issubclass(self.dataset_class, nnUNetDatasetBlosc2):
+            patch = tuple(self.configuration_manager.patch_size)
+            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
+            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
+            self.dataset_class.save_case(data, seg, properties, path, chunks=chunks, blocks=blocks,
+                                         chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+        else:
+            self.dataset_class.save_case(data, seg, properties, path)
+
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         self._loader_stage = self.stage_of(self.current_epoch)
-        if self._loader_stage == 1:
-            return dataset_tr, dataset_val
-        self.ensure_residuals(dataset_tr.identifiers + dataset_val.identifiers)
-        wrapped = residual_maps.wrap_dataset_class(self.dataset_class, self.residual_folder)
         kw = {"folder_with_segs_from_previous_stage": self.folder_with_segs_from_previous_stage}
-        return (wrapped(self.preprocessed_dataset_folder, dataset_tr.identifiers, **kw),
+        if self._loader_stage == 1:
+            extra = self.ensure_unlabelled(dataset_tr.identifiers + dataset_val.identifiers)
+            if not extra:
+                return dataset_tr, dataset_val
+            labelled = [] if self.synthesis_cases == "unlabelled" else list(dataset_tr.identifiers)
+            self.print_to_log_file(f"ReCoSeg stage 1 trains on {len(labelled)} labelled and {len(extra)} "
+                                   f"unlabelled case(s)")
+            cls = with_extra_cases(self.dataset_class, self.unlabelled_preprocessed_folder, extra)
+            return cls(self.preprocessed_dataset_folder, labelled, **kw), dataset_val
+        train_ids = labelled_subset(dataset_tr.identifiers, self.label_fraction, zlib.crc32(str(self.fold).encode()))
+        if len(train_ids) < len(dataset_tr.identifiers):
+            self.print_to_log_file(f"ReCoSeg stage 2 uses the labels of {len(train_ids)} of "
+                                   f"{len(dataset_tr.identifiers)} training cases (label_fraction "
+                                   f"{self.label_fraction}): {train_ids}")
+        self.ensure_residuals(train_ids + dataset_val.identifiers)
+        wrapped = residual_maps.wrap_dataset_class(self.dataset_class, self.residual_folder)
+        return (wrapped(self.preprocessed_dataset_folder, train_ids, **kw),
                 wrapped(self.preprocessed_dataset_folder, dataset_val.identifiers, **kw))
 
     def ensure_residuals(self, identifiers) -> None:
@@ -171,8 +322,10 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def on_train_start(self):
-        if self.current_epoch == 0 and self.local_rank == 0 and self.output_folder and isdir(self.residual_folder):
-            shutil.rmtree(self.residual_folder)  # maps of an earlier run's synthesiser: stale
+        if self.current_epoch == 0 and self.local_rank == 0 and self.output_folder:
+            for stale in (self.residual_folder, self.unlabelled_preprocessed_folder):
+                if isdir(stale):  # an earlier run's residual maps / unlabelled cases (maybe of another folder)
+                    shutil.rmtree(stale)
         super().on_train_start()
         self.print_to_log_file(f"ReCoSeg stages (epochs): synthesis {self.stage_epochs[0]}, segmentation "
                                f"{self.stage_epochs[1]}; target channel {self.target_channel}")
