@@ -4,7 +4,7 @@
 
 For fold 0's validation cases (``--split train``: its training cases, which the refiner learned its residuals on) of ``nndiff demo``'s models (DIR as written by the demo), nnU-Net's predictor gives
 the backbone's probabilities p (refinement off) and the refined ones p' (DDIM ``--steps``), both in nnU-Net's
-preprocessed space. Per region it prints the true residual e = y − p (paper Eq. 1) and the applied correction
+preprocessed space. Per region it prints the true residual e = y − p (paper §4.2) and the applied correction
 ê = p' − p, averaged inside the region (y = 1) and outside it, and the Dice of p and p'. A refiner that generalises
 has ê near e on both sides; one whose ê has the wrong sign inside the region removes tumour the backbone had found.
 """

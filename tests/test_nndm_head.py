@@ -107,3 +107,25 @@ def test_training_the_refiner_lowers_the_diffusion_loss(dim, prediction_type):
 
 def test_total_loss_weights_the_diffusion_term():
     assert nndm.total_loss(torch.tensor(0.5), torch.tensor(2.0), 0.25).item() == pytest.approx(1.0)
+
+
+def test_without_residual_conditioning_the_refined_residual_does_not_depend_on_y_hat():
+    """NNDM §5.4 'excluding the residual conditioning': ε_φ(e_t, t, x) (§4.2 as written) sees e_t and x, not ŷ_0."""
+    torch.manual_seed(4)
+    refiner = TimeConditionedUNet(3, 3 + 2, 3, [8, 16], [(2, 2, 2)])
+    torch.nn.init.normal_(refiner.out.weight, std=0.05)
+    _, x, y, y_hat = _toy()
+    sched = NoiseSchedule(ScheduleConfig(100))
+    a = nndm.refine(refiner, sched, x, y_hat, steps=3, seed=1, residual_conditioning=False)
+    b = nndm.refine(refiner, sched, x, 1.0 - y_hat, steps=3, seed=1, residual_conditioning=False)
+    assert torch.equal(a, b)
+    assert nndm.refiner_input(torch.zeros_like(y_hat), x, y_hat, residual_conditioning=False).shape[1] == 3 + 2
+    # the loss still learns e = y − ŷ: the target changes with ŷ even though the refiner's input does not
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    la = nndm.diffusion_loss(refiner, sched, x, y, y_hat, generator=gen(), prediction_type="sample",
+                             residual_conditioning=False)
+    lb = nndm.diffusion_loss(refiner, sched, x, y, torch.zeros_like(y_hat), generator=gen(), prediction_type="sample",
+                             residual_conditioning=False)
+    assert la.item() != lb.item()
+    # the default (conditioned) refiner takes e_t ⊕ x ⊕ ŷ_0
+    assert nndm.refiner_in_channels(3, 2) == 3 + 2 + 3 and nndm.refiner_in_channels(3, 2, False) == 3 + 2

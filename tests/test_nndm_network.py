@@ -14,20 +14,29 @@ from nnunet_diffusion.errors import NNDiffCheckpointError
 from nnunet_diffusion.inference.nndm_network import NNDMNetwork
 from nnunet_diffusion.inference.options import SamplingOptions
 from nnunet_diffusion.nets import TimeConditionedUNet
+from nnunet_diffusion.trainers import TRAINERS
 
 DDIM3 = SamplingOptions(refine=True, steps=3, sampler="ddim", samples=1, seed=0, tta_refine="window")
 
 
-def make_network(dim=3, heads=3, in_ch=4, regions=True, sampling=DDIM3, refiner_width=(8, 16), seed=0, trained=True):
-    torch.manual_seed(seed)
+def make_backbone(dim=3, heads=3, in_ch=4, dropout=None):
     conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
     norm = torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d
-    backbone = PlainConvUNet(in_ch, 3, [8, 16, 32], conv, 3, [1, 2, 2], 2, heads, 2, True, norm,
-                             {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
-                             deep_supervision=False)
-    refiner = TimeConditionedUNet(dim, 2 * heads + in_ch, heads, list(refiner_width), [(2,) * dim])
+    drop = None if dropout is None else (torch.nn.Dropout3d if dim == 3 else torch.nn.Dropout2d)
+    return PlainConvUNet(in_ch, 3, [8, 16, 32], conv, 3, [1, 2, 2], 2, heads, 2, True, norm,
+                         {"eps": 1e-5, "affine": True}, drop, None if dropout is None else {"p": dropout},
+                         torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=False)
+
+
+def make_network(dim=3, heads=3, in_ch=4, regions=True, sampling=DDIM3, refiner_width=(8, 16), seed=0, trained=True,
+                 **net_kwargs):
+    torch.manual_seed(seed)
+    backbone = make_backbone(dim, heads, in_ch)
+    cond = net_kwargs.get("residual_conditioning", True)
+    refiner = TimeConditionedUNet(dim, (2 if cond else 1) * heads + in_ch, heads, list(refiner_width), [(2,) * dim])
     torch.nn.init.normal_(refiner.out.weight, std=0.05)  # a "trained" refiner that does something
-    net = NNDMNetwork(backbone, refiner, NoiseSchedule(ScheduleConfig(100)), sampling, region_based=regions)
+    net = NNDMNetwork(backbone, refiner, NoiseSchedule(ScheduleConfig(100)), sampling, region_based=regions,
+                      **net_kwargs)
     if trained:
         net.refiner_updates.fill_(1)
     return net.eval()
@@ -165,3 +174,102 @@ def test_training_forward_ties_frozen_parameters_into_the_graph():
     (zero + l_diff).backward()
     assert all(p.grad is None for p in net.backbone.parameters())
     assert all(p.grad is not None for p in net.refiner.parameters())
+
+
+# ---------------------------------------------------------------- paper §5.4: "excluding the residual conditioning"
+def test_without_residual_conditioning_the_refiner_never_sees_y_hat():
+    """§5.4's ablation: the refiner's input is e_t ⊕ x only, so its residual does not change with ŷ_0."""
+    net = make_network(residual_conditioning=False)
+    seen = []
+    net.refiner.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    x = torch.randn(1, 4, 16, 16, 16)
+    y_hat_a = torch.rand(1, 3, 16, 16, 16)
+    y_hat_b = 1.0 - y_hat_a
+    with torch.no_grad():
+        e_a = net._residual(x, y_hat_a)
+        net._mirror_cache.clear()
+        e_b = net._residual(x, y_hat_b)
+    assert torch.equal(e_a, e_b)
+    assert set(seen) == {3 + 4}  # e_t (3 regions) + x (4 modalities), no ŷ channels
+    # with the conditioning (the default) the same refiner input layout carries ŷ and ê depends on it
+    full = make_network()
+    with torch.no_grad():
+        a = full._residual(x, y_hat_a)
+        full._mirror_cache.clear()
+        assert not torch.equal(a, full._residual(x, y_hat_b))
+
+
+def test_without_residual_conditioning_the_training_loss_does_not_feed_y_hat_to_the_refiner():
+    net = make_network(residual_conditioning=False).train()
+    inputs = []
+    net.refiner.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    x = torch.randn(2, 4, 16, 16, 16)
+    y = torch.randint(0, 2, (2, 3, 16, 16, 16)).float()
+    _, l_diff, _ = net(x, y=y, train_backbone=False, train_refiner=True)
+    assert l_diff is not None and inputs[0].shape[1] == 3 + 4
+    assert torch.equal(inputs[0][:, 3:], x)  # the conditioning is the image alone
+
+
+# ---------------------------------------------------------------- where the training residual's ŷ comes from
+def _spy_y_hat(monkeypatch):
+    from nnunet_diffusion.heads import nndm
+    seen, real = [], nndm.diffusion_loss
+
+    def spy(refiner, schedule, x, y, y_hat, *a, **k):
+        seen.append(y_hat.detach().clone())
+        return real(refiner, schedule, x, y, y_hat, *a, **k)
+    monkeypatch.setattr(nndm, "diffusion_loss", spy)
+    return seen
+
+
+def test_residual_source_backbone_uses_the_backbones_own_output(monkeypatch):
+    seen = _spy_y_hat(monkeypatch)
+    net = make_network(residual_source="backbone").train()
+    x, y = torch.randn(2, 4, 16, 16, 16), torch.randint(0, 2, (2, 3, 16, 16, 16)).float()
+    with torch.no_grad():
+        expected = torch.sigmoid(net.backbone(x).float())
+    net(x, y=y, train_backbone=False, train_refiner=True)
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_residual_source_dropout_is_nnunets_dropout_op_in_stage_2_only(monkeypatch):
+    """In stage 2 ŷ is the backbone run as nnU-Net would build it with dropout_op = Dropout3d(p) (after every conv
+    of the encoder and decoder, before the norm); in stage 3 and at prediction nothing is dropped."""
+    seen = _spy_y_hat(monkeypatch)
+    p = 0.3
+    net = make_network(residual_source="dropout", residual_dropout=p).train()
+    reference = make_backbone(dropout=p).train()  # nnU-Net's own dropout placement, same weights
+    for a, b in zip(reference.parameters(), net.backbone.parameters(), strict=True):
+        a.data.copy_(b.data)
+    x, y = torch.randn(2, 4, 16, 16, 16), torch.randint(0, 2, (2, 3, 16, 16, 16)).float()
+    with torch.no_grad():
+        live = torch.sigmoid(net.backbone(x).float())
+        torch.manual_seed(7)
+        dropped = torch.sigmoid(reference(x).float())
+    torch.manual_seed(7)
+    net(x, y=y, train_backbone=False, train_refiner=True)  # stage 2: refiner alone, frozen backbone
+    assert torch.allclose(seen[0], dropped, atol=1e-6) and not torch.allclose(seen[0], live, atol=1e-3)
+    net(x, y=y, train_backbone=True, train_refiner=True, detach_y_hat=True)  # stage 3 (joint): the live output
+    assert torch.allclose(seen[1], live, atol=1e-5)
+    with torch.no_grad():  # afterwards the backbone predicts without dropout
+        assert torch.allclose(torch.sigmoid(net.backbone(x).float()), live, atol=1e-6)
+    assert set(net.state_dict()) == set(make_network().state_dict())  # checkpoints unchanged
+
+
+def test_residual_source_is_checked():
+    with pytest.raises(ValueError, match="residual_source"):
+        make_network(residual_source="oof")
+    with pytest.raises(ValueError, match="residual_dropout"):
+        make_network(residual_source="dropout", residual_dropout=0.0)
+
+
+def test_trainer_config_builds_the_ablation_and_refuses_a_bad_residual_source():
+    from nnunet_diffusion.errors import NNDiffConfigError
+    from nnunet_diffusion.trainers.nndm import nnUNetTrainerNNDM
+    hp = nnUNetTrainerNNDM.hparams()
+    assert hp["residual_conditioning"] is True  # §4.3: ŷ_0 conditions the refiner
+    assert TRAINERS["nnUNetTrainerNNDM_noresidualcond"].hparams()["residual_conditioning"] is False
+    with pytest.raises(NNDiffConfigError, match="residual_source must be one of.*'oof'"):
+        nnUNetTrainerNNDM._residual_options(dict(hp, residual_source="oof"))
+    with pytest.raises(NNDiffConfigError, match="residual_dropout"):
+        nnUNetTrainerNNDM._residual_options(dict(hp, residual_source="dropout", residual_dropout=1.5))

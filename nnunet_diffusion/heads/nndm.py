@@ -10,8 +10,11 @@ The paper numbers no equations; each function names the formula it implements by
 
 Conventions: ŷ are the backbone's probabilities (softmax over classes including background, or one
 sigmoid per region when the dataset is region-based as BraTS is); y is the matching one-hot / region
-target; e ∈ [−1, 1] per channel. The refiner is conditioned on the image x *and* on ŷ (the paper's
-"ŷ_0 ... serves as the conditioning input"), i.e. ε_φ(e_t, t, x ⊕ ŷ).
+target; e ∈ [−1, 1] per channel. The refiner is conditioned on the image x *and* on ŷ (§4.3: "ŷ_0 ... serves as
+the conditioning input for the diffusion module"), i.e. ε_φ(e_t, t, x ⊕ ŷ). ``residual_conditioning=False`` is
+§5.4's ablation "excluding the residual conditioning" as we read it: the refiner no longer sees ŷ_0, the mask its
+residual is taken from, and models e from the image alone, ε_φ(e_t, t, x) (§4.2's formula written literally);
+§5.4 reports that this "caused over-segmentation along tumor boundaries".
 
 ``prediction_type`` "epsilon" is the paper's ε-prediction. "sample" (ours, not the paper's) lets the refiner
 predict e itself with the loss ||e − ê_φ(e_t, t, x ⊕ ŷ)||²: on short trainings it learns to generate e from
@@ -32,22 +35,34 @@ def residual(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     return y.float() - y_hat.float()
 
 
-def refiner_input(e_t: torch.Tensor, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
-    """The denoiser's input: noisy residual e_t ⊕ image x ⊕ baseline probabilities ŷ (channel concat)."""
+def refiner_in_channels(num_outputs: int, num_inputs: int, residual_conditioning: bool = True) -> int:
+    """Input channels of the refiner: e_t (one per output) ⊕ x ⊕ (ŷ, one per output, unless §5.4's ablation)."""
+    return (2 if residual_conditioning else 1) * num_outputs + num_inputs
+
+
+def refiner_input(e_t: torch.Tensor, x: torch.Tensor, y_hat: torch.Tensor,
+                  residual_conditioning: bool = True) -> torch.Tensor:
+    """The denoiser's input: noisy residual e_t ⊕ image x ⊕ baseline probabilities ŷ_0 (channel concat; §4.3
+    "ŷ_0 ... serves as the conditioning input"). ``residual_conditioning=False`` (§5.4's ablation "excluding the
+    residual conditioning"): e_t ⊕ x only, ε_φ(e_t, t, x) as §4.2 writes it; ŷ_0 is not an input at all."""
+    if not residual_conditioning:
+        return torch.cat([e_t.to(x.dtype), x], 1)
     return torch.cat([e_t.to(x.dtype), x, y_hat.to(x.dtype)], 1)
 
 
 def diffusion_loss(refiner, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
                    mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                   prediction_type: str = "epsilon") -> torch.Tensor:
+                   prediction_type: str = "epsilon", residual_conditioning: bool = True) -> torch.Tensor:
     """NNDM §4.2 L_diff = E_{e,t,ε} ||ε − ε_φ(e_t, t, x)||² with e = y − ŷ and
     e_t = √ᾱ_t e + √(1−ᾱ_t) ε (the closed form of q(e_t | e_{t−1}) iterated, DDPM eq. 4).
-    With ``prediction_type="sample"`` the refiner predicts e and the loss is ||e − ê||² (ours)."""
+    With ``prediction_type="sample"`` the refiner predicts e and the loss is ||e − ê||² (ours).
+    ``residual_conditioning``: see ``refiner_input``. Which backbone output ŷ is (the live one, or one under
+    feature dropout) is the caller's choice (``residual_source`` in trainer_configs/nndm.toml)."""
     e = residual(y, y_hat)
     t = schedule.sample_timesteps(e.shape[0], e.device, generator)
     noise = torch.randn(e.shape, device=e.device, dtype=torch.float32, generator=generator)
     e_t = schedule.q_sample(e, noise, t)
-    predicted = refiner(refiner_input(e_t, x, y_hat), t)
+    predicted = refiner(refiner_input(e_t, x, y_hat, residual_conditioning), t)
     if prediction_type == "sample":
         return masked_mse(e, predicted, mask)
     return noise_prediction_loss(noise, predicted, mask)
@@ -61,9 +76,10 @@ def total_loss(seg_loss: torch.Tensor, diff_loss: torch.Tensor, lam: float) -> t
 @torch.no_grad()
 def refine(refiner, schedule: NoiseSchedule, x: torch.Tensor, y_hat: torch.Tensor, steps: int,
            sampler: str = "ddim", num_samples: int = 1, seed: int = 0,
-           prediction_type: str = "epsilon") -> torch.Tensor:
+           prediction_type: str = "epsilon", residual_conditioning: bool = True) -> torch.Tensor:
     """NNDM §4.3 DiffRefine: ê ~ p_φ(e | x, ŷ_0) by ``steps`` reverse steps from e_T ~ N(0, I)
     (§4.2 reverse process), averaged over ``num_samples`` draws. Returns ê (float32, shape of ŷ).
+    ``residual_conditioning=False`` (§5.4 ablation): ê ~ p_φ(e | x), ŷ_0 only gives the shape.
 
     Reproducible: draw i uses a generator seeded with ``seed + i`` on x's device, so the same window
     gives the same ê whatever else was predicted before it.
@@ -73,8 +89,9 @@ def refine(refiner, schedule: NoiseSchedule, x: torch.Tensor, y_hat: torch.Tenso
     total = None
     for i in range(num_samples):
         gen = torch.Generator(device=x.device).manual_seed(int(seed) + i)
-        e_hat = sample(lambda e_t, t: refiner(refiner_input(e_t, x, y_hat), t), y_hat.shape, schedule, steps,
-                       sampler, generator=gen, device=x.device, clip=1.0, prediction_type=prediction_type)
+        e_hat = sample(lambda e_t, t: refiner(refiner_input(e_t, x, y_hat, residual_conditioning), t),
+                       y_hat.shape, schedule, steps, sampler, generator=gen, device=x.device, clip=1.0,
+                       prediction_type=prediction_type)
         total = e_hat if total is None else total + e_hat
     return total / num_samples
 

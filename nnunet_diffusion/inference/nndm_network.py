@@ -9,6 +9,14 @@ and export stay nnU-Net's.
 
 Forward in eval mode: logits → ŷ_0 → ê = DiffRefine(ŷ_0, x) → ŷ_T = ŷ_0 + ê → logits of ŷ_T (NNDM §4.3).
 With NNDIFF_REFINE=0 it returns the backbone's logits untouched.
+
+Where the refiner's training residual e = y − ŷ comes from (``residual_source``, trainer_configs/nndm.toml):
+- "backbone": ŷ is the backbone's output on the training patch (nnU-Net's augmentation), as it is at the time;
+- "dropout": in stage 2 (refiner alone, backbone frozen) ŷ is the backbone's output with channel dropout of
+  probability ``residual_dropout`` after every convolution except the segmentation outputs (where nnU-Net puts
+  its ``dropout_op``), so that ŷ errs on training cases more the way it errs on cases it has not seen. Stage 3
+  (joint) always uses the live output: there L_diff's gradient reaches the backbone through ŷ. Prediction never
+  drops anything.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
@@ -24,15 +33,51 @@ from .options import SamplingOptions
 from .sampling_network import SamplingNetwork
 
 
+RESIDUAL_SOURCES = ("backbone", "dropout")
+
+
+class _FeatureDropout:
+    """Forward hook: channel dropout (nn.Dropout2d/3d's) of probability ``p`` on a conv's output while ``active``."""
+
+    def __init__(self, p: float):
+        self.p, self.active = float(p), False
+
+    def __call__(self, module, inputs, output):
+        if not self.active:
+            return None
+        return (F.dropout3d if output.dim() == 5 else F.dropout2d)(output, self.p, training=True)
+
+
+def add_feature_dropout(backbone: nn.Module, p: float) -> _FeatureDropout:
+    """Hook channel dropout of probability ``p`` after every Conv2d/Conv3d of ``backbone`` except its segmentation
+    outputs (``seg_layers``), where nnU-Net's ``dropout_op`` sits; off until the returned switch's ``active`` is set."""
+    switch = _FeatureDropout(p)
+    for name, m in backbone.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)) and "seg_layers" not in name.split("."):
+            m.register_forward_hook(switch)
+    return switch
+
+
 class NNDMNetwork(SamplingNetwork):
     def __init__(self, backbone: nn.Module, refiner: nn.Module, schedule: NoiseSchedule,
-                 sampling: SamplingOptions, region_based: bool = False, prediction_type: str = "epsilon"):
+                 sampling: SamplingOptions, region_based: bool = False, prediction_type: str = "epsilon",
+                 residual_conditioning: bool = True, residual_source: str = "backbone",
+                 residual_dropout: float = 0.0):
         super().__init__(schedule, sampling, region_based)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+        if residual_source not in RESIDUAL_SOURCES:
+            raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}; got {residual_source!r}")
+        if residual_source == "dropout" and not 0.0 < float(residual_dropout) < 1.0:
+            raise ValueError(f"residual_source 'dropout' needs 0 < residual_dropout < 1; got {residual_dropout!r}")
         self.prediction_type = prediction_type
+        self.residual_conditioning = bool(residual_conditioning)
+        self.residual_source = residual_source
         self.backbone = backbone
         self.refiner = refiner
+        # permanent hooks switched by a flag (no state-dict entries; torch.compile sees one stable set of hooks)
+        self._feature_dropout = add_feature_dropout(backbone, residual_dropout) if residual_source == "dropout" \
+            else None
         # persistent: number of optimiser steps the refiner has had (0 = never trained, e.g. stage 1 only)
         self.register_buffer("refiner_updates", torch.zeros((), dtype=torch.long))
         self._warned_untrained = False
@@ -49,8 +94,17 @@ class NNDMNetwork(SamplingNetwork):
         term. With ``tie_frozen`` (the trainer sets it under DDP) that term ties every frozen parameter into the
         graph: DistributedDataParallel requires every parameter to take part in every forward (nnU-Net wraps
         without find_unused_parameters). Without DDP it is skipped: it would only cost time."""
+        # residual_source "dropout": the frozen backbone of stage 2 under feature dropout (see the module docstring);
+        # its output then also gives stage 2's logged L_seg
+        dropout = self._feature_dropout is not None and train_refiner and not train_backbone
         with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
-            out = self.backbone(x)
+            if dropout:
+                self._feature_dropout.active = True
+            try:
+                out = self.backbone(x)
+            finally:
+                if dropout:
+                    self._feature_dropout.active = False
         l_diff = None
         if train_refiner:
             logits = out[0] if isinstance(out, (list, tuple)) else out
@@ -58,7 +112,8 @@ class NNDMNetwork(SamplingNetwork):
             if detach_y_hat or not train_backbone:
                 y_hat = y_hat.detach()
             l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask,
-                                         prediction_type=self.prediction_type)
+                                         prediction_type=self.prediction_type,
+                                         residual_conditioning=self.residual_conditioning)
         frozen = (([] if train_backbone else [self.backbone]) + ([] if train_refiner else [self.refiner])
                   if tie_frozen else [])
         zero = x.new_zeros((), dtype=torch.float32)
@@ -107,7 +162,8 @@ class NNDMNetwork(SamplingNetwork):
         still gets its own backbone pass."""
         opts = self.sampling
         return self.cached(x, lambda: nndm.refine(self.refiner, self.schedule, x, y_hat, opts.steps, opts.sampler,
-                                                  opts.samples, opts.seed, self.prediction_type))
+                                                  opts.samples, opts.seed, self.prediction_type,
+                                                  self.residual_conditioning))
 
     # ------------------------------------------------------------------ checkpoints
     weights_name = "NNDM"

@@ -2,8 +2,12 @@
 
 Stages by epoch (trainer_configs/nndm.toml):
   1. nnU-Net alone, exactly nnUNetTrainer's training (same loss, deep supervision, SGD, poly LR).
-  2. the refiner alone learns e = y − ŷ on the frozen backbone (L_diff, NNDM §4.2).
+  2. the refiner alone learns e = y − ŷ on the frozen backbone (L_diff, NNDM §4.2); ŷ is the backbone's output on
+     the augmented training patch, or with ``residual_source = "dropout"`` that output under feature dropout
+     (see ``inference/nndm_network.py``).
   3. joint fine-tuning, L_total = L_seg + λ L_diff (NNDM §4.3).
+Optimisers (the paper gives one initial learning rate, 1e-4, and names no optimiser, §5.1): the backbone keeps
+nnU-Net's SGD at 1e-2 (stage 1) and ``joint_backbone_lr`` (stage 3); the refiner has AdamW at ``refiner_lr``.
 With ``NNDIFF_BASELINE`` set (a trained nnU-Net of the same plans, configuration and fold) stage 1 is
 skipped and the backbone starts from that checkpoint's weights.
 
@@ -22,7 +26,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import nndm
-from ..inference.nndm_network import NNDMNetwork
+from ..inference.nndm_network import RESIDUAL_SOURCES, NNDMNetwork
 from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
 from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
@@ -38,7 +42,7 @@ def _poly(lr0: float, step: int, total: int) -> float:
 
 class StagedPolyLR:
     """Per-stage learning rates: stage 1 nnU-Net's poly schedule from ``initial_lr`` over stage 1; stage 2
-    backbone frozen (lr 0); stage 3 poly from ``joint_backbone_lr``. The refiner (Adam) decays from
+    backbone frozen (lr 0); stage 3 poly from ``joint_backbone_lr``. The refiner (AdamW) decays from
     ``refiner_lr`` over stages 2 + 3. ``step(epoch)`` is called by nnU-Net's on_train_epoch_start."""
 
     def __init__(self, trainer: "nnUNetTrainerNNDM"):
@@ -96,11 +100,31 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         channels = list(hp["refiner_channels"])
         strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
         channels = channels[:len(strides) + 1]  # never more levels than the plans can downsample
-        refiner = TimeConditionedUNet(dim, 2 * num_output_channels + num_input_channels, num_output_channels,
-                                      channels, strides[:len(channels) - 1], int(hp["refiner_res_blocks"]))
+        conditioning = cls._residual_options(hp)
+        refiner = TimeConditionedUNet(dim, nndm.refiner_in_channels(num_output_channels, num_input_channels,
+                                                                    conditioning["residual_conditioning"]),
+                                      num_output_channels, channels, strides[:len(channels) - 1],
+                                      int(hp["refiner_res_blocks"]))
         schedule = cls.schedule()
         return NNDMNetwork(backbone, refiner, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                           prediction_type=hp["prediction_type"])
+                           prediction_type=hp["prediction_type"], **conditioning)
+
+    @classmethod
+    def _residual_options(cls, hp: dict) -> dict:
+        """residual_conditioning / residual_source / residual_dropout of the config, checked (one-line errors)."""
+        where = f"trainer_configs/nndm.toml ({cls.__name__})"
+        if not isinstance(hp["residual_conditioning"], bool):
+            raise NNDiffConfigError(f"{where}: residual_conditioning must be true or false; "
+                                    f"got {hp['residual_conditioning']!r}")
+        if hp["residual_source"] not in RESIDUAL_SOURCES:
+            raise NNDiffConfigError(f"{where}: residual_source must be one of {list(RESIDUAL_SOURCES)}; "
+                                    f"got {hp['residual_source']!r}")
+        p = hp["residual_dropout"]
+        if hp["residual_source"] == "dropout" and not (isinstance(p, (int, float)) and 0.0 < float(p) < 1.0):
+            raise NNDiffConfigError(f"{where}: residual_source = \"dropout\" needs 0 < residual_dropout < 1; "
+                                    f"got {p!r}")
+        return {"residual_conditioning": hp["residual_conditioning"], "residual_source": hp["residual_source"],
+                "residual_dropout": float(p)}
 
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
