@@ -1,0 +1,178 @@
+"""benchmarks/table.py's machinery on small made-up inputs: budget accounting, bootstrap interval, paired test and
+verdict, the default-choosing rule and resume. Expected values are worked out by hand in the comments."""
+import math
+
+import pytest
+import torch
+
+from benchmarks import table
+
+
+def test_total_epochs_counts_every_stage_of_a_staged_head_and_num_epochs_otherwise():
+    hp = {"stage1_epochs": 3, "stage2_epochs": 4, "stage3_epochs": 5, "ae_epochs": 7, "diffusion_epochs": 11,
+          "num_epochs": 99}
+    assert table.total_epochs(hp, "nndm") == 3 + 4 + 5       # NNDM's baseline stage counts too
+    assert table.total_epochs(hp, "recoseg") == 3 + 4
+    assert table.total_epochs(hp, "ddmd") == 7 + 11
+    assert table.total_epochs(hp, "medsegdiff") == 99
+    assert table.total_epochs(hp, "nnunet") == 99
+
+
+def test_optimizer_steps_of_the_demo_variants():
+    # nnunet.toml [variants.demo]: 6 epochs x 10 iterations; nndm.toml [variants.demo]: (6 + 30 + 4) x 10
+    assert table.optimizer_steps("nnunet", "demo") == 60
+    assert table.optimizer_steps("nndm", "demo") == 400
+
+
+def _checkpoint(path, trainer, epochs, epoch_seconds, **extra):
+    log = {"epoch_start_timestamps": [100.0 * i for i in range(epochs)],
+           "epoch_end_timestamps": [100.0 * i + epoch_seconds for i in range(epochs)]}
+    torch.save({"trainer_name": trainer, "current_epoch": epochs, "logging": log, **extra}, path)
+    return path
+
+
+def test_training_budget_adds_the_baseline_an_nndm_training_started_from(tmp_path):
+    base = _checkpoint(tmp_path / "baseline.pth", "nnUNetTrainer_demo", 6, 2.5)
+    nndm = _checkpoint(tmp_path / "nndm.pth", "nnUNetTrainerNNDM_demo", 34, 3.0,
+                       nnunet_diffusion={"nndm_baseline": str(base)})
+    assert table.training_budget(base) == table.Budget(steps=6 * 10, seconds=6 * 2.5)
+    assert table.training_budget(nndm) == table.Budget(steps=34 * 10 + 6 * 10, seconds=34 * 3.0 + 6 * 2.5)
+    base.unlink()
+    with pytest.raises(FileNotFoundError, match="baseline.pth"):
+        table.training_budget(nndm)
+
+
+def test_training_budget_refuses_a_checkpoint_of_an_unknown_trainer(tmp_path):
+    f = _checkpoint(tmp_path / "x.pth", "SomebodyElsesTrainer", 3, 1.0)
+    with pytest.raises(ValueError, match="SomebodyElsesTrainer"):
+        table.training_budget(f)
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
+    # 20 values, half 0 and half 1: mean 0.5, standard error sqrt(0.25 / 20) = 0.1118, 95 %: +-0.219
+    lo, hi = table.bootstrap_interval([0.0] * 10 + [1.0] * 10)
+    assert lo == pytest.approx(0.5 - 0.219, abs=0.04) and hi == pytest.approx(0.5 + 0.219, abs=0.04)
+    assert table.bootstrap_interval([0.7, 0.7, 0.7]) == (0.7, 0.7)
+    assert table.bootstrap_interval([0.3]) == (0.3, 0.3)
+    with pytest.raises(ValueError):
+        table.bootstrap_interval([0.5, math.nan])
+
+
+def test_paired_test_of_a_head_one_point_better_on_every_case():
+    stock = [80.0, 71.0, 90.0, 65.0, 88.0, 77.0, 93.0, 60.0, 85.0, 79.0]
+    head = [s + 1.0 for s in stock]
+    p = table.paired_test(head, stock)
+    # exact Wilcoxon signed-rank, n = 10, all differences positive: p = 2 / 2^10
+    assert p.n == 10 and p.mean_difference == pytest.approx(1.0) and p.interval == (1.0, 1.0)
+    assert p.p_value == pytest.approx(2 / 2 ** 10)
+    assert table.verdict(p) == "better"
+    assert table.verdict(table.paired_test(stock, head)) == "worse"
+    # for HD95 lower is better: a head whose HD95 is one mm lower on every case is better
+    assert table.verdict(table.paired_test(stock, head), higher_is_better=False) == "better"
+
+
+def test_a_head_equal_to_stock_or_mixed_is_no_significant_difference():
+    stock = [80.0, 70.0, 90.0, 60.0]
+    same = table.paired_test(stock, stock)
+    assert same.p_value == 1.0 and table.verdict(same) == "no significant difference"
+    mixed = table.paired_test([81.0, 69.0, 91.0, 59.0], stock)
+    assert table.verdict(mixed) == "no significant difference"
+    with pytest.raises(ValueError, match="same order"):
+        table.paired_test([1.0, 2.0], [1.0])
+
+
+def test_the_default_is_the_cheapest_setting_within_one_dice_point_of_the_best():
+    rows = [{"setting": "1 step", "cost": 1, "dice": 80.0},
+            {"setting": "5 steps", "cost": 5, "dice": 85.5},
+            {"setting": "10 steps", "cost": 10, "dice": 86.0},
+            {"setting": "100 steps", "cost": 100, "dice": 86.2},
+            {"setting": "broken", "cost": 0, "dice": math.nan}]
+    # best 86.2; within 1 point: >= 85.2 -> 5, 10 and 100 steps; the cheapest is 5 steps
+    assert table.cheapest_within(rows)["setting"] == "5 steps"
+    assert table.cheapest_within(rows, tolerance=0.3)["setting"] == "10 steps"  # >= 85.9
+    # equal cost: the more accurate one
+    tie = [{"setting": "a", "cost": 4, "dice": 85.0}, {"setting": "b", "cost": 4, "dice": 85.9}]
+    assert table.cheapest_within(tie)["setting"] == "b"
+    with pytest.raises(ValueError):
+        table.cheapest_within([{"setting": "x", "cost": 1, "dice": math.nan}])
+
+
+def test_table_state_resumes_from_what_was_recorded(tmp_path):
+    path = tmp_path / "table" / "state.json"
+    s = table.TableState(path)
+    assert not s.done("train nnUNetTrainer_table")
+    s.record("train nnUNetTrainer_table", {"steps": 60, "seconds": 12.5})
+    again = table.TableState(path)
+    assert again.done("train nnUNetTrainer_table") and again.get("train nnUNetTrainer_table")["steps"] == 60
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temporary file left behind
+
+
+@pytest.mark.e2e
+def test_a_kept_snapshot_counts_its_steps_and_nnunet_predicts_from_it(trained, tmp_path):
+    """nnUNetTrainer_tiny (2 epochs x 4 iterations, keep_snapshots) keeps checkpoint_ep0001.pth after its first
+    epoch; nnUNetv2_predict loads it by name (-chk), and the budget read from each checkpoint is 4 and 8 steps."""
+    from conftest import BIN, DATASET_ID, DEVICE, model_folder, run
+    fold = model_folder(trained, "nnUNetTrainer_tiny") / "fold_0"
+    assert sorted(p.name for p in fold.glob("checkpoint_ep*.pth")) == ["checkpoint_ep0001.pth"]
+    assert table.training_budget(fold / "checkpoint_ep0001.pth").steps == 1 * 4
+    assert table.training_budget(fold / "checkpoint_final.pth").steps == 2 * 4
+    out = tmp_path / "pred"
+    run([BIN / "nnUNetv2_predict", "-i", trained.raw / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
+         "-f", "0", "-tr", "nnUNetTrainer_tiny", "-chk", "checkpoint_ep0001.pth", "-device", DEVICE, "-npp", "1",
+         "-nps", "1", "--disable_progress_bar"], trained.env)
+    assert len(list(out.glob("*.nii.gz"))) == len(list((trained.raw / "imagesTs").glob("*_0000.nii.gz")))
+
+
+def _made_up_run():
+    stock = {"trainer": "nnUNetTrainer_table", "setting": "stock", "seconds_per_case": 2.0, "cases": ["a", "b", "c"],
+             "dice": {"WT": [0.90, 0.80, 0.70]}, "hd95": {"WT": [3.0, 4.0, 5.0]}}
+    head = {"trainer": "nnUNetTrainerX_table", "setting": "ddim 5 steps x 1 samples", "seconds_per_case": 5.0,
+            "cases": ["a", "b", "c"], "dice": {"WT": [0.91, 0.81, 0.71]}, "hd95": {"WT": [3.0, 4.0, 5.0]}}
+    return stock, head
+
+
+def test_score_against_stock_gives_means_intervals_and_the_paired_verdicts():
+    stock, head = _made_up_run()
+    s = table.score_against(stock, stock, ["WT"])
+    assert s["dice"]["WT"]["mean"] == pytest.approx(0.8) and s["against_stock"] == {}
+    h = table.score_against(head, stock, ["WT"])
+    c = h["against_stock"]["WT"]
+    # +0.01 on each of 3 cases: exact Wilcoxon p = 2 / 2^3 = 0.25, not significant; HD95 identical: p = 1
+    assert c["mean_difference"] == pytest.approx(0.01) and c["p_value"] == pytest.approx(0.25)
+    assert c["verdict"] == "no significant difference" and c["hd95_p_value"] == 1.0
+
+
+def test_markdown_table_has_a_row_per_setting_with_budget_interval_verdict_and_cost():
+    stock, head = _made_up_run()
+    rows = [{"trainer": m["trainer"], "setting": m["setting"], "seconds_per_case": m["seconds_per_case"],
+             **table.score_against(m, stock, ["WT"])} for m in (stock, head)]
+    result = {"regions": ["WT"], "rows": rows, "budget": {"nnUNetTrainer_table": {"steps": 500, "seconds": 600.0},
+                                                          "nnUNetTrainerX_table": {"steps": 500, "seconds": 1200.0}}}
+    lines = table.markdown(result).splitlines()
+    assert lines[0].startswith("| trainer | prediction setting | optimiser steps | training wall time | Dice WT (%)")
+    assert lines[2].startswith("| nnUNetTrainer_table | stock | 500 | 10 min | 80.0 [")
+    assert "(the reference)" in lines[2] and lines[2].endswith("| 2.00 | 1.00 |")
+    assert "WT: no significant difference (+1.0, p=0.250)" in lines[3] and lines[3].endswith("| 5.00 | 2.50 |")
+    assert "| 20 min |" in lines[3]
+
+
+def test_generated_sections_replace_only_what_stands_between_their_markers():
+    text = "intro\n<!-- table:start -->\nold\n<!-- table:end -->\noutro\n"
+    assert table.update_between_markers(text, "table", "new") == \
+        "intro\n<!-- table:start -->\nnew\n<!-- table:end -->\noutro\n"
+    with pytest.raises(ValueError, match="table:start"):
+        table.update_between_markers("no markers here", "table", "new")
+
+
+def test_curves_png_is_written(tmp_path):
+    result = {"regions": ["WT", "TC"], "curves": {
+        "stock": [{"steps": 100, "dice": {"WT": 0.5, "TC": 0.2}}, {"steps": 200, "dice": {"WT": 0.8, "TC": 0.6}}]}}
+    png = tmp_path / "curves.png"
+    table.plot_curves(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*"))
+
+
+def test_every_trainer_of_the_table_trains_the_same_budget():
+    # trainer_configs/*.toml [variants.table]: 100 epochs x 10 iterations, staged heads split the same 100 epochs
+    heads = ("nnunet", "nndm", "medsegdiff", "recoseg", "modiff", "ddmd")
+    assert {h: table.optimizer_steps(h, "table") for h in heads} == {h: 1000 for h in heads}
