@@ -33,6 +33,17 @@ def hand_dice(pred_file, ref_file, region):
     return 1.0 if den == 0 else 2.0 * np.logical_and(p, r).sum() / den
 
 
+def hand_miou(pred_file, ref_file, region):
+    """DDMD's mIoU: the mean of the region's IoU and the background's IoU (IoU of the complements); 1 when both
+    sets are empty."""
+    p, r = np.isin(read(pred_file), region), np.isin(read(ref_file), region)
+
+    def iou(a, b):
+        union = np.logical_or(a, b).sum()
+        return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+    return (iou(p, r) + iou(~p, ~r)) / 2
+
+
 def assert_png_not_blank(path):
     import matplotlib.image as mpimg
     img = mpimg.imread(str(path))
@@ -68,6 +79,8 @@ def test_compare_two_trained_trainers(trained, nnunet_paths, tmp_path):
                     assert ours.dice == pytest.approx(theirs, abs=1e-6)
                 assert ours.dice == pytest.approx(hand_dice(val / f"{case}.nii.gz", ref_dir / f"{case}.nii.gz",
                                                             REGIONS[region]), abs=1e-6)
+                assert ours.miou == pytest.approx(hand_miou(val / f"{case}.nii.gz", ref_dir / f"{case}.nii.gz",
+                                                            REGIONS[region]), abs=1e-6)
                 assert ours.volume_ref == pytest.approx(entry["metrics"][key]["n_ref"])  # 1 mm³ voxels
 
     # paired differences: NNDM − baseline per case, recomputed from the per-case table
@@ -78,14 +91,27 @@ def test_compare_two_trained_trainers(trained, nnunet_paths, tmp_path):
     assert row.trainer == TRAINERS[1] and row.baseline == TRAINERS[0]
     assert row.mean_diff == pytest.approx(diff.mean(), abs=1e-6) and row.n == len(diff)
 
+    # lesion-wise metrics (on by default for this BraTS region dataset): counts add up, per_lesion.csv agrees
+    assert {"lesionwise_dice", "lesionwise_hd95", "n_ref_lesions", "lesion_tp", "lesion_fn",
+            "lesion_fp"} <= set(df.columns)
+    regional = df[df.region != "mean over regions"]
+    assert (regional.lesion_tp + regional.lesion_fn == regional.n_ref_lesions).all()
+    lesions = pd.read_csv(out / "per_lesion.csv")
+    counted_refs = lesions[(lesions.kind == "reference") & lesions.counted]
+    assert len(counted_refs) == regional.n_ref_lesions.sum()
+    assert (lesions.kind == "false_positive").sum() == regional.lesion_fp.sum()
+
     table = (out / "table.md").read_text()
-    for text in ("## whole tumor", "## tumor core", "## enhancing tumor", "| Method | DSC (%) | HD95 (mm) | VS (%) |",
+    for text in ("## whole tumor", "## tumor core", "## enhancing tumor",
+                 "| Method | DSC (%) | HD95 (mm) | LW DSC (%) | LW HD95 (mm) | VS (%) | IoU (%) | mIoU (%) | n |",
                  f"| {TRAINERS[0]} |", f"| {TRAINERS[1]} − {TRAINERS[0]} | whole tumor |", "Wilcoxon"):
         assert text in table
     for tr in TRAINERS:
         assert (out / tr / "fold_0" / "summary.json").is_file() and (out / tr / "fold_0" / "table.md").is_file()
     names = sorted(p.name for p in res.figures)
-    assert names[:4] == ["box_dice.png", "box_hd95.png", "box_iou.png", "box_vs.png"] and len(names) == 5
+    assert names[:7] == ["box_dice.png", "box_hd95.png", "box_iou.png", "box_lesionwise_dice.png",
+                         "box_lesionwise_hd95.png", "box_miou.png", "box_vs.png"]
+    assert len(names) == 8
     for f in res.figures:
         assert_png_not_blank(f)
 
@@ -149,12 +175,19 @@ def test_compare_two_trainers_two_folds_cli(fake_results, trained, nnunet_paths,
     expected_p = 1.0 if nonzero.size == 0 else wilcoxon(nonzero).pvalue  # zeros dropped (Wilcoxon's method)
     assert row.wilcoxon_p == pytest.approx(expected_p, abs=1e-9)
 
+    # fold 1 = copies of the references: every lesion found exactly, no false positive → lesion-wise Dice 1, HD95 0
+    per_case = pd.read_csv(out / "per_case.csv")
+    fold1 = per_case[(per_case.fold == 1) & (per_case.region != "mean over regions")]
+    assert len(fold1) == 2 * 3 * len(cases)
+    assert (fold1.lesionwise_dice == 1.0).all() and (fold1.lesionwise_hd95 == 0.0).all()
+    assert (fold1.lesion_fn == 0).all() and (fold1.lesion_fp == 0).all()
+
     table = (out / "table.md").read_text()
     assert "(folds 0, 1)" in table and "Mean ± std over folds" in table and "| FakeB − FakeA | tumor core |" in table
 
     figs = out / "figures"
     with_unc = assert_png_not_blank(figs / f"case_{cases[0]}.png")
-    for metric in ("dice", "hd95", "vs", "iou"):
+    for metric in ("dice", "hd95", "vs", "iou", "miou", "lesionwise_dice", "lesionwise_hd95"):
         assert_png_not_blank(figs / f"box_{metric}.png")
     # the same case drawn without the uncertainty map has one row fewer (FLAIR and T1ce rows only)
     dj = json.loads((trained.raw / "dataset.json").read_text())

@@ -58,6 +58,72 @@ def test_volumetric_similarity_with_unequal_volumes():
     assert m["iou"] == pytest.approx(8 / 24)
 
 
+def test_miou_is_the_mean_iou_over_background_and_lesion():
+    # DDMD Table 1 reports Miou above Dice in every row, which a foreground IoU never is (IoU = D / (2 − D) <= D):
+    # the paper's Miou is the semantic-segmentation mIoU, the mean of the lesion's and the background's IoU.
+    # 10 voxels; reference = voxels 0–3, prediction = voxels 1–5: tp 3 (1–3), fp 2 (4, 5), fn 1 (0), tn 4 (6–9)
+    ref = np.zeros(10, bool)
+    ref[0:4] = True
+    pred = np.zeros(10, bool)
+    pred[1:6] = True
+    m = mask_metrics(pred, ref)
+    assert m["dice"] == pytest.approx(6 / 9)               # 2·3 / (2·3 + 2 + 1)
+    assert m["iou"] == pytest.approx(3 / 6)                # lesion (foreground) IoU: 3 / (3 + 2 + 1)
+    # background IoU: |pred bg ∩ ref bg| / |pred bg ∪ ref bg| = tn / (tn + fp + fn) = 4 / 7;  mIoU = (1/2 + 4/7) / 2
+    assert m["miou"] == pytest.approx(15 / 28)
+    # the same lesion in a 100-voxel image (tn 94): mIoU = (1/2 + 94/97) / 2 = 285/388 ≈ 0.735 > Dice 2/3 > IoU,
+    # the ordering of every row of DDMD Table 1 (mostly background images)
+    ref100, pred100 = np.zeros(100, bool), np.zeros(100, bool)
+    ref100[0:4], pred100[1:6] = True, True
+    m = mask_metrics(pred100, ref100)
+    assert m["miou"] == pytest.approx(285 / 388)
+    assert m["iou"] < m["dice"] < m["miou"]
+
+
+def test_miou_on_shifted_box_and_empty_masks():
+    ref = np.zeros((10, 10, 10), bool)
+    ref[2:6, 2:6, 2:6] = True
+    pred = np.zeros_like(ref)
+    pred[3:7, 2:6, 2:6] = True
+    # tp 48, fp 16, fn 16, tn 920: lesion IoU 48/80, background IoU 920/952
+    assert mask_metrics(pred, ref)["miou"] == pytest.approx((48 / 80 + 920 / 952) / 2)
+    empty = np.zeros(10, bool)
+    four = np.zeros(10, bool)
+    four[:4] = True
+    # both empty: lesion IoU 1 (BraTS convention), background IoU 10/10 → 1
+    assert mask_metrics(empty, empty)["miou"] == 1.0
+    # only the prediction empty: lesion IoU 0, background IoU = 6 / (6 + 4) → 0.3
+    assert mask_metrics(empty, four)["miou"] == pytest.approx(0.3)
+    # only the reference empty: lesion IoU 0, background 6 / 10 → 0.3
+    assert mask_metrics(four, empty)["miou"] == pytest.approx(0.3)
+    # everything lesion on both sides: lesion IoU 1, no background on either side (IoU of two empty sets: 1)
+    assert mask_metrics(~empty, ~empty)["miou"] == 1.0
+    # ignored voxels count for neither class: ignore voxels 6–9 of the only-prediction-empty case → bg 2 / 6
+    ignore = np.zeros(10, bool)
+    ignore[6:] = True
+    assert mask_metrics(empty, four, ignore=ignore)["miou"] == pytest.approx((0 + 2 / 6) / 2)
+
+
+def test_compare_table_reports_miou_next_to_iou():
+    import pandas as pd
+    from nnunet_diffusion.evaluation.compare import COMPARE_METRICS, _summaries, compare_table, paired_differences
+    from nnunet_diffusion.evaluation.evaluate import conventions
+    assert ("miou", "mIoU (%)") in COMPARE_METRICS and ("iou", "IoU (%)") in COMPARE_METRICS
+    base = dict(dice=0.5, iou=1 / 3, hd95=1.0, vs=1.0, pa=0.9, sensitivity=0.5, specificity=1.0, volume_pred=1.0,
+                volume_ref=1.0)
+    rows = [dict(base, trainer=t, fold="0", case=c, region="r", miou=v)
+            for t, c, v in (("A", "x", 0.6), ("A", "y", 0.8), ("B", "x", 0.7), ("B", "y", 0.9))]
+    df = pd.DataFrame(rows)
+    stats = _summaries(df, ["A", "B"], ["r"])
+    paired = paired_differences(df, ["A", "B"], "A", ["r"])
+    table = compare_table(stats, paired, ["A", "B"], "A", ["r"], ["0"], "D", conventions("brats", 373.0))
+    assert "| Method | DSC (%) | HD95 (mm) | VS (%) | IoU (%) | mIoU (%) | n |" in table
+    assert "| A | 50.00 ± 0.00 | 1.00 ± 0.00 | 100.00 ± 0.00 | 33.33 ± 0.00 | 70.00 ± 14.14 | 2 |" in table
+    # B − A: mIoU +10 points on both cases (std 0; Wilcoxon p of two equal non-zero differences: 0.5)
+    assert "| +10.00 ± 0.00 | 0.5 |" in table
+    assert "mIoU" in table.split("Notes:")[1]  # the notes define it
+
+
 # ---------------------------------------------------------------------------------------------------- HD95
 
 
@@ -198,19 +264,39 @@ def test_evaluate_folder_outputs_and_known_values(brats_folders, tmp_path):
     out = tmp_path / "out"
     res = evaluate_folder(pred_dir, ref_dir, out, dataset_json=dj, num_processes=1, progress=False)
     df = pd.read_csv(out / "per_case.csv")
-    assert list(df.columns) == ["case", "region", "dice", "iou", "hd95", "vs", "pa", "sensitivity", "specificity",
-                                "volume_pred", "volume_ref"]
+    # a BraTS region dataset: lesion-wise metrics are on by default (convention brats2023, cohort GLI)
+    assert list(df.columns) == ["case", "region", "dice", "iou", "miou", "hd95", "vs", "pa", "sensitivity",
+                                "specificity", "volume_pred", "volume_ref", "lesionwise_dice", "lesionwise_hd95",
+                                "n_ref_lesions", "lesion_tp", "lesion_fn", "lesion_fp"]
     assert len(df) == 6  # 2 cases × 3 regions
     row = df[(df.case == "case_a") & (df.region == "whole tumor")].iloc[0]
     assert (row.dice, row.hd95) == (1.0, 0.0)
     assert row.volume_ref == pytest.approx(64 * 2.0)  # 64 voxels × 1·1·2 mm³
     et_a = df[(df.case == "case_a") & (df.region == "enhancing tumor")].iloc[0]
     assert (et_a.dice, et_a.hd95, et_a.volume_pred, et_a.volume_ref) == (0.0, 373.0, 0.0, 16.0)
+    # mIoU: lesion IoU 0, background IoU (512 − 8) / 512 (the 8 enhancing voxels missed) → 252 / 512
+    assert et_a.miou == pytest.approx(252 / 512, abs=1e-6) and row.miou == 1.0  # per_case.csv: 6 digits
     et_b = df[(df.case == "case_b") & (df.region == "enhancing tumor")].iloc[0]
     assert (et_b.dice, et_b.hd95) == (1.0, 0.0)
     # tumour core (2, 3) = the enhancing core here, so identical to enhancing
     tc = df[df.region == "tumor core"].set_index("case")
     assert tc.loc["case_a", "dice"] == 0.0 and tc.loc["case_b", "dice"] == 1.0
+    # lesion-wise (BraTS 2023 rule, GLI): voxels are 1·1·2 = 2 mm³. Whole tumour: one 64-voxel lesion (128 mm³,
+    # kept), predicted exactly in both cases → Dice 1, HD95 0, TP 1. Tumour core and enhancing of case_a: the 2×2×2
+    # core is 16 mm³ <= 50 mm³ → dropped; nothing predicted, so no false positive → Dice 1, HD95 0 and no lesion
+    # counted (while the whole-region Dice is 0 and HD95 373). case_b: both empty → Dice 1, HD95 0.
+    assert (df.lesionwise_dice == 1.0).all() and (df.lesionwise_hd95 == 0.0).all()
+    wt = df[df.region == "whole tumor"]
+    assert (wt.n_ref_lesions == 1).all() and (wt.lesion_tp == 1).all() and (wt.lesion_fn == 0).all()
+    assert (df[df.region != "whole tumor"].n_ref_lesions == 0).all()
+    lesions = pd.read_csv(out / "per_lesion.csv")
+    assert list(lesions.columns) == ["case", "region", "lesion", "kind", "volume_mm3", "matched", "dice", "hd95",
+                                     "counted", "n_pred_components"]
+    assert lesions[["case", "region", "volume_mm3", "matched", "dice", "hd95", "counted"]].values.tolist() == [
+        ["case_a", "whole tumor", 128.0, True, 1.0, 0.0, True],
+        ["case_a", "tumor core", 16.0, False, 0.0, 374.0, False],
+        ["case_a", "enhancing tumor", 16.0, False, 0.0, 374.0, False],
+        ["case_b", "whole tumor", 128.0, True, 1.0, 0.0, True]]
 
     summary = json.loads((out / "summary.json").read_text())
     et = summary["metrics"]["enhancing tumor"]
@@ -222,11 +308,61 @@ def test_evaluate_folder_outputs_and_known_values(brats_folders, tmp_path):
     # mean over regions per case: case_a (1 + 0 + 0) / 3, case_b 1 → mean (1/3 + 1) / 2
     assert summary["metrics"]["mean over regions"]["dice"]["mean"] == pytest.approx((1 / 3 + 1) / 2)
     assert summary["n_cases"] == 2 and summary["empty_hd95_mm"] == 373.0
+    assert et["lesionwise_dice"]["mean"] == 1.0 and et["lesionwise_hd95"]["mean"] == 0.0
+    lw = summary["lesionwise"]
+    assert (lw["convention"], lw["cohort"], lw["dilation_voxels"], lw["min_volume_mm3"]) == ("brats2023", "GLI", 3,
+                                                                                           50.0)
+    assert lw["lesion_counts"]["whole tumor"] == {"n_ref_lesions": 2, "lesion_tp": 2, "lesion_fn": 0,
+                                                  "lesion_fp": 0}
 
     table = (out / "table.md").read_text()
-    assert "| Region | DSC (%) | HD95 (mm) | VS (%) | IoU (%) |" in table
-    assert "| enhancing tumor | 50.00 ± 70.71 | 186.50 ± 263.75 |" in table  # √0.5·100, √(2·186.5²)
-    assert res.per_case.shape == (6, 11)
+    assert ("| Region | DSC (%) | HD95 (mm) | LW DSC (%) | LW HD95 (mm) | VS (%) | IoU (%) | mIoU (%) | PA (%) |"
+            in table)
+    # √0.5·100, √(2·186.5²); lesion-wise 1 and 0 in both cases
+    assert "| enhancing tumor | 50.00 ± 70.71 | 186.50 ± 263.75 | 100.00 ± 0.00 | 0.00 ± 0.00 |" in table
+    assert "LW DSC / LW HD95: lesion-wise means, convention brats2023, cohort GLI" in table
+    assert res.per_case.shape == (6, 18) and res.per_lesion.shape == (4, 10)
+
+
+def test_evaluate_folder_lesionwise_switch_and_conventions(brats_folders, tmp_path):
+    import pandas as pd
+    from nnunet_diffusion.evaluation.evaluate import brats_cohort, is_brats_region_dataset
+    pred_dir, ref_dir, dj = brats_folders
+    # --no-lesionwise: the whole-region evaluation only, no per_lesion.csv
+    out = tmp_path / "legacy"
+    res = evaluate_folder(pred_dir, ref_dir, out, dataset_json=dj, num_processes=1, progress=False,
+                          lesionwise=False)
+    assert res.per_case.shape == (6, 12) and res.per_lesion is None and "lesionwise" not in res.summary
+    assert {p.name for p in out.iterdir()} == {"per_case.csv", "summary.json", "table.md"}
+    assert "LW DSC" not in (out / "table.md").read_text()
+    # panoptica convention (brats-evaluation): case_a's enhancing core is an unmatched reference instance (no size
+    # threshold) → Dice 0, HD95 373; case_b's enhancing is empty on both sides → NaN, left out of the mean
+    res = evaluate_folder(pred_dir, ref_dir, tmp_path / "pan", dataset_json=dj, num_processes=1, progress=False,
+                          lesionwise_convention="panoptica")
+    et = res.per_case[res.per_case.region == "enhancing tumor"].set_index("case")
+    assert (et.loc["case_a", "lesionwise_dice"], et.loc["case_a", "lesionwise_hd95"]) == (0.0, 373.0)
+    assert math.isnan(et.loc["case_b", "lesionwise_dice"])
+    assert res.summary["metrics"]["enhancing tumor"]["lesionwise_dice"]["n"] == 1
+    assert res.summary["lesionwise"]["convention"] == "panoptica" and "cohort" not in res.summary["lesionwise"]
+    assert pd.read_csv(tmp_path / "pan" / "per_lesion.csv").shape == (4, 10)
+    # default on for BraTS region datasets only; cohort from the converter's brats_edition
+    assert is_brats_region_dataset(BRATS_REGIONS_DATASET_JSON)
+    plain = {"labels": {"background": 0, "liver": 1, "tumour": 2}, "file_ending": ".nii.gz"}
+    kits = {"labels": {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": [2]},
+            "regions_class_order": [1, 2, 3], "name": "KiTS23"}
+    assert not is_brats_region_dataset(plain) and not is_brats_region_dataset(kits)
+    assert is_brats_region_dataset(dict(kits, brats_edition="2023-met"))
+    assert brats_cohort(dict(BRATS_REGIONS_DATASET_JSON, brats_edition="2023-met")) == "MET"
+    assert brats_cohort(dict(BRATS_REGIONS_DATASET_JSON, brats_edition="2021")) == "GLI"
+    res = evaluate_folder(pred_dir, ref_dir, None, dataset_json=dict(BRATS_REGIONS_DATASET_JSON,
+                                                                       brats_edition="2023-met"),
+                          num_processes=1, progress=False)
+    # MET drops only lesions <= 2 mm³: case_a's 16 mm³ enhancing core now counts, missed → Dice 0, HD95 374
+    et = res.per_case[res.per_case.region == "enhancing tumor"].set_index("case")
+    assert (et.loc["case_a", "lesionwise_dice"], et.loc["case_a", "lesionwise_hd95"]) == (0.0, 374.0)
+    assert res.summary["lesionwise"]["cohort"] == "MET"
+    with pytest.raises(EvaluationError, match="convention must be one of brats2023, panoptica; got 'x'"):
+        evaluate_folder(pred_dir, ref_dir, None, dataset_json=dj, progress=False, lesionwise_convention="x")
 
 
 def test_evaluate_folder_in_parallel_gives_the_same_rows(brats_folders, tmp_path):
@@ -276,7 +412,15 @@ def test_unknown_dataset_and_cli_errors(brats_folders, tmp_path, monkeypatch, ca
     assert main(["evaluate", str(pred_dir), str(ref_dir), "--dataset-json", str(dj), "-o", str(tmp_path / "o"),
                  "-np", "1", "--no-progress"]) == 0
     assert "| enhancing tumor | 50.00 ± 70.71 |" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "o").iterdir()} == {"per_case.csv", "summary.json", "table.md"}
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"per_case.csv", "per_lesion.csv", "summary.json",
+                                                            "table.md"}
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--dataset-json", str(dj), "-o", str(tmp_path / "p"),
+                 "-np", "1", "--no-progress", "--lesionwise-convention", "panoptica", "--lesionwise-cohort",
+                 "met"]) == 0
+    assert "convention panoptica" in capsys.readouterr().out
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--dataset-json", str(dj), "-o", str(tmp_path / "q"),
+                 "-np", "1", "--no-progress", "--no-lesionwise"]) == 0
+    assert {p.name for p in (tmp_path / "q").iterdir()} == {"per_case.csv", "summary.json", "table.md"}
 
 
 # ---------------------------------------------------------------------------------------------------- brats-evaluation

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .lesionwise import BRATS2023_COHORTS, DEFAULT_LESIONWISE_CONVENTION, LESIONWISE_CONVENTIONS
 from .metrics import BRATS_EMPTY_HD95, HD95_MODES
 
 
@@ -17,6 +18,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--empty-hd95", type=float, default=BRATS_EMPTY_HD95,
                    help=f"HD95 in mm when exactly one of prediction and reference is empty (default "
                         f"{BRATS_EMPTY_HD95:g}, brats-evaluation's penalty)")
+    p.add_argument("--lesionwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="add lesion-wise Dice and HD95, lesion counts and per_lesion.csv (default: on for BraTS "
+                        "region datasets, off otherwise)")
+    p.add_argument("--lesionwise-convention", choices=LESIONWISE_CONVENTIONS, default=DEFAULT_LESIONWISE_CONVENTION,
+                   help="brats2023 (default): the BraTS 2023 challenge rule (lesions merged by dilation, small "
+                        "lesions dropped, misses and false positives averaged in as Dice 0 / HD95 374 mm); "
+                        "panoptica: the official brats-evaluation package (one-to-one matching, means over the "
+                        "matched lesions)")
+    p.add_argument("--lesionwise-cohort", type=str.upper, choices=tuple(BRATS2023_COHORTS), default=None,
+                   help="BraTS 2023 cohort whose dilation and minimum lesion volume apply (GLI, SSA, PED: 3 voxels, "
+                        "50 mm³; MEN: 1, 50; MET: 1, 2; default: from dataset.json's brats_edition, else GLI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -24,9 +36,12 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_folder
     res = evaluate_folder(args.pred_dir, args.ref_dir, args.output, dataset=args.d, dataset_json=args.dataset_json,
                           num_processes=args.num_processes, hd95_mode=args.hd95_mode, empty_hd95=args.empty_hd95,
-                          only_predicted=args.only_predicted, progress=not args.no_progress)
+                          only_predicted=args.only_predicted, progress=not args.no_progress,
+                          lesionwise=args.lesionwise, lesionwise_convention=args.lesionwise_convention,
+                          lesionwise_cohort=args.lesionwise_cohort)
     print(res.table, end="")
-    print(f"\nwritten: {Path(args.output) / 'per_case.csv'}, summary.json, table.md")
+    lesions = ", per_lesion.csv" if res.per_lesion is not None else ""
+    print(f"\nwritten: {Path(args.output) / 'per_case.csv'}{lesions}, summary.json, table.md")
     return 0
 
 
@@ -36,9 +51,12 @@ def cmd_compare(args) -> int:
                            baseline=args.baseline, results_dir=args.results, reference_dir=args.ref,
                            images_dir=args.images, dataset_json=args.dataset_json, cases=args.cases,
                            n_cases=args.n_cases, num_processes=args.num_processes, hd95_mode=args.hd95_mode,
-                           empty_hd95=args.empty_hd95, plots=not args.no_plots, progress=not args.no_progress)
+                           empty_hd95=args.empty_hd95, plots=not args.no_plots, progress=not args.no_progress,
+                           lesionwise=args.lesionwise, lesionwise_convention=args.lesionwise_convention,
+                           lesionwise_cohort=args.lesionwise_cohort)
     print(res.table, end="")
-    print(f"\nwritten to {res.output_dir}: per_case.csv, paired.csv, summary.json, table.md, "
+    lesions = "per_lesion.csv, " if "lesionwise" in res.summary else ""
+    print(f"\nwritten to {res.output_dir}: per_case.csv, {lesions}paired.csv, summary.json, table.md, "
           f"{len(res.figures)} figure(s)")
     return 0
 
@@ -46,10 +64,11 @@ def cmd_compare(args) -> int:
 def register(sub) -> None:
     """Add the ``evaluate`` and ``compare`` subcommands to the nndiff parser's subparsers object."""
     p = sub.add_parser(
-        "evaluate", help="Dice, IoU, HD95 (mm), VS, PA, sensitivity, specificity and volumes per case and region",
+        "evaluate", help="Dice, IoU, mIoU, HD95 (mm), VS, PA, sensitivity, specificity and volumes per case and region",
         description="Evaluate the label maps in PRED_DIR against the same-named references in REF_DIR, per case and "
                     "per region (BraTS: whole tumour, tumour core, enhancing) or label, as read from the "
-                    "dataset's dataset.json. Writes per_case.csv, summary.json and table.md into OUT_DIR.",
+                    "dataset's dataset.json. Writes per_case.csv, summary.json and table.md into OUT_DIR, and with "
+                    "lesion-wise metrics (default for BraTS region datasets) per_lesion.csv.",
         epilog="example: nndiff evaluate pred $nnUNet_raw/Dataset501_BraTS/labelsTs -d 501 -o eval_pred")
     p.add_argument("pred_dir", help="folder of predicted label maps (<case><file_ending>)")
     p.add_argument("ref_dir", help="folder of reference label maps with the same names")
@@ -65,7 +84,7 @@ def register(sub) -> None:
         "compare", help="evaluate trainers' validation predictions across folds: tables, paired tests, pictures",
         description="For every trainer (-tr) and fold (-f), evaluate $nnUNet_results/<Dataset>/<trainer>__<plans>__"
                     "<configuration>/fold_<f>/validation against $nnUNet_preprocessed/<Dataset>/gt_segmentations, "
-                    "then write one table per region (Method | DSC | HD95 | VS | IoU, mean ± std over cases and "
+                    "then write one table per region (Method | DSC | HD95 | VS | IoU | mIoU, mean ± std over cases and "
                     "over folds), paired per-case differences against the baseline with Wilcoxon p-values, box "
                     "plots and slice pictures of chosen cases.",
         epilog="example: nndiff compare -d 501 -tr nnUNetTrainer nnUNetTrainerNNDM -f 0 1 2 3 4 -o cmp")

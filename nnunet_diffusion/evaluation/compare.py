@@ -8,10 +8,12 @@ uses) and writes into the output folder:
 
 * ``<trainer>/fold_<f>/`` — that folder's per_case.csv, summary.json and table.md (as ``nndiff evaluate``);
 * ``per_case.csv`` — all rows, with trainer and fold columns (and the per-case mean over regions);
-* ``table.md`` — per region "Method | DSC | HD95 | VS | IoU": mean ± std over cases (all folds pooled) and, in a
+* ``table.md`` — per region "Method | DSC | HD95 | VS | IoU | mIoU": mean ± std over cases (all folds pooled) and, in a
   second table, mean ± std over folds (of the per-fold means); then the paired per-case differences of every
   trainer against the baseline (same fold, same case) with the Wilcoxon signed-rank p-value;
 * ``paired.csv``, ``summary.json`` — the same numbers;
+* with lesion-wise evaluation (on by default for BraTS region datasets): the lesion-wise columns (LW DSC, LW HD95)
+  in every table, paired test and box plot, and ``per_lesion.csv`` (all folders, with trainer and fold columns);
 * ``figures/box_<metric>.png`` — box plots per metric, one panel per region, one box per trainer;
 * ``figures/case_<case>.png`` — for chosen cases, axial/coronal/sagittal slices through the tumour showing FLAIR
   and T1ce (as named in dataset.json; else the first channel) with the reference, baseline and other trainers'
@@ -29,13 +31,25 @@ from typing import Sequence
 
 import numpy as np
 
-from .evaluate import (ALL_REGIONS, UNCERTAINTY_DIR, EvaluationError, build_result, conventions, describe,
-                       fmt, load_dataset_json, match_cases, per_case_region_mean, regions_from_dataset_json,
-                       rows_to_frame, run_cases, table_notes, to_json, unknown_dataset_message,
-                       write_text_atomic)
-from .metrics import BRATS_EMPTY_HD95, HD95_MODES, METRIC_NAMES, region_mask
+from .evaluate import (ALL_REGIONS, LESIONWISE_TABLE_COLUMNS, PERCENT_METRICS, UNCERTAINTY_DIR, EvaluationError,
+                       build_result, conventions, dataset_labels, describe, fmt, lesions_to_frame, lesionwise_note,
+                       lesionwise_settings, lesionwise_summary, load_dataset_json, match_cases, metric_columns,
+                       per_case_region_mean, regions_from_dataset_json, rows_to_frame, run_cases, table_notes,
+                       to_json, unknown_dataset_message, write_text_atomic)
+from .lesionwise import DEFAULT_LESIONWISE_CONVENTION
+from .metrics import BRATS_EMPTY_HD95, HD95_MODES, region_mask
 
-COMPARE_METRICS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"))
+COMPARE_METRICS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"),
+                   ("miou", "mIoU (%)"))
+LESIONWISE_COMPARE_METRICS = COMPARE_METRICS[:2] + LESIONWISE_TABLE_COLUMNS + COMPARE_METRICS[2:]
+"""COMPARE_METRICS with the lesion-wise Dice and HD95 after DSC and HD95 (lesion-wise evaluation)."""
+
+
+def compare_metrics(df) -> tuple[tuple[str, str], ...]:
+    """The (metric, label) columns of the tables, paired tests and box plots for a per-case frame."""
+    return LESIONWISE_COMPARE_METRICS if "lesionwise_dice" in df.columns else COMPARE_METRICS
+
+
 _SOURCE_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _REFERENCE_COLOUR = "#2ca02c"
 _LINESTYLES = ("solid", "dashed", "dotted", "dashdot")
@@ -101,14 +115,17 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
                      images_dir: str | os.PathLike | None = None, dataset_json: str | os.PathLike | None = None,
                      cases: Sequence[str] | None = None, n_cases: int = 2, num_processes: int | None = None,
                      hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, plots: bool = True,
-                     progress: bool = True) -> CompareResult:
+                     progress: bool = True, lesionwise: bool | None = None,
+                     lesionwise_convention: str = DEFAULT_LESIONWISE_CONVENTION,
+                     lesionwise_cohort: str | None = None) -> CompareResult:
     """Evaluate the validation predictions of ``trainers`` on ``folds`` and compare them (see module docstring).
 
     ``baseline`` (default: the first trainer) is what paired differences are taken against. ``cases`` picks the
     cases drawn as slice figures; by default the ``n_cases`` cases whose first-region Dice changed most between
     the baseline and the second trainer (the worst cases when there is one trainer). The folders default to
     nnU-Net's: ``$nnUNet_results``, ``$nnUNet_preprocessed/<Dataset>/gt_segmentations`` and
-    ``$nnUNet_raw/<Dataset>/imagesTr``.
+    ``$nnUNet_raw/<Dataset>/imagesTr``. ``lesionwise``, ``lesionwise_convention``, ``lesionwise_cohort``: as
+    for :func:`.evaluate.evaluate_folder`.
     """
     import pandas as pd
     trainers = list(dict.fromkeys(trainers))
@@ -132,6 +149,8 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
     else:
         dj, dj_source = load_dataset_json(dataset_json=dataset_json)
     regions, ignore_label = regions_from_dataset_json(dj)
+    lw = lesionwise_settings(dj, lesionwise, lesionwise_convention, lesionwise_cohort)
+    options = {"lesionwise": lw, "labels": dataset_labels(dj)}
     file_ending = dj.get("file_ending", ".nii.gz")
 
     # every (trainer, fold) folder's cases, evaluated in one pool
@@ -145,35 +164,41 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
             matched = match_cases(vf, reference_dir, file_ending, only_predicted=True)
             folders[(tr, f)] = (vf, matched)
             tasks += [({"trainer": tr, "fold": f}, c, str(p), str(r), regions, ignore_label, hd95_mode,
-                       float(empty_hd95)) for c, p, r in matched]
+                       float(empty_hd95), options) for c, p, r in matched]
     if cases is not None:
         known = {c for _, matched in folders.values() for c, _, _ in matched}
         unknown = [c for c in cases if c not in known]
         if unknown:
             raise EvaluationError(f"case(s) {', '.join(unknown)} to draw have no prediction in the compared "
                                   f"folders")
-    rows = run_cases(tasks, num_processes, progress, desc=f"evaluate {len(folders)} folder(s)")
+    lesion_rows: list[dict] = []
+    rows = run_cases(tasks, num_processes, progress, desc=f"evaluate {len(folders)} folder(s)",
+                     lesion_rows=lesion_rows)
 
     out = Path(output_dir)
     region_names = [n for n, _ in regions]
     for (tr, f), (vf, _) in folders.items():
         sub = [{k: v for k, v in r.items() if k not in ("trainer", "fold")} for r in rows
                if r["trainer"] == tr and r["fold"] == f]
+        sub_lesions = [{k: v for k, v in r.items() if k not in ("trainer", "fold")} for r in lesion_rows
+                       if r["trainer"] == tr and r["fold"] == f]
         build_result(sub, regions, ignore_label, hd95_mode, empty_hd95,
                      {"prediction_folder": str(vf), "reference_folder": str(reference_dir),
-                      "dataset_json": dj_source}, f"{tr}, fold {f}", out / tr / f"fold_{f}")
+                      "dataset_json": dj_source}, f"{tr}, fold {f}", out / tr / f"fold_{f}",
+                     lesion_rows=sub_lesions if lw is not None else None, lesionwise=lw)
 
     df = rows_to_frame(rows, regions, extra_columns=("trainer", "fold"))
     df["trainer"] = pd.Categorical(df["trainer"], categories=trainers, ordered=True)
     df = df.sort_values(["trainer", "fold", "case"], kind="stable").reset_index(drop=True)
     df["trainer"] = df["trainer"].astype(str)
     if len(region_names) > 1:
-        allr = per_case_region_mean(df)[["trainer", "fold", "case", "region", *METRIC_NAMES]]
+        allr = per_case_region_mean(df)[["trainer", "fold", "case", "region", *metric_columns(df)]]
         df = pd.concat([df, allr], ignore_index=True)
     shown_regions = region_names + ([ALL_REGIONS] if len(region_names) > 1 else [])
 
+    metrics = compare_metrics(df)
     stats = _summaries(df, trainers, shown_regions)
-    paired = paired_differences(df, trainers, baseline, shown_regions)
+    paired = paired_differences(df, trainers, baseline, shown_regions, metrics=tuple(m for m, _ in metrics))
     conv = conventions(hd95_mode, empty_hd95)
     summary = {"dataset": name, "configuration": configuration, "plans": plans, "folds": folds,
                "trainers": trainers, "baseline": baseline, "reference_folder": str(reference_dir),
@@ -182,17 +207,28 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
                "n_cases": {tr: int(df[df["trainer"] == tr][["fold", "case"]].drop_duplicates().shape[0])
                            for tr in trainers},
                "metrics": stats, "paired": paired.to_dict(orient="records")}
-    table = compare_table(stats, paired, trainers, baseline, shown_regions, folds, name, conv)
+    notes = []
+    if lw is not None:
+        flat = df[df["region"] != ALL_REGIONS]
+        summary["lesionwise"] = lesionwise_summary(lw, flat, region_names)
+        summary["lesionwise"]["lesion_counts"] = {
+            tr: lesionwise_summary(lw, flat[flat["trainer"] == tr], region_names)["lesion_counts"]
+            for tr in trainers}
+        notes.append(lesionwise_note(summary["lesionwise"], with_counts=False))
+    table = compare_table(stats, paired, trainers, baseline, shown_regions, folds, name, conv, metrics, notes)
 
     write_text_atomic(out / "per_case.csv", df.to_csv(index=False, float_format="%.6g"))
     write_text_atomic(out / "paired.csv", paired.to_csv(index=False, float_format="%.6g"))
+    if lw is not None:
+        per_lesion = lesions_to_frame(lesion_rows, regions, extra_columns=("trainer", "fold"))
+        write_text_atomic(out / "per_lesion.csv", per_lesion.to_csv(index=False, float_format="%.6g"))
     write_text_atomic(out / "summary.json", to_json(summary) + "\n")
     write_text_atomic(out / "table.md", table)
     result = CompareResult(per_case=df, paired=paired, summary=summary, table=table, output_dir=out)
 
     if plots:
         figs = out / "figures"
-        for metric, label in COMPARE_METRICS:
+        for metric, label in metrics:
             result.figures.append(box_plot(df, trainers, region_names, metric, label, figs / f"box_{metric}.png"))
         chosen = list(cases) if cases is not None else choose_cases(df, trainers, baseline, region_names[0],
                                                                      n_cases)
@@ -225,13 +261,13 @@ def _summaries(df, trainers, regions) -> dict:
         for reg in regions:
             sub = df[(df["trainer"] == tr) & (df["region"] == reg)]
             out[tr][reg] = {}
-            for m in METRIC_NAMES:
+            for m in metric_columns(df):
                 fold_means = [describe(g[m])["mean"] for _, g in sub.groupby("fold", sort=True)]
                 out[tr][reg][m] = {"cases": describe(sub[m]), "folds": describe(fold_means)}
     return out
 
 
-def paired_differences(df, trainers, baseline, regions, metrics=("dice", "hd95", "vs", "iou")):
+def paired_differences(df, trainers, baseline, regions, metrics=tuple(m for m, _ in COMPARE_METRICS)):
     """Per trainer ≠ baseline, region and metric: the per-case differences trainer − baseline on the cases both
     evaluated (same fold and case; NaN pairs dropped), their mean/std/median, n, and the two-sided Wilcoxon
     signed-rank p-value (scipy.stats.wilcoxon; zero differences dropped as in Wilcoxon's original method; p = 1 when
@@ -273,48 +309,49 @@ def _fmt_p(p) -> str:
 def _fmt_diff(mean, sd, metric) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    k = 100.0 if metric in ("dice", "iou", "vs", "pa", "sensitivity", "specificity") else 1.0
+    k = 100.0 if metric in PERCENT_METRICS else 1.0
     s = f"{mean * k:+.2f}"
     if sd is not None and not (isinstance(sd, float) and math.isnan(sd)):
         s += f" ± {sd * k:.2f}"
     return s
 
 
-def compare_table(stats, paired, trainers, baseline, regions, folds, dataset_name, conv) -> str:
-    head = "| Method | " + " | ".join(lbl for _, lbl in COMPARE_METRICS) + " | n |"
-    sep = "|" + "---|" * (len(COMPARE_METRICS) + 2)
+def compare_table(stats, paired, trainers, baseline, regions, folds, dataset_name, conv,
+                  metrics=COMPARE_METRICS, notes: Sequence[str] = ()) -> str:
+    head = "| Method | " + " | ".join(lbl for _, lbl in metrics) + " | n |"
+    sep = "|" + "---|" * (len(metrics) + 2)
     lines = [f"# {dataset_name}: {', '.join(trainers)} (folds {', '.join(folds)})", ""]
     for reg in regions:
         lines += [f"## {reg}", "", "Mean ± std over cases (all folds pooled):", "", head, sep]
         for tr in trainers:
             s = stats[tr][reg]
             n = s["dice"]["cases"]["n"]
-            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["cases"], m) for m, _ in COMPARE_METRICS) + f" | {n} |")
+            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["cases"], m) for m, _ in metrics) + f" | {n} |")
         lines += ["", "Mean ± std over folds (of the per-fold means):", "", head.replace(" n |", " folds |"), sep]
         for tr in trainers:
             s = stats[tr][reg]
-            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["folds"], m) for m, _ in COMPARE_METRICS)
+            lines.append(f"| {tr} | " + " | ".join(fmt(s[m]["folds"], m) for m, _ in metrics)
                          + f" | {s['dice']['folds']['n']} |")
         lines.append("")
     if len(trainers) > 1:
         lines += [f"## Paired per-case differences against {baseline}", "",
                   "Method − baseline on the same fold and case: mean ± std of the differences, and the two-sided "
                   "Wilcoxon signed-rank p-value.", "",
-                  "| Method − baseline | Region | " + " | ".join(f"Δ{lbl} | p" for _, lbl in COMPARE_METRICS)
-                  + " | n |", "|" + "---|" * (2 * len(COMPARE_METRICS) + 3)]
+                  "| Method − baseline | Region | " + " | ".join(f"Δ{lbl} | p" for _, lbl in metrics)
+                  + " | n |", "|" + "---|" * (2 * len(metrics) + 3)]
         for tr in trainers:
             if tr == baseline:
                 continue
             for reg in regions:
                 cells, n = [], 0
-                for m, _ in COMPARE_METRICS:
+                for m, _ in metrics:
                     row = paired[(paired["trainer"] == tr) & (paired["region"] == reg) & (paired["metric"] == m)]
                     r = row.iloc[0]
                     cells += [_fmt_diff(r["mean_diff"], r["std_diff"], m), _fmt_p(r["wilcoxon_p"])]
                     n = max(n, int(r["n"]))
                 lines.append(f"| {tr} − {baseline} | {reg} | " + " | ".join(cells) + f" | {n} |")
         lines.append("")
-    lines += ["Notes:", *[f"- {n}" for n in table_notes(conv)],
+    lines += ["Notes:", *[f"- {n}" for n in table_notes(conv)], *[f"- {n}" for n in notes],
               f"- '{ALL_REGIONS}': per case the mean over the regions, then summarised."]
     return "\n".join(lines).rstrip() + "\n"
 

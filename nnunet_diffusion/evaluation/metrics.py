@@ -8,8 +8,10 @@ metric          definition                                               reporte
 ==============  =======================================================  =====================================
 dice            2 tp / (2 tp + fp + fn)                                  NNDM Table 1 (DSC), DDMD Table 1,
                                                                          MedSegDiff, ReCoSeg
-iou             tp / (tp + fp + fn)  (Jaccard)                           DDMD Table 1 ("Miou": intersection over
-                                                                         union, averaged over cases), ReCoSeg
+iou             tp / (tp + fp + fn): the lesion's (foreground) IoU,     ReCoSeg
+                Jaccard index
+miou            (tp / (tp + fp + fn) + tn / (tn + fp + fn)) / 2: mean    DDMD Table 1 ("Miou", §4.2)
+                IoU over the two classes, lesion and background
 hd95            95th percentile of the symmetric surface distances, mm   NNDM Table 1 (HD95)
 vs              1 - |V_p - V_r| / (V_p + V_r)                            NNDM Table 1 (VS); Taha & Hanbury 2015
 pa              (tp + tn) / (tp + fp + fn + tn)                          DDMD Table 1 (PA: correctly classified
@@ -19,15 +21,24 @@ specificity     tn / (tn + fp)
 volume_pred/ref V_p, V_r times the voxel volume, mm³
 ==============  =======================================================  =====================================
 
+DDMD's "Miou" is the semantic-segmentation mIoU, not the lesion's IoU: its Table 1 has Miou above Dice in every row,
+which the lesion's IoU can never be (IoU = Dice / (2 − Dice) <= Dice for every mask pair), while the mean of the
+lesion's and the background's IoU is, on images that are mostly background. The background's IoU is the IoU of
+the two complements, |¬P ∩ ¬R| / |¬P ∪ ¬R| = tn / (tn + fp + fn); it counts every evaluated voxel of the image (the
+paper: the 256 × 256 slice), so mIoU rises with the share of background in the field of view: compare it only
+between predictions of the same images.
+
 Empty masks (the BraTS challenge conventions; see :data:`EMPTY_MASK_CONVENTIONS`):
 
 * both empty (a correct "no tumour"): dice = iou = vs = 1, hd95 = 0, sensitivity undefined (NaN, there is
-  nothing to find), pa / specificity as computed;
+  nothing to find), pa / specificity / miou as computed (miou = 1: both classes' IoU are 1);
 * only the prediction empty, or only the reference empty: dice = iou = vs = 0 and hd95 =
   :data:`BRATS_EMPTY_HD95` = 373 mm, the value the official BraTS package ``brats-evaluation`` (0.0.10,
   ``metrics_parser.parse_seg_results``) substitutes for the infinite distance ("diameter of the cube in SRI
   space"; the legacy BraTS toolkits used 373.13 mm, the diagonal of 240×240×155 voxels at 1 mm).
-  sensitivity is 0 when only the prediction is empty and NaN (undefined) when only the reference is empty.
+  sensitivity is 0 when only the prediction is empty and NaN (undefined) when only the reference is empty;
+  miou = the background's IoU / 2. (The background's IoU of two empty backgrounds, every voxel lesion on both
+  sides, is 1 as well.)
 
 ``brats-evaluation`` itself reports NaN Dice and NaN HD95 for a region empty on both sides (its panoptica
 edge-case handler, "no instances"); we follow the BraTS challenge ranking convention (1 and 0) instead, so that a
@@ -55,13 +66,15 @@ BRATS_EMPTY_HD95 = 373.0
 
 HD95_MODES = ("brats", "monai")
 
-METRIC_NAMES = ("dice", "iou", "hd95", "vs", "pa", "sensitivity", "specificity", "volume_pred", "volume_ref")
+METRIC_NAMES = ("dice", "iou", "miou", "hd95", "vs", "pa", "sensitivity", "specificity", "volume_pred", "volume_ref")
 
 EMPTY_MASK_CONVENTIONS = {
-    "both_empty": "dice = iou = vs = 1, hd95 = 0 mm, sensitivity = NaN (undefined), pa/specificity computed "
+    "both_empty": "dice = iou = vs = 1, hd95 = 0 mm, sensitivity = NaN (undefined), pa/specificity/miou computed "
                   "(BraTS challenge convention for a correctly empty region)",
-    "only_prediction_empty": "dice = iou = vs = 0, hd95 = {empty_hd95} mm, sensitivity = 0",
-    "only_reference_empty": "dice = iou = vs = 0, hd95 = {empty_hd95} mm, sensitivity = NaN (undefined)",
+    "only_prediction_empty": "dice = iou = vs = 0, hd95 = {empty_hd95} mm, sensitivity = 0, miou = background "
+                             "IoU / 2",
+    "only_reference_empty": "dice = iou = vs = 0, hd95 = {empty_hd95} mm, sensitivity = NaN (undefined), miou = "
+                            "background IoU / 2",
     "hd95_one_side_empty_source": "brats-evaluation 0.0.10 (metrics_parser.parse_seg_results) replaces the "
                                   "infinite HD95 by 373 (diameter of the SRI-space cube); legacy BraTS toolkits "
                                   "used 373.13",
@@ -98,8 +111,21 @@ def dice_from_counts(tp: int, fp: int, fn: int) -> float:
 
 
 def iou_from_counts(tp: int, fp: int, fn: int) -> float:
-    """IoU = tp / (tp + fp + fn) (DDMD Table 1 "Miou", Jaccard index); 1 when both masks are empty."""
+    """The lesion's (foreground) IoU = tp / (tp + fp + fn) (Jaccard index); 1 when both masks are empty. Not DDMD's
+    "Miou": that is :func:`miou_from_counts`."""
     return _ratio(tp, tp + fp + fn, 1.0)
+
+
+def background_iou_from_counts(tp: int, fp: int, fn: int, tn: int) -> float:
+    """The background's IoU = |¬P ∩ ¬R| / |¬P ∪ ¬R| = tn / (tn + fp + fn); 1 when neither mask has background."""
+    return _ratio(tn, tn + fp + fn, 1.0)
+
+
+def miou_from_counts(tp: int, fp: int, fn: int, tn: int) -> float:
+    """DDMD Table 1 / §4.2 "Miou", the mean intersection over union over the classes (lesion, background):
+    mIoU = (tp / (tp + fp + fn) + tn / (tn + fp + fn)) / 2, each class's IoU with the conventions of
+    :func:`iou_from_counts` and :func:`background_iou_from_counts`."""
+    return 0.5 * (iou_from_counts(tp, fp, fn) + background_iou_from_counts(tp, fp, fn, tn))
 
 
 def volumetric_similarity_from_counts(tp: int, fp: int, fn: int) -> float:
@@ -205,6 +231,7 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing=None, ignore: np.nda
     return {
         "dice": dice_from_counts(tp, fp, fn),
         "iou": iou_from_counts(tp, fp, fn),
+        "miou": miou_from_counts(tp, fp, fn, tn),
         "hd95": hd95(pred, ref, spacing, mode=hd95_mode, empty_value=empty_hd95),
         "vs": volumetric_similarity_from_counts(tp, fp, fn),
         "pa": pixel_accuracy_from_counts(tp, fp, fn, tn),
