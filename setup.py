@@ -46,6 +46,8 @@ setup(
         "tqdm",
         "matplotlib",
         "numpy",
+        # nndiff grid: (trainer, fold) jobs as SLURM arrays or local jobs, requeued with --c on timeout/preemption
+        "submitit>=1.5.4,<2",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["nndiff = nnunet_diffusion.cli:main"]},

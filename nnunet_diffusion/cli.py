@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     register_evaluation(sub)
     from .dataset_conversion.multirater import register as register_multirater
     register_multirater(sub)
+    from .grid import register as register_grid
+    register_grid(sub)
 
     p = sub.add_parser("evaluate-samples", help="MoDiff: GED_n, HM-IoU_n, NCC_n, CI_n of the samples written by "
                                                 "'nndiff predict --samples-out' against the raters' masks")
@@ -203,8 +205,9 @@ def main(argv=None) -> int:
                         "discrepancy scores to <output>/discrepancy/")
     p.add_argument("--samples-out", action="store_true",
                    help="MoDiff: also write the binarised samples to <output>/samples/<case>_sample<i>.nii.gz")
-    p.add_argument("--threshold", type=float, help="MoDiff: binarisation threshold of --samples-out (default: "
-                                                   "the trainer config's, 0.9 as in the paper)")
+    p.add_argument("--threshold", type=float, help="MoDiff: cut every sample of --samples-out at this probability "
+                                                   "(the paper's §4.1 reading; default: the trainer config's "
+                                                   "sample_reading, \"at least k of R raters\")")
     p.set_defaults(func=cmd_predict, passthrough=True)
 
     p = sub.add_parser("demo", help="the whole road on synthetic data: dataset, plan, train baseline and NNDM, "

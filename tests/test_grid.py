@@ -1,0 +1,445 @@
+"""``nndiff grid``: bad input (one line, nothing submitted), the SLURM submission submitit would send (checked with
+a fake ``sbatch``), resuming, and one cheap end-to-end grid on this machine through submitit's local executor
+followed by nnU-Net's own model selection and ensembling.
+
+The SLURM boundary is faked only where the cluster starts: ``sbatch`` is a 5-line script that records its argument
+(the sbatch file submitit wrote) and prints a job id; ``srun`` only has to exist, because submitit's SlurmExecutor
+refuses to start without it on PATH. Everything on our side of ``sbatch`` is the real code.
+An opt-in test (NNDIFF_TEST_SLURM=1 and a working ``sbatch``) runs a grid on a real SLURM controller.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_diffusion import grid as G
+from nnunet_diffusion.cli import ext_trainer_dir, main
+
+from conftest import BIN, DATASET, DATASET_ID, DEVICE, run
+
+FAKE_SBATCH = """#!/bin/sh
+n=$(cat "$FAKE_SLURM_DIR/counter" 2>/dev/null || echo 1000)
+n=$((n + 1)); echo $n > "$FAKE_SLURM_DIR/counter"
+cp "$1" "$FAKE_SLURM_DIR/sbatch_$n.sh"; echo "$@" >> "$FAKE_SLURM_DIR/calls"
+echo "Submitted batch job $n"
+"""
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def fake_dataset(tmp_path, monkeypatch):
+    """nnU-Net folders with a planned-looking Dataset990 (plans + npz-preprocessed cases, no training)."""
+    root = tmp_path / "nnunet"
+    pre = root / "preprocessed" / DATASET
+    data = pre / "nnUNetPlans_3d_fullres"
+    data.mkdir(parents=True)
+    plans = {"dataset_name": DATASET, "plans_name": "nnUNetPlans",
+             "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres"},
+                                "3d_lowres": {"inherits_from": "3d_fullres"}}}
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    for case in ("case_000", "case_001"):
+        (data / f"{case}.npz").write_bytes(b"")
+        (data / f"{case}.pkl").write_bytes(b"")
+    for var in ("raw", "preprocessed", "results"):
+        (root / var).mkdir(exist_ok=True)
+        monkeypatch.setenv(f"nnUNet_{var}", str(root / var))
+    for k in [k for k in os.environ if k.startswith("NNDIFF_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    return root
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """``sbatch`` that records and answers a job id; ``srun`` that only exists (submitit checks for it)."""
+    bindir, record = tmp_path / "fakebin", tmp_path / "slurm_calls"
+    bindir.mkdir()
+    record.mkdir()
+    (bindir / "sbatch").write_text(FAKE_SBATCH)
+    (bindir / "srun").write_text("#!/bin/sh\necho 'fake srun: not a cluster' >&2; exit 1\n")
+    for f in ("sbatch", "srun"):
+        (bindir / f).chmod((bindir / f).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(record))
+    return record
+
+
+def sbatch_scripts(record: Path) -> dict:
+    return {int(p.stem.split("_")[1]): p.read_text() for p in record.glob("sbatch_*.sh")}
+
+
+def sbatch_params(script: str) -> dict:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, flags=re.M))
+
+
+def grid_cli(*args):
+    return main(["grid", *map(str, args)])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD_INPUT = [
+    (["-tr", "nnUNetTrainerNNDM_nope", "-f", "0"], "unknown trainer 'nnUNetTrainerNNDM_nope'"),
+    (["-tr", "nnUNetTrainer", "-f", "0", "5"], "fold 5 out of range"),
+    (["-tr", "nnUNetTrainer", "-f", "0", "--slurm-partition", "gpu"], "--slurm-partition is a SLURM option"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT)
+def test_bad_input_one_line_nothing_submitted(fake_dataset, fake_slurm, capsys, extra, message):
+    executor = "local" if "--slurm-partition" in extra else "slurm"
+    rc = grid_cli("-d", DATASET_ID, "-c", "3d_fullres", "--executor", executor, *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert "nothing submitted" in err
+    assert not (fake_slurm / "calls").exists()
+    assert not list(fake_dataset.glob("results/*/nndiff_grid"))
+
+
+def test_missing_environment_variable_is_named(fake_dataset, fake_slurm, capsys, monkeypatch):
+    monkeypatch.delenv("nnUNet_results")
+    rc = grid_cli("-d", DATASET_ID, "-tr", "nnUNetTrainer", "-f", "0", "--executor", "slurm")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "nnUNet_results not set" in err, err
+    assert not (fake_slurm / "calls").exists()
+
+
+# ---------------------------------------------------------------------------------------------- SLURM submission
+def test_slurm_submission_array_dependencies_gpus_environment(fake_dataset, fake_slurm, capsys, monkeypatch):
+    """NNDM (NNDIFF_BASELINE=nnUNetTrainer) x 3 folds and nnUNetTrainer x 3 folds: a prepare job (the data are npz,
+    so they are unpacked once, first), the baseline array 0-2%2 after it, the NNDM array task-by-task after the
+    baseline's (aftercorr), and the model selection after both arrays; GPUs, time limit, partition, requeue and the
+    environment are in every training script."""
+    monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
+    monkeypatch.setenv("NNDIFF_STEPS", "7")
+    rc = grid_cli("-d", DATASET_ID, "-c", "3d_fullres", "-tr", "nnUNetTrainer", "nnUNetTrainerNNDM", "-f", 0, 1, 2,
+                  "--executor", "slurm", "--slurm-partition", "gpu", "--gpus-per-job", 1, "--timeout-min", 2880,
+                  "--max-parallel", 2)
+    assert rc == 0, capsys.readouterr().err
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002, 1003, 1004]  # prepare, baseline array, NNDM array, select
+    prepare, base, nndm, select = (sbatch_params(scripts[i]) for i in (1001, 1002, 1003, 1004))
+
+    assert "array" not in prepare and "gpus-per-node" not in prepare
+    for p in (base, nndm):
+        assert p["array"] == "0-2%2"                       # 3 folds, at most 2 at a time
+        assert p["gpus-per-node"] == "1" and p["time"] == "2880" and p["partition"] == "gpu"
+        assert "requeue" in p and p["signal"].startswith("USR2@")
+    assert base["dependency"] == "afterok:1001"
+    assert set(nndm["dependency"].split(",")) == {"aftercorr:1002", "afterok:1001"}
+    assert select["dependency"] == "afterok:1002:1003" and "gpus-per-node" not in select
+
+    for i in (1002, 1003):
+        exports = dict(re.findall(r"^export (\w+)=(.*)$", scripts[i], flags=re.M))
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            assert exports[var] == str(fake_dataset / var.split("_")[1])
+        assert ext_trainer_dir() in exports["nnUNet_extTrainer"] and exports["NNDIFF_STEPS"] == "7"
+        assert "NNDIFF_BASELINE" not in exports            # only the NNDM jobs get it, in their pickled job
+        assert "submitit.core._submit" in scripts[i]
+
+    # the pickled job of NNDM fold 1 (array task 1 of job 1003): its baseline, its environment, its requeue hook
+    folder = fake_dataset / "results" / DATASET / "nndiff_grid"
+    state = json.loads((folder / "grid.json").read_text())
+    assert state["jobs"]["nnUNetTrainerNNDM__fold_1"]["job_id"] == "1003_1"
+    assert state["jobs"]["nnUNetTrainer__fold_2"]["job_id"] == "1002_2"
+    with open(folder / "slurm" / "1003_1" / "1003_1_submitted.pkl", "rb") as f:
+        delayed = pickle.load(f)
+    job = delayed.function
+    assert isinstance(job, G.TrainJob) and job.job["trainer"] == "nnUNetTrainerNNDM" and job.job["fold"] == 1
+    assert job.job["after"] == ["nnUNetTrainer", 1] and job.job["env"] == {"NNDIFF_BASELINE": "nnUNetTrainer"}
+    assert job.environment()["NNDIFF_BASELINE"] == "nnUNetTrainer"
+    grid = G.Grid(folder, state)
+    assert "--c" not in job.command(grid) and "--npz" in job.command(grid)
+    resubmitted = job.checkpoint()
+    assert isinstance(resubmitted.function, G.TrainJob) and "--c" in resubmitted.function.command(grid)
+
+
+def test_slurm_dependency_on_exact_tasks_when_folds_do_not_line_up(fake_dataset, fake_slurm, monkeypatch, capsys):
+    """Baseline fold 0 already trained: NNDM fold 0 has nothing to wait for (it joins the first array); NNDM fold 1
+    waits for exactly the baseline's fold-1 task."""
+    monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
+    done = fake_dataset / "results" / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    (done / "validation").mkdir(parents=True)
+    for f in ("checkpoint_final.pth", "validation/summary.json", "validation/case_000.npz"):
+        (done / f).write_text("{}")
+    (fake_dataset / "preprocessed" / DATASET / "splits_final.json").write_text(json.dumps(
+        [{"train": [], "val": []}] * 5))
+    for p in (fake_dataset / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres").glob("*.npz"):
+        p.with_suffix(".npy").write_bytes(b"")             # unpacked already: no prepare job
+    rc = grid_cli("-d", DATASET_ID, "-tr", "nnUNetTrainer", "nnUNetTrainerNNDM", "-f", 0, 1, "--executor", "slurm",
+                  "--no-select")
+    assert rc == 0, capsys.readouterr().err
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002]
+    first, second = sbatch_params(scripts[1001]), sbatch_params(scripts[1002])
+    assert first["array"] == "0-1%2" and "dependency" not in first  # baseline fold 1 + NNDM fold 0
+    assert "array" not in second and second["dependency"] == "afterok:1001_0"
+    state = json.loads((fake_dataset / "results" / DATASET / "nndiff_grid" / "grid.json").read_text())
+    assert state["jobs"]["nnUNetTrainer__fold_1"]["job_id"] == "1001_0"
+    assert state["jobs"]["nnUNetTrainerNNDM__fold_0"]["job_id"] == "1001_1"
+    assert "job_id" not in state["jobs"]["nnUNetTrainer__fold_0"]  # done: not submitted
+
+
+def test_resume_flags_and_done(tmp_path):
+    """--c with a checkpoint to continue from, --val when training finished but validation did not, nothing
+    (done) when checkpoint_final.pth, validation/summary.json and the .npz files are there."""
+    env = {"nnUNet_results": str(tmp_path), "nnUNet_raw": "r", "nnUNet_preprocessed": "p"}
+    spec = {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans", "device": "cpu", "npz": True,
+            "env": env, "jobs": {}}
+    grid = G.Grid(tmp_path / "g", spec)
+    job = G.TrainJob(str(grid.folder), spec, {"trainer": "nnUNetTrainer", "fold": 3})
+    fold = grid.fold_folder("nnUNetTrainer", 3)
+    assert fold == tmp_path / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_3"
+    assert job.command(grid)[-2:] == ["cpu", "--npz"]
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_text("")
+    assert job.command(grid)[-1] == "--c"
+    (fold / "checkpoint_final.pth").write_text("")
+    assert job.command(grid)[-1] == "--val" and not grid.is_done("nnUNetTrainer", 3)
+    (fold / "validation").mkdir()
+    (fold / "validation" / "summary.json").write_text("{}")
+    assert not grid.is_done("nnUNetTrainer", 3)          # --npz asked for, no .npz yet
+    (fold / "validation" / "case_1.npz").write_text("")
+    assert grid.is_done("nnUNetTrainer", 3)
+    spec["jobs"] = {G.job_name("nnUNetTrainer", f): {"trainer": "nnUNetTrainer", "fold": f, "after": None}
+                    for f in (2, 3)}
+    assert [j["fold"] for j in G.pending_jobs(grid, ["nnUNetTrainer"], [2, 3])] == [2]
+
+
+REQUEUE_IN_SIGNAL_HANDLER = """
+import signal, sys, time
+from nnunet_diffusion import grid as G
+G.nnunet_script = lambda name: sys.argv[2]
+spec = {"dataset": "D", "configuration": "3d_fullres", "plans": "nnUNetPlans", "device": "cpu", "npz": True,
+        "env": {"nnUNet_results": sys.argv[1]}, "jobs": {}}
+job = G.TrainJob(sys.argv[1] + "/grid", spec, {"trainer": "nnUNetTrainer", "fold": 0})
+out = {}
+def handler(signum, frame):            # what submitit's handler does: checkpoint(), requeue, exit
+    out["resubmitted"] = job.checkpoint()
+    raise SystemExit(3)
+signal.signal(signal.SIGUSR2, handler)
+signal.setitimer(signal.ITIMER_REAL, 3)
+signal.signal(signal.SIGALRM, lambda *a: signal.raise_signal(signal.SIGUSR2))
+try:
+    job()
+except SystemExit:
+    grid = G.Grid(job.grid_folder, spec)
+    print("state", grid.job_state(job.name)["state"], "command", " ".join(out["resubmitted"].function.command(grid)))
+"""
+
+
+def test_checkpoint_inside_signal_handler_stops_training_and_resubmits_with_c(tmp_path):
+    """submitit calls TrainJob.checkpoint() from its SIGUSR2 handler while __call__ waits for nnUNetv2_train (here a
+    stand-in that sleeps): the training process is stopped (no deadlock on Popen's wait lock), the job file says
+    requeued, and the resubmitted job continues with --c."""
+    fake = tmp_path / "nnUNetv2_train"
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-c", REQUEUE_IN_SIGNAL_HANDLER, str(tmp_path), str(fake)],
+                          capture_output=True, text=True, timeout=90)
+    assert "state requeued command" in proc.stdout and proc.stdout.strip().endswith("--npz --c"), proc.stderr
+
+
+class FakeLocalJob:
+    """Stands in for a submitit LocalJob: 'runs' for two polls, then leaves a finished fold behind."""
+
+    def __init__(self, executor, fn, params):
+        self.executor, self.fn, self.params, self.polls = executor, fn, params, 0
+        self.job_id = str(1000 + len(executor.submitted))
+
+    def done(self):
+        self.polls += 1
+        if self.polls < 3:
+            return False
+        if self in self.executor.running:
+            self.executor.running.remove(self)
+            grid = G.Grid(Path(self.fn.grid_folder), self.fn.spec)
+            fold = grid.fold_folder(self.fn.job["trainer"], self.fn.job["fold"])
+            (fold / "validation").mkdir(parents=True, exist_ok=True)
+            for f in ("checkpoint_final.pth", "validation/summary.json", "validation/c.npz"):
+                (fold / f).write_text("{}")
+        return True
+
+    def result(self):
+        return "done"
+
+
+class FakeLocalExecutor:
+    def __init__(self, folder):
+        self.params, self.submitted, self.running, self.log = {}, [], [], []
+
+    def update_parameters(self, **params):
+        self.params = dict(params)
+
+    def submit(self, fn):
+        job = FakeLocalJob(self, fn, dict(self.params))
+        after = fn.job.get("after")
+        self.log.append((fn.job["trainer"], fn.job["fold"], job.params["visible_gpus"],
+                         [tuple(j.params["visible_gpus"]) for j in self.running],
+                         bool(after) and G.Grid(Path(fn.grid_folder), fn.spec).is_done(*after)))
+        self.submitted.append(job)
+        self.running.append(job)
+        return job
+
+
+def test_local_scheduling_gpus_timeout_and_order(fake_dataset, monkeypatch, capsys):
+    """submitit's local executor's traps: every job gets its own GPU (visible_gpus) and the grid's timeout (its
+    default is 2 minutes); never more jobs than GPUs or --max-parallel; NNDM starts only after its baseline's fold."""
+    made = []
+    monkeypatch.setattr(G.submitit, "LocalExecutor", lambda folder: made.append(FakeLocalExecutor(folder)) or made[-1])
+    monkeypatch.setattr(G, "_visible_gpus", lambda: [0, 1])
+    monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
+    pre = fake_dataset / "preprocessed" / DATASET
+    (pre / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 5))
+    for p in (pre / "nnUNetPlans_3d_fullres").glob("*.npz"):
+        p.with_suffix(".npy").write_bytes(b"")
+    args = argparse.Namespace(
+        executor="local", max_parallel=3, timeout_min=720, gpus_per_job=1, d=str(DATASET_ID), tr=[
+            "nnUNetTrainer", "nnUNetTrainerNNDM"], c="3d_fullres", p="nnUNetPlans", f=["0", "1", "2"],
+        grid_dir=None, no_npz=False, device="cuda", slurm_partition=None, slurm_account=None, slurm_setup=None)
+    grid = G.build_grid(args)
+    assert G.run_local(grid, G.pending_jobs(grid, args.tr, [0, 1, 2]), select=False, poll_s=0.01) == 0
+    ex = made[0]
+    assert len(ex.submitted) == 6 and all(j.params["timeout_min"] == 720 for j in ex.submitted)
+    for trainer, fold, gpus, busy, baseline_done in ex.log:
+        assert len(gpus) == 1 and tuple(gpus) not in busy and len(busy) < 2     # own GPU, at most 2 at a time
+        assert baseline_done == (trainer == "nnUNetTrainerNNDM")
+    assert [(t, f) for t, f, *_ in ex.log][:2] == [("nnUNetTrainer", 0), ("nnUNetTrainer", 1)]
+
+
+# ---------------------------------------------------------------------------------------------- end to end (local)
+def _wait_for(predicate, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _start_grid(cmd, env):
+    """The grid command in its own process group, so that a failed test stops its local jobs too."""
+    return subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _stop_grid(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)      # the driver cancels its jobs, as on Ctrl-C
+        time.sleep(5)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _finish_grid(proc, timeout):
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        _stop_grid(proc)
+
+
+@pytest.mark.e2e
+def test_local_grid_resume_select_and_ensemble(planned, tmp_path):
+    """nnUNetTrainer_tiny and nnUNetTrainerNNDM_tiny (NNDIFF_BASELINE=nnUNetTrainer_tiny) x folds 0 1 through
+    submitit's local executor, 2 at a time. The baseline's fold 1 is killed mid-training: its NNDM fold is not
+    started, the grid reports the failure; the re-run skips the three finished jobs, resumes fold 1 with --c and
+    then runs nnUNetv2_find_best_configuration (-f 0 1) on the results; nnUNetv2_ensemble then merges the two
+    heads' probabilities on the test images."""
+    env = dict(planned.env, nnUNet_results=str(tmp_path / "results"), NNDIFF_BASELINE="nnUNetTrainer_tiny")
+    grid_dir = tmp_path / "grid"
+    cmd = [BIN / "nndiff", "grid", "-d", DATASET_ID, "-c", "3d_fullres", "-tr", "nnUNetTrainer_tiny",
+           "nnUNetTrainerNNDM_tiny", "-f", "0", "1", "--executor", "local", "--max-parallel", "2", "--device",
+           DEVICE, "--gpus-per-job", "0", "--timeout-min", "30", "--grid-dir", grid_dir]
+    results = tmp_path / "results" / DATASET
+    base1 = results / "nnUNetTrainer_tiny__nnUNetPlans__3d_fullres" / "fold_1"
+    proc = _start_grid(cmd, env)
+    try:
+        # kill the baseline's fold 1 once it has written the checkpoint of its first epoch (of 2)
+        _wait_for(lambda: (base1 / "checkpoint_latest.pth").exists(), 1800, "the first checkpoint of fold 1")
+        state = json.loads((grid_dir / "jobs" / "nnUNetTrainer_tiny__fold_1.json").read_text())
+        os.kill(state["pid"], signal.SIGKILL)
+    except BaseException:
+        _stop_grid(proc)
+        raise
+    out = _finish_grid(proc, 1800)
+    assert proc.returncode == 1, out
+    assert "nnUNetTrainerNNDM_tiny__fold_1 not started: its baseline nnUNetTrainer_tiny__fold_1 failed" in out
+    status = G.status_table(G.Grid.load(grid_dir))
+    assert re.search(r"nnUNetTrainer_tiny\s+1\s+failed", status) and re.search(r"nnUNetTrainer_tiny\s+0\s+done",
+                                                                               status), status
+    finished = {p: p.stat().st_mtime for p in results.glob("*/fold_*/checkpoint_final.pth")}
+    assert len(finished) == 2                                          # baseline 0, NNDM 0
+
+    second = _start_grid(cmd, env)
+    out = _finish_grid(second, 1800)
+    assert second.returncode == 0 and "2 job(s) to run, 2 already done" in out, out
+    log = (grid_dir / "logs" / "nnUNetTrainer_tiny__fold_1.log").read_text()
+    attempts = re.findall(r"^=== (/\S*nnUNetv2_train .*)$", log, flags=re.M)
+    assert len(attempts) == 2 and "--c" not in attempts[0] and attempts[1].endswith("--npz --c"), log
+    assert {p: p.stat().st_mtime for p in finished} == finished        # the finished jobs were not re-run
+    assert json.loads((grid_dir / "jobs" / "nnUNetTrainerNNDM_tiny__fold_0.json").read_text())["attempts"] == 1
+    assert "stage 1 skipped" in (grid_dir / "logs" / "nnUNetTrainerNNDM_tiny__fold_1.log").read_text()
+    status = G.status_table(G.Grid.load(grid_dir))
+    assert "4/4 done" in status, status
+
+    # nnU-Net's model selection ran at the end of the grid, with ensembling of the two heads' .npz
+    instructions = (results / "inference_instructions.txt").read_text()
+    assert "nnUNetv2_predict" in instructions
+    info = json.loads((results / "inference_information.json").read_text())
+    assert set(info["all_results"]) >= {"nnUNetTrainer_tiny__nnUNetPlans__3d_fullres",
+                                        "nnUNetTrainerNNDM_tiny__nnUNetPlans__3d_fullres"}
+    assert any(k.startswith("ensemble___") for k in info["all_results"])
+
+    # nnUNetv2_ensemble on the two heads' probabilities (nnUNetv2_predict --save_probabilities, as instructed)
+    outs, procs = [], []
+    for trainer in ("nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny"):   # both at once: one core each
+        out_dir = tmp_path / f"pred_{trainer}"
+        procs.append(subprocess.Popen(
+            [str(a) for a in (BIN / "nnUNetv2_predict", "-i", planned.raw / "imagesTs", "-o", out_dir, "-d",
+                              DATASET_ID, "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", DEVICE, "-npp",
+                              "1", "-nps", "1", "--disable_tta", "--save_probabilities", "--disable_progress_bar")],
+            env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs.append(out_dir)
+    for p in procs:
+        out = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, out[-3000:]
+    run([BIN / "nnUNetv2_ensemble", "-i", *outs, "-o", tmp_path / "ensemble", "-np", "1"], env)
+    cases = sorted(p.name for p in (planned.raw / "labelsTs").glob("*.nii.gz"))
+    assert cases and sorted(p.name for p in (tmp_path / "ensemble").glob("*.nii.gz")) == cases
+
+
+# ---------------------------------------------------------------------------------------------- real SLURM (opt-in)
+@pytest.mark.e2e
+@pytest.mark.skipif(not (shutil.which("sbatch") and os.environ.get("NNDIFF_TEST_SLURM") == "1"),
+                    reason="opt-in: needs a SLURM controller (sbatch on PATH) and NNDIFF_TEST_SLURM=1")
+def test_real_slurm_grid_requeue_resumes(planned, tmp_path):
+    """A grid on a real SLURM controller (CPU jobs): the baseline's job is sent USR2 (what SLURM sends before its
+    time limit) after its first checkpoint: submitit calls TrainJob.checkpoint and requeues it, the job comes back
+    with --c; NNDM runs after it (aftercorr/afterok) and both finish."""
+    env = dict(planned.env, nnUNet_results=str(tmp_path / "results"), NNDIFF_BASELINE="nnUNetTrainer_tiny")
+    grid_dir = tmp_path / "grid"
+    run([BIN / "nndiff", "grid", "-d", DATASET_ID, "-tr", "nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny", "-f", "0",
+         "--executor", "slurm", "--device", "cpu", "--gpus-per-job", "0", "--timeout-min", "30", "--no-select",
+         "--grid-dir", grid_dir], env)
+    state = json.loads((grid_dir / "grid.json").read_text())
+    base_id = state["jobs"]["nnUNetTrainer_tiny__fold_0"]["job_id"]
+    fold = tmp_path / "results" / DATASET / "nnUNetTrainer_tiny__nnUNetPlans__3d_fullres" / "fold_0"
+    _wait_for(lambda: (fold / "checkpoint_latest.pth").exists(), 900, "the baseline's first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", base_id], check=True)
+    nndm = tmp_path / "results" / DATASET / "nnUNetTrainerNNDM_tiny__nnUNetPlans__3d_fullres" / "fold_0"
+    _wait_for(lambda: (nndm / "validation" / "summary.json").exists(), 1200, "the NNDM job")
+    log = (grid_dir / "logs" / "nnUNetTrainer_tiny__fold_0.log").read_text()
+    attempts = re.findall(r"^=== (/\S*nnUNetv2_train .*)$", log, flags=re.M)
+    assert len(attempts) == 2 and attempts[1].endswith("--c"), log
+    status = run([BIN / "nndiff", "grid", "status", "--grid-dir", grid_dir], env).stdout
+    assert "2/2 done" in status, status
