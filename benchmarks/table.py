@@ -29,25 +29,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# config head -> the keys whose epochs add up to the whole schedule (a head not listed trains num_epochs)
-STAGE_EPOCH_KEYS = {"nndm": ("stage1_epochs", "stage2_epochs", "stage3_epochs"),
-                    "recoseg": ("stage1_epochs", "stage2_epochs"),
-                    "ddmd": ("ae_epochs", "diffusion_epochs")}
-
-
 # ------------------------------------------------------------------------------------------------ budget
-def total_epochs(hp: dict, head: str) -> int:
-    """Epochs of a head's whole schedule (every stage, NNDM's nnU-Net stage included) for the resolved config
-    ``hp`` of trainer_configs/<head>.toml."""
-    return sum(int(hp[k]) for k in STAGE_EPOCH_KEYS.get(head, ("num_epochs",)))
-
-
 def optimizer_steps(head: str, variant: str | None) -> int:
     """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch: its whole
     schedule's epochs x ``num_iterations_per_epoch``."""
     from nnunet_diffusion import config
     hp = config.resolve(head, variant)
-    return total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
+    return config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
 
 
 @dataclass(frozen=True)
@@ -447,7 +435,7 @@ class TableRun:
             _run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", self.args.device,
                   *(["--c"] if resume else [])], self.env, self.logs / f"train_{trainer}.{attempt}.log",
                  f"[table] nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}",
-                 total_epochs(config.resolve(head, self.args.variant), head), r"Epoch \d+$")
+                 config.total_epochs(config.resolve(head, self.args.variant), head), r"Epoch \d+$")
         b = training_budget(fold / "checkpoint_final.pth")
         if b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")

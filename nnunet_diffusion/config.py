@@ -64,3 +64,19 @@ def resolve(head: str, variant: str | None = None) -> dict:
                                     f"{', '.join(variant_names(head)) or '(none)'} (declared in {cfg['file']})")
         out.update({k: v for k, v in cfg["variants"][variant].items() if k not in META_KEYS})
     return out
+
+
+# head -> the keys whose epochs add up to its whole schedule (a head not listed trains num_epochs); the first key of
+# NNDM's is its nnU-Net stage, which a training seeded by NNDIFF_BASELINE skips
+STAGE_EPOCH_KEYS = {"nndm": ("stage1_epochs", "stage2_epochs", "stage3_epochs"),
+                    "recoseg": ("stage1_epochs", "stage2_epochs"),
+                    "ddmd": ("ae_epochs", "diffusion_epochs")}
+
+
+def total_epochs(hp: dict, head: str, from_baseline: bool = False) -> int:
+    """Epochs of a head's whole schedule (every stage) for its resolved config ``hp``; ``from_baseline``: NNDM
+    started from a trained nnU-Net (NNDIFF_BASELINE), its stage 1 skipped."""
+    keys = STAGE_EPOCH_KEYS.get(head, ("num_epochs",))
+    if from_baseline and head == "nndm":
+        keys = keys[1:]
+    return sum(int(hp[k]) for k in keys)

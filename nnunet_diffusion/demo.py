@@ -66,14 +66,8 @@ def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str 
 
 def _epochs(head: str, variant: str) -> int:
     from . import config
-    hp = config.resolve(head, variant)
-    if head == "nndm":  # stage 1 is skipped: NNDM starts from the trained baseline
-        return hp["stage2_epochs"] + hp["stage3_epochs"]
-    if head == "recoseg":
-        return hp["stage1_epochs"] + hp["stage2_epochs"]
-    if head == "ddmd":
-        return hp["ae_epochs"] + hp["diffusion_epochs"]
-    return hp["num_epochs"]
+    # NNDM starts from the trained baseline (stage 1 skipped)
+    return config.total_epochs(config.resolve(head, variant), head, from_baseline=True)
 
 
 def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:

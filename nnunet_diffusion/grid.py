@@ -720,15 +720,8 @@ def planned_epochs(trainer: str, job_env: dict) -> Optional[int]:
     except Exception:  # noqa: BLE001
         cls = None
     if cls is not None:
-        hp = cls.hparams()
-        stages = [k for k in ("stage1_epochs", "stage2_epochs", "stage3_epochs", "ae_epochs", "diffusion_epochs")
-                  if k in hp]
-        if stages:
-            n = sum(int(hp[k]) for k in stages)
-            if "stage1_epochs" in hp and is_nndm(trainer) and job_env.get(BASELINE_ENV):
-                n -= int(hp["stage1_epochs"])
-            return n
-        return int(hp["num_epochs"]) if "num_epochs" in hp else None
+        from .config import total_epochs
+        return total_epochs(cls.hparams(), cls.head, from_baseline=bool(job_env.get(BASELINE_ENV)))
     m = re.search(r"_(\d+)epochs?$", trainer)
     if m:
         return int(m.group(1))

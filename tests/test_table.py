@@ -9,13 +9,16 @@ from benchmarks import table
 
 
 def test_total_epochs_counts_every_stage_of_a_staged_head_and_num_epochs_otherwise():
+    from nnunet_diffusion.config import total_epochs
     hp = {"stage1_epochs": 3, "stage2_epochs": 4, "stage3_epochs": 5, "ae_epochs": 7, "diffusion_epochs": 11,
           "num_epochs": 99}
-    assert table.total_epochs(hp, "nndm") == 3 + 4 + 5       # NNDM's baseline stage counts too
-    assert table.total_epochs(hp, "recoseg") == 3 + 4
-    assert table.total_epochs(hp, "ddmd") == 7 + 11
-    assert table.total_epochs(hp, "medsegdiff") == 99
-    assert table.total_epochs(hp, "nnunet") == 99
+    assert total_epochs(hp, "nndm") == 3 + 4 + 5       # NNDM's baseline stage counts too
+    assert total_epochs(hp, "nndm", from_baseline=True) == 4 + 5   # started from a trained nnU-Net
+    assert total_epochs(hp, "recoseg") == 3 + 4
+    assert total_epochs(hp, "recoseg", from_baseline=True) == 3 + 4
+    assert total_epochs(hp, "ddmd") == 7 + 11
+    assert total_epochs(hp, "medsegdiff") == 99
+    assert total_epochs(hp, "nnunet") == 99
 
 
 def test_optimizer_steps_of_the_demo_variants():
