@@ -200,16 +200,6 @@ def provenance_line(result: dict) -> str:
             f"{result['budget_steps']} optimiser steps; `{result['command']}`")
 
 
-def update_between_markers(text: str, name: str, content: str) -> str:
-    """``text`` with what stands between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``content``
-    (how the README's and RESULTS.md's generated sections are kept; a missing marker is an error)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"expected one '{start}' followed by one '{end}'")
-    i, j = text.index(start) + len(start), text.index(end)
-    return text[:i] + "\n" + content.strip("\n") + "\n" + text[j:]
-
-
 def plot_curves(result: dict, png: Path) -> None:
     """Dice per region against optimiser steps, one line per trainer (and NNDM's refinement off), one panel per
     region, from the snapshots' scores on fold 0's validation cases."""

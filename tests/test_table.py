@@ -159,14 +159,6 @@ def test_markdown_table_has_a_row_per_setting_with_budget_interval_verdict_and_c
     assert "| 20 min |" in lines[3]
 
 
-def test_generated_sections_replace_only_what_stands_between_their_markers():
-    text = "intro\n<!-- table:start -->\nold\n<!-- table:end -->\noutro\n"
-    assert table.update_between_markers(text, "table", "new") == \
-        "intro\n<!-- table:start -->\nnew\n<!-- table:end -->\noutro\n"
-    with pytest.raises(ValueError, match="table:start"):
-        table.update_between_markers("no markers here", "table", "new")
-
-
 def test_curves_png_is_written(tmp_path):
     result = {"regions": ["WT", "TC"], "curves": {
         "stock": [{"steps": 100, "dice": {"WT": 0.5, "TC": 0.2}}, {"steps": 200, "dice": {"WT": 0.8, "TC": 0.6}}]}}
