@@ -39,7 +39,7 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-# the comparison table (issue 20): every head and stock nnU-Net at the same budget (1000 optimiser steps, the
+# the comparison table (issue 20): every head and stock nnU-Net at the same budget (2000 optimiser steps, the
 # [variants.table] of trainer_configs/), 24 training + 20 held-out phantoms; hours on 2 CPU cores, resumable (re-run
 # the same command after an interruption). TABLE_ARGS e.g. "--device cuda --shape 128 160 160 --spacing 1"
 TABLE_ARGS ?=

@@ -139,6 +139,14 @@ def cheapest_within(rows: Iterable[dict], tolerance: float = 1.0) -> dict:
     return min(keep, key=lambda r: (float(r["cost"]), -float(r["dice"])))
 
 
+def stock_check(curve: Sequence[dict], floor: float = 0.8) -> dict:
+    """Is the budget large enough? The stock model's last curve point (fold 0's validation cases, never the
+    held-out ones) must reach ``floor`` Dice in every region; ``curve`` is [{steps, dice: {region: value}}]."""
+    last = max(curve, key=lambda q: q["steps"])
+    low = sorted(r for r, v in last["dice"].items() if v < floor)
+    return {"steps": last["steps"], "dice": last["dice"], "floor": floor, "sane": not low, "below_floor": low}
+
+
 # ------------------------------------------------------------------------------------------------ resume
 class TableState:
     """What has finished, as JSON in ``path``: {key: record}. Written atomically after every record, so an
@@ -251,7 +259,14 @@ def section(result: dict, png_name: str) -> list[str]:
     defaults = [f"- {trainer}: {d['chosen']['setting']} ({d['chosen']['dice']:.1f}; best "
                 f"{max(d['rows'], key=lambda r: r['dice'])['setting']} {max(r['dice'] for r in d['rows']):.1f})"
                 for trainer, d in result["defaults"].items()]
-    return [para(f"Taken {provenance_line(result)}."),
+    check = result.get("stock_check")
+    budget = [] if check is None else [para(
+        f"Budget check: at {check['steps']} steps the stock model scores "
+        + " / ".join(f"{r} {100 * v:.1f}" for r, v in check["dice"].items()) + " Dice on fold 0's validation cases; "
+        + ("every region reaches" if check["sane"] else f"**{', '.join(check['below_floor'])} below**")
+        + f" the {100 * check['floor']:.0f} % a plateaued stock model should reach"
+        + ("." if check["sane"] else ": the budget is too small and this table understates what training longer gives."))]
+    return [para(f"Taken {provenance_line(result)}."), *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
@@ -419,6 +434,7 @@ class TableRun:
         if self.state.done(key):
             return
         fold = self.model_folder(trainer) / "fold_0"
+        load = [round(x, 2) for x in os.getloadavg()]
         if not (fold / "checkpoint_final.pth").is_file():
             resume = (fold / "checkpoint_latest.pth").is_file()
             attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
@@ -429,7 +445,9 @@ class TableRun:
         b = training_budget(fold / "checkpoint_final.pth")
         if b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
-        self.state.record(key, {"steps": b.steps, "seconds": b.seconds})
+        # the machine's load average (1, 5, 15 min) before and after: wall times taken beside other work say so
+        self.state.record(key, {"steps": b.steps, "seconds": b.seconds, "load_average_before": load,
+                                "load_average_after": [round(x, 2) for x in os.getloadavg()]})
 
     # -------------------------------------------------------------- measuring
     def _measure(self, key: str, trainer: str, cases: list[str], change=None, checkpoint="checkpoint_final.pth",
@@ -560,7 +578,8 @@ class TableRun:
                 "phantoms": self.state.get("data")["phantoms"], "budget_steps": self.budget,
                 "budget": {t: self.state.get(f"train {t}") for t in {m["trainer"] for m in measured}},
                 "regions": regions, "heldout_cases": stock["cases"], "validation_cases": self.val_cases(),
-                "curves": curves, "paper_chain_measured": self.paper_chain, "tolerance": self.args.tolerance,
+                "curves": curves, "stock_check": stock_check(curves[self.heads[0][1] + "_" + self.args.variant]),
+                "paper_chain_measured": self.paper_chain, "tolerance": self.args.tolerance,
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
                 "rows": rows}
 

@@ -168,6 +168,15 @@ def test_curves_png_is_written(tmp_path):
 
 
 def test_every_trainer_of_the_table_trains_the_same_budget():
-    # trainer_configs/*.toml [variants.table]: 100 epochs x 10 iterations, staged heads split the same 100 epochs
+    # trainer_configs/*.toml [variants.table]: 200 epochs x 10 iterations, staged heads split the same 200 epochs
     heads = ("nnunet", "nndm", "medsegdiff", "recoseg", "modiff", "ddmd")
-    assert {h: table.optimizer_steps(h, "table") for h in heads} == {h: 1000 for h in heads}
+    assert {h: table.optimizer_steps(h, "table") for h in heads} == {h: 2000 for h in heads}
+
+
+def test_stock_check_flags_a_region_below_the_floor_at_the_last_snapshot():
+    curve = [{"steps": 2000, "dice": {"WT": 0.94, "TC": 0.91, "ET": 0.772}},
+             {"steps": 400, "dice": {"WT": 0.5, "TC": 0.1, "ET": 0.0}}]
+    c = table.stock_check(curve)
+    assert c["steps"] == 2000 and not c["sane"] and c["below_floor"] == ["ET"]
+    curve[0]["dice"]["ET"] = 0.81
+    assert table.stock_check(curve)["sane"]
