@@ -49,7 +49,7 @@ def fast_options(head: str):
 
 def use_demo_workdir(workdir: Path) -> None:
     """Point nnU-Net (its paths and the trainer lookup) at the folders ``nndiff demo`` wrote in ``workdir``."""
-    from nnunet_diffusion.cli import environment_with_trainers
+    from nnunet_diffusion.environment import environment_with_trainers
     os.environ.update({k: v for k, v in environment_with_trainers().items() if k == "nnUNet_extTrainer"})
     os.environ.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
                       nnUNet_results=str(workdir / "nnUNet_results"))

@@ -27,7 +27,7 @@ DATASET = "Dataset990_NNDiffSynthetic"
 
 
 def _env(workdir: Path) -> dict:
-    from nnunet_diffusion.cli import environment_with_trainers
+    from nnunet_diffusion.environment import environment_with_trainers
     env = environment_with_trainers()
     env.update(nnUNet_raw=str(workdir / "raw"), nnUNet_preprocessed=str(workdir / "preprocessed"),
                nnUNet_results=str(workdir / "results"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 def _env(workdir: Path) -> dict:
-    from nnunet_diffusion.cli import environment_with_trainers
+    from nnunet_diffusion.environment import environment_with_trainers
     env = environment_with_trainers()
     env.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
                nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_compile="0",
@@ -45,7 +45,8 @@ def prepare(workdir: Path) -> None:
     """``nndiff demo``'s steps 1-3 and its stock model (``nnUNetTrainer_demo``), each skipped when done."""
     from nnunet_diffusion.dataset_conversion.brats import convert_brats
     from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
-    from nnunet_diffusion.demo import BIN, DATASET, DATASET_ID, PHANTOMS, _run
+    from nnunet_diffusion.demo import DATASET, DATASET_ID, PHANTOMS
+    from nnunet_diffusion.environment import BIN, run_logged as _run
     env = _env(workdir)
     brats = workdir / "BraTS2021_download"
     if not (brats / "done").is_file():
@@ -67,7 +68,8 @@ def model(workdir: Path, trainer: str) -> Path:
 
 
 def train(workdir: Path, trainer: str) -> None:
-    from nnunet_diffusion.demo import BIN, DATASET_ID, _run
+    from nnunet_diffusion.demo import DATASET_ID
+    from nnunet_diffusion.environment import BIN, run_logged as _run
     if (model(workdir, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
         return
     extra = {"NNDIFF_BASELINE": "nnUNetTrainer_demo"} if trainer.startswith("nnUNetTrainerNNDM") else {}

@@ -368,7 +368,7 @@ class TableRun:
     curve point of each kept checkpoint, each steps-accuracy setting, each held-out prediction."""
 
     def __init__(self, args, heads, budget: int):
-        from nnunet_diffusion.cli import environment_with_trainers
+        from nnunet_diffusion.environment import environment_with_trainers
         self.args, self.heads, self.budget = args, heads, budget
         self.paper_chain = args.paper_chain == "on" or (args.paper_chain == "auto" and args.device == "cuda")
         self.workdir = args.workdir.resolve()
@@ -403,7 +403,7 @@ class TableRun:
     def prepare(self) -> None:
         from nnunet_diffusion.dataset_conversion.brats import convert_brats
         from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
-        from nnunet_diffusion.demo import BIN, _run
+        from nnunet_diffusion.environment import BIN, run_logged as _run
         a = self.args
         if not self.state.done("data"):
             settings = dict(edition="2021", spacing=a.spacing, shape=a.shape, crop="brain")
@@ -429,7 +429,7 @@ class TableRun:
     # -------------------------------------------------------------- training
     def train(self, head: str, trainer: str) -> None:
         from nnunet_diffusion import config
-        from nnunet_diffusion.demo import BIN, _run
+        from nnunet_diffusion.environment import BIN, run_logged as _run
         key = f"train {trainer}"
         if self.state.done(key):
             return

@@ -8,28 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .environment import environment_with_trainers, ext_trainer_value
 from .errors import NNDiffError
-
-
-def ext_trainer_dir() -> str:
-    """The folder nnU-Net's ``nnUNet_extTrainer`` must name: it holds only the re-exporting module."""
-    return str(Path(__file__).resolve().parent / "nnunet_ext")
-
-
-def ext_trainer_value(current: str | None = None) -> str:
-    """``nnUNet_extTrainer`` with our folder appended (kept once; the user's own folders stay first)."""
-    current = os.environ.get("nnUNet_extTrainer", "") if current is None else current
-    parts = [p for p in current.split(os.pathsep) if p]
-    ours = ext_trainer_dir()
-    if ours not in parts:
-        parts.append(ours)
-    return os.pathsep.join(parts)
-
-
-def environment_with_trainers(env: dict | None = None) -> dict:
-    env = dict(os.environ if env is None else env)
-    env["nnUNet_extTrainer"] = ext_trainer_value(env.get("nnUNet_extTrainer", ""))
-    return env
 
 
 def cmd_env(args) -> int:

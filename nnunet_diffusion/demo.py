@@ -18,50 +18,19 @@ reuses finished steps (delete the workdir or pass --fresh to start over).
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
-from .cli import environment_with_trainers
-from .errors import NNDiffError
+from .environment import BIN, environment_with_trainers, run_logged as _run
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 # the phantoms the demo trains on (10 training + 2 validation cases); benchmarks.heldout draws more like them
 PHANTOMS = {"edition": "2021", "seed": 0, "spacing": 4, "crop": "brain"}
-BIN = Path(sys.executable).parent
 HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
          ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
-
-
-def _run(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None) -> float:
-    """Run ``cmd``, its output into ``log``, a progress bar advanced on every line matching ``pattern``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    regex = re.compile(pattern) if pattern else None
-    with open(log, "w") as f, tqdm(total=total, desc=desc, unit="epoch" if total else "it",
-                                   bar_format=None if total else "{desc}: {elapsed}") as bar:
-        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        try:
-            for line in proc.stdout:
-                f.write(line)
-                if regex and regex.search(line):
-                    bar.update(1)
-            proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-        raise NNDiffError(f"{desc} failed (exit {proc.returncode}); full log: {log}\n{tail}")
-    return time.time() - t0
 
 
 def _epochs(head: str, variant: str) -> int:

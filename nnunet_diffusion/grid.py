@@ -349,7 +349,7 @@ class SelectJob:
 def _environment(source: dict) -> dict:
     """The environment every job gets: the three nnU-Net folders (checked), nnUNet_extTrainer with our trainers,
     and the nnUNet_*/NNDIFF_* variables (and thread counts) set now; NNDIFF_BASELINE goes only to NNDM jobs."""
-    from .cli import ext_trainer_value
+    from .environment import ext_trainer_value
     missing = [v for v in REQUIRED_ENV if not source.get(v)]
     if missing:
         raise NNDiffError(f"{', '.join(missing)} not set: every job needs {', '.join(REQUIRED_ENV)} (nnU-Net's "

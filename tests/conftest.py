@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nnunet_diffusion.cli import environment_with_trainers
+from nnunet_diffusion.environment import environment_with_trainers
 from nnunet_diffusion.dataset_conversion.synthetic import make_synthetic_dataset
 
 BIN = Path(sys.executable).parent

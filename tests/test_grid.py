@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from nnunet_diffusion import grid as G
-from nnunet_diffusion.cli import ext_trainer_dir, main
+from nnunet_diffusion.cli import main
+from nnunet_diffusion.environment import ext_trainer_dir
 
 from conftest import BIN, DATASET, DATASET_ID, DEVICE, run
 
