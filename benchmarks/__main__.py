@@ -30,40 +30,13 @@ import textwrap
 import time
 from pathlib import Path
 
-from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+from nnunet_diffusion.atomic import write_text_atomic
 
 from . import speed, table
+from .speed import speed_table
 from .provenance import machine as _machine
 from .provenance import versions as _versions
 from .heldout import result_file as heldout_file
-
-
-def _sec(v: float) -> str:
-    return f"{v:.2f}" if v >= 1 else f"{v:.3f}"  # GPU steps take tens of milliseconds
-
-
-ONE_PASS = "predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)"
-
-
-def speed_table(results: list[dict]) -> str:
-    lines = ["| head | measurement | seconds | × stock |", "|---|---|---|---|"]
-    for r in results:
-        st, sp = r["train_step nnUNetTrainer"], r["predict nnUNetTrainer"]
-        lines.append(f"| {r['head']} | train step, stock nnUNetTrainer | {_sec(st)} | |")
-        for k, v in r.items():
-            if k.startswith("train_step ") and k != "train_step nnUNetTrainer":
-                lines.append(f"| {r['head']} | {k.replace('train_step', 'train step')} | {_sec(v)} | {v / st:.2f} |")
-        lines.append(f"| {r['head']} | predict one case, stock nnUNetTrainer | {_sec(sp)} | |")
-        for k, v in r.items():
-            if k.startswith("predict ") and k != "predict nnUNetTrainer":
-                ratio = "" if k == ONE_PASS else f"{v / sp:.2f}"
-                if "EXTRAPOLATED" in k and r.get(ONE_PASS, 1) <= 0:
-                    k += " (a lower bound: 5 DDIM steps were not slower than 1 in this run, within its timing noise)"
-                lines.append(f"| {r['head']} | {k} | {_sec(v)} | {ratio} |")
-        lines.append(f"| {r['head']} | peak RSS of this process (GB) | {r['peak RSS (GB)']:.2f} | |")
-        if "peak GPU memory (GB)" in r:
-            lines.append(f"| {r['head']} | peak GPU memory (GB) | {r['peak GPU memory (GB)']:.2f} | |")
-    return "\n".join(lines)
 
 
 def accuracy_table(rows: list[dict]) -> str:

@@ -26,8 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .nndm_cost import _env, _sync, device, prepare, stock_head_case
-from .speed import TRAINERS, _train_batches
+from .speed import TRAINERS, _env, _sync, _train_batches, device, prepare, stock_head_case
 
 
 def _timed(fn) -> tuple[float, object]:

@@ -146,7 +146,7 @@ def maps(ae1, ae2, image: np.ndarray, patch) -> np.ndarray:
     """X and Y (2, Z, Y, X) of one case by nnU-Net's sliding window (2D patches: slice by slice)."""
     import torch
     from nnunet_diffusion.heads import ddmd
-    from nnunet_diffusion.inference.residual_maps import sliding_window
+    from nnunet_diffusion.inference.whole_case import sliding_window
 
     @torch.no_grad()
     def fn(window):

@@ -12,7 +12,7 @@ synthesiser (the ``_demo`` variant's: TimeConditionedUNet [16, 32], predicts T1c
 labelled cases only; those plus the unlabelled images (what ``unlabelled_folder`` / NNDIFF_UNLABELLED adds to
 stage 1); the unlabelled images only (``synthesis_cases = "unlabelled"``: the labelled cases are then unseen by the
 synthesiser, as at prediction). The residual r = |synthetic T1ce − T1ce| of every case is computed by
-``residual_maps.case_residual`` -- the one function that makes both stage 2's training residuals and the
+``recoseg_residuals.case_residual`` -- the one function that makes both stage 2's training residuals and the
 prediction's -- with DDIM ``--steps``.
 
 Reported per model and split (train = the labelled cases, seen by the synthesiser unless it trained on the
@@ -100,7 +100,7 @@ def train_synthesiser(pool: list[np.ndarray], iters: int, seed: int, patch=(32, 
 
 def residuals(net, schedule, cases, steps: int, patch=(32, 32, 32)) -> list[dict]:
     import torch
-    from nnunet_diffusion.inference import residual_maps
+    from nnunet_diffusion.inference import recoseg_residuals
     from nnunet_diffusion.inference.options import SamplingOptions
     from nnunet_diffusion.inference.recoseg_network import ReCoSegNetwork
 
@@ -111,7 +111,7 @@ def residuals(net, schedule, cases, steps: int, patch=(32, 32, 32)) -> list[dict
     out = []
     with torch.no_grad():
         for data, label in cases:
-            r = residual_maps.case_residual(network, torch.from_numpy(data), patch)[1][0].numpy()
+            r = recoseg_residuals.case_residual(network, torch.from_numpy(data), patch)[1][0].numpy()
             out.append(residual_stats(r, label, (data != 0).any(0)))
     return out
 

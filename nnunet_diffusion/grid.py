@@ -37,12 +37,13 @@ from typing import Optional
 
 import submitit
 
+from .atomic import write_json_atomic
 from .errors import NNDiffError
+from .variables import BASELINE as BASELINE_ENV
 
 REQUIRED_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 PASSED_PREFIXES = ("nnUNet_", "NNDIFF_")
 PASSED_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONWARNINGS")
-BASELINE_ENV = "NNDIFF_BASELINE"
 GRID_FILE = "grid.json"
 SLURM_ONLY = {"slurm_partition": "--slurm-partition", "slurm_account": "--slurm-account",
               "slurm_setup": "--slurm-setup"}
@@ -50,18 +51,6 @@ LOG_TAIL = 3
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: Path, default=None):
     try:
         return json.loads(Path(path).read_text())

@@ -72,7 +72,7 @@ def test_a_gpu_or_other_shape_speed_run_is_kept_beside_the_cpu_run_not_over_it()
 
 
 def test_a_reused_benchmark_folder_of_another_shape_is_refused(tmp_path):
-    from benchmarks.nndm_cost import DATASET, prepare
+    from benchmarks.speed import DATASET, prepare
     from nnunet_diffusion.dataset_conversion.synthetic import make_synthetic_dataset
     make_synthetic_dataset(tmp_path / "raw", 990, num_train=1, num_test=0, shape=(16, 20, 18), progress=False)
     assert (tmp_path / "raw" / DATASET).is_dir()
@@ -265,3 +265,88 @@ def test_remeasuring_one_head_with_other_settings_than_the_stored_run_is_refused
         check_mergeable(stored, dict(stored, quick=True, samples=[1, 4]))
     with pytest.raises(SystemExit, match=r"other settings \(quick False, now True"):
         merge_accuracy(stored, dict(stored, quick=True, samples=[1, 4]), {"rows": []}, ["nndm"])
+
+
+class _FakeNet:
+    """Just enough of a head's network for speed.measure: two parts of known size, a settable sampling."""
+
+    def __init__(self):
+        import torch
+        self.backbone, self.refiner = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)  # 3*2+2 = 8 and 2*1+1 = 3
+        self.refiner_updates = torch.zeros(1)
+        self.schedule = type("S", (), {"num_train_timesteps": 100})()
+        self.sampling = None
+
+    def parameters(self):
+        return [*self.backbone.parameters(), *self.refiner.parameters()]
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def set_sampling(self, opts):
+        self.sampling = opts
+
+
+class _FakeTrainer:
+    def __init__(self, net):
+        from types import SimpleNamespace
+
+        from nnunet_diffusion.inference.options import SamplingOptions
+        self.net, self.network = net, net
+        self.configuration_manager = SimpleNamespace(patch_size=[4, 4, 4])
+        self.batch_size, self.stage_epochs, self.compiled_parts = 2, (1, 1, 1), ("backbone", "refiner")
+        self.lr_scheduler = SimpleNamespace(step=lambda epoch: None)
+        self.defaults = SamplingOptions(sampler="ddim", steps=5, samples=1)
+
+    def unwrapped_network(self):
+        return self.net
+
+    def sampling_defaults(self):
+        return self.defaults
+
+    def train_step(self, batch):
+        pass
+
+    def on_train_end(self):
+        pass
+
+    def set_deep_supervision_enabled(self, on):
+        pass
+
+
+def test_speed_measures_nndms_per_mirror_sweep_an_asked_sampling_and_the_parts_sizes(monkeypatch):
+    import torch
+    net = _FakeNet()
+    head, stock = _FakeTrainer(net), _FakeTrainer(torch.nn.Identity())
+    seen = []
+    monkeypatch.setenv("NNDIFF_BENCH_DEVICE", "cpu")
+    monkeypatch.setattr(speed, "stock_head_case", lambda name: (stock, {"data": None}, head, torch.zeros(1, 4, 5, 6),
+                                                                lambda n: seen.append(getattr(n, "sampling", None))))
+    out = speed.measure("nndm", [], sampling=("ddpm", 7, 2), per_mirror=[1, 3], repeats=2)
+    assert (out["params"], out["params backbone"], out["params refiner"]) == (11, 8, 3)
+    for key in ("predict refine off", "predict --sampling (ddpm, 7 steps x 2 samples)",
+                *(f"predict refine per {m} (ddim, {k} steps x 1 samples)"
+                  for k in (1, 3) for m in ("window", "mirror"))):
+        assert isinstance(out[key], float), key
+    ran = {(o.refine, o.sampler, o.steps, o.samples, o.tta_refine) for o in seen if o is not None}
+    assert {(False, "ddim", 5, 1, "window"), (True, "ddpm", 7, 2, "window"), (True, "ddim", 3, 1, "window"),
+            (True, "ddim", 3, 1, "mirror"), (True, "ddim", 1, 1, "mirror")} <= ran
+
+
+def test_speed_hands_its_options_to_each_heads_process_and_the_per_mirror_sweep_to_nndm_only(monkeypatch, tmp_path):
+    import json
+    import subprocess
+    from types import SimpleNamespace
+    cmds, measured = [], []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or SimpleNamespace(
+        returncode=0, stdout=json.dumps({"head": cmd[cmd.index("--child") + 1]})))
+    speed.run_heads(tmp_path, ["nndm", "medsegdiff"], ["fast"], None, "nnUNetTrainerX", ("ddpm", 7, 2), [1, 3], 2)
+    monkeypatch.setattr(speed, "measure", lambda *a: measured.append(a) or {})
+    monkeypatch.setattr(speed, "_env", lambda workdir: {})
+    for cmd in cmds:
+        speed.main(cmd[cmd.index("--workdir"):])
+    assert measured == [("nndm", ["fast"], "nnUNetTrainerX", ("ddpm", 7, 2), [1, 3], 2),
+                        ("medsegdiff", ["fast"], "nnUNetTrainerX", ("ddpm", 7, 2), None, 2)]

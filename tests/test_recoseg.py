@@ -11,7 +11,7 @@ from conftest import make_trainer
 from nnunet_diffusion.diffusion import NoiseSchedule, ScheduleConfig
 from nnunet_diffusion.errors import NNDiffConfigError
 from nnunet_diffusion.heads import recoseg
-from nnunet_diffusion.inference import residual_maps
+from nnunet_diffusion.inference import recoseg_residuals, whole_case
 from nnunet_diffusion.inference.options import SamplingOptions, options_from_env
 from nnunet_diffusion.inference.recoseg_network import ReCoSegNetwork
 from nnunet_diffusion.nets import TimeConditionedUNet
@@ -106,7 +106,7 @@ def test_sliding_window_covers_the_case_exactly(shape, patch):
     """A window function that returns its own first channel must give back the whole case's first channel
     (padding, tiling, Gaussian blending and 2D-on-3D tiling all cancel), in the case's shape."""
     data = torch.randn(shape)
-    out = residual_maps.sliding_window(lambda w: w[:, :1] * 1.0, data, patch)
+    out = whole_case.sliding_window(lambda w: w[:, :1] * 1.0, data, patch)
     assert out.shape == (1, *shape[1:])
     assert torch.allclose(out[0], data[0], atol=1e-5)
 
@@ -115,14 +115,14 @@ def test_residual_channel_crops_with_the_image(tmp_path):
     data = np.random.rand(4, 12, 14, 10).astype(np.float32)
     r = np.random.rand(1, 12, 14, 10).astype(np.float16)
     np.save(tmp_path / "r.npy", r)
-    stack = residual_maps.ChannelStack(data, np.load(tmp_path / "r.npy", mmap_mode="r"))
+    stack = recoseg_residuals.ChannelStack(data, np.load(tmp_path / "r.npy", mmap_mode="r"))
     assert stack.shape == (5, 12, 14, 10)
     bbox = [[-3, 9], [5, 20], [2, 8]]  # partly outside: nnU-Net pads
     got = crop_and_pad_nd(stack, bbox, 0)
     want = crop_and_pad_nd(np.concatenate([data, r.astype(np.float32)]), bbox, 0)
     assert np.array_equal(got, want)
     with pytest.raises(NNDiffConfigError, match="does not fit"):
-        residual_maps.ChannelStack(data, r[:, :5])
+        recoseg_residuals.ChannelStack(data, r[:, :5])
 
 
 def _network(missing=(), target=1):
@@ -205,7 +205,7 @@ def test_2d_network_and_whole_case_residual():
     net.target_channel.fill_(1)
     with torch.no_grad():
         assert net(torch.randn(2, 4, 16, 16)).shape == (2, 3, 16, 16)
-        r = residual_maps.residual_of_case(net, torch.randn(4, 3, 20, 18), (16, 16))
+        r = recoseg_residuals.residual_of_case(net, torch.randn(4, 3, 20, 18), (16, 16))
     assert r.shape == (1, 3, 20, 18) and (r >= 0).all()
 
 
@@ -251,8 +251,8 @@ def test_training_and_prediction_use_the_same_residual(tmp_path):
     net.target_channel.fill_(1)
     case = torch.randn(4, 24, 20, 28)
     patch = (16, 16, 16)
-    residual_maps.precompute_residuals(net, lambda i: case.numpy(), ["c"], tmp_path, patch, torch.device("cpu"),
-                                       progress=False)
+    recoseg_residuals.precompute_residuals(net, lambda i: case.numpy(), ["c"], tmp_path, patch, torch.device("cpu"),
+                                           progress=False)
     trained_on = torch.from_numpy(np.load(tmp_path / "c.npy").astype(np.float32))
 
     # unweighted averaging of the windows' outputs: nnU-Net's float16 buffer of Gaussian-weighted logits is too
@@ -276,7 +276,7 @@ def test_direct_window_call_is_the_whole_case_function_on_one_window():
     with torch.no_grad():
         both = net.segmenter_input(x)
         for i in range(2):
-            x_seg, r = residual_maps.case_residual(net, x[i], (8, 8, 8))
+            x_seg, r = recoseg_residuals.case_residual(net, x[i], (8, 8, 8))
             assert torch.allclose(both[i, -1:], r, atol=1e-5) and torch.equal(both[i, :-1], x_seg)
 
 

@@ -29,13 +29,13 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..errors import NNDiffError
 from .lesionwise import (BRATS2023_COHORTS, DEFAULT_LESIONWISE_CONVENTION, LESIONWISE_METRICS, PER_LESION_COLUMNS,
                          lesionwise_case, lesionwise_rule)
@@ -440,18 +440,6 @@ def markdown_table(summary: dict, title: str, n_cases: int, notes: Sequence[str]
         lines.append(f"| {region} | " + " | ".join(fmt(stats[m], m) for m, _ in columns) + " |")
     lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_json(obj) -> str:

@@ -13,7 +13,7 @@ The paper numbers no equations; each function names the step of §2 it implement
   U-Net"); the abstract's and conclusion's "attention cues" name the residual's role, and no gating of features by
   r is described, so none is implemented.
 - Whole cases: ``residual_inputs`` forms (x as the segmenter sees it, r) from a case and its synthetic T1ce; the
-  synthetic T1ce of a whole case is the Gaussian blend of per-window syntheses (``inference.residual_maps.
+  synthetic T1ce of a whole case is the Gaussian blend of per-window syntheses (``inference.recoseg_residuals.
   case_residual``, the one function both stage 2's training residuals and the prediction use).
 
 The synthesised channel lives in nnU-Net's normalised intensity space (z-scores for MRI), so r is in units of

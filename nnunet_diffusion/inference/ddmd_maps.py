@@ -20,7 +20,6 @@ to a temporary name and renamed, so an interrupted run leaves no half-written fi
 from __future__ import annotations
 
 import csv
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -29,8 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_path
 from ..errors import NNDiffCheckpointError, NNDiffError
-from .residual_maps import revert_to_original_geometry, sliding_window, write_like_input
+from .whole_case import revert_to_original_geometry, sliding_window, write_like_input
 
 
 def _load_networks(model_folder: Path, folds: Sequence, checkpoint_name: str, device: torch.device):
@@ -97,16 +97,10 @@ def _write_image(arr: np.ndarray, properties: dict, path: Path) -> None:
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def write_discrepancy_maps(model_folder, input_folder, output_folder, folds: Optional[Iterable] = None,

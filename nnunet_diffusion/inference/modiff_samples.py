@@ -2,7 +2,7 @@
 
 nnU-Net's predictor returns one (fused) segmentation per case, so the n individual samples of a case are drawn in a
 second pass over the whole case: nnU-Net's preprocessing, the same tiling and Gaussian blending
-(``residual_maps.sliding_window``) and nnU-Net's geometry revert (``residual_maps.revert_to_original_geometry``).
+(``whole_case.sliding_window``) and nnU-Net's geometry revert (``whole_case.revert_to_original_geometry``).
 Each sample is then binarised by :func:`sample_segmentation` with the trainer config's ``sample_reading`` (default
 "raters": sample i keeps the voxels that at least k_i = 1 + ((i − 1) mod R) of the R raters mark in its sampled
 map, R = 1 for single-rater models; "threshold": the paper's probability ≥ 0.9 of §4.1, the config's
@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import NNDiffConfigError, NNDiffError
-from .residual_maps import (input_cases, load_model, preprocess_case, revert_to_original_geometry, sliding_window,
-                            write_like_input)
+from .whole_case import (input_cases, load_model, preprocess_case, revert_to_original_geometry, sliding_window,
+                         write_like_input)
 
 SAMPLES_FOLDER = "samples"
 METRIC_COLUMNS = ("ged", "hm_iou", "ncc", "ci", "s_c", "d_max", "d_a")

@@ -26,6 +26,8 @@ ENV_VARS = {
                          "(default); 'mirror' samples for every mirror (8x the sampling cost in 3D)",
     "NNDIFF_FUSION": "how several samples become one mask (heads that segment by sampling, e.g. MedSegDiff): "
                      "mean (default) or staple",
+    "NNDIFF_MISSING": "ReCoSeg: comma-separated input channel indices to treat as missing (e.g. 1,3); other heads "
+                      "refuse it (default: none missing)",
 }
 TTA_MODES = ("window", "mirror")
 FUSIONS = ("mean", "staple")

@@ -7,7 +7,7 @@ Calls:
   the image; the segmenter alone runs.
 - ``nnUNetv2_predict``, the final validation and ``nndiff predict``: before nnU-Net's sliding window runs,
   ``install_predictor_hook`` replaces the case by x ⊕ r of the whole case (``case_input`` →
-  ``residual_maps.case_residual``: T1ce synthesised per window with K reverse steps, Gaussian-blended over the
+  ``recoseg_residuals.case_residual``: T1ce synthesised per window with K reverse steps, Gaussian-blended over the
   case, r = |synthetic − real|), the very function that made stage 2's training residuals; nnU-Net's sliding
   window (and its mirroring) then runs the segmenter on C + 1 channels, as in training.
 - ``forward(x)`` with C channels in eval mode (a direct call, not from nnU-Net's predictor): each batch element is
@@ -26,7 +26,7 @@ from torch import nn
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffConfigError
 from ..heads import recoseg
-from . import residual_maps
+from . import recoseg_residuals
 from .options import SamplingOptions
 from .sampling_network import SamplingNetwork
 
@@ -104,9 +104,9 @@ class ReCoSegNetwork(SamplingNetwork):
 
     @torch.no_grad()
     def case_input(self, data: torch.Tensor, patch_size, step_size: float = 0.5) -> torch.Tensor:
-        """x ⊕ r (C + 1, *spatial) of one whole preprocessed case (C, *spatial): ``residual_maps.case_residual``,
+        """x ⊕ r (C + 1, *spatial) of one whole preprocessed case (C, *spatial): ``recoseg_residuals.case_residual``,
         the same computation that made the residual maps stage 2 trained on."""
-        x_seg, r = residual_maps.case_residual(self, data, patch_size, step_size)
+        x_seg, r = recoseg_residuals.case_residual(self, data, patch_size, step_size)
         return torch.cat([x_seg, r.to(x_seg.dtype)], 0)
 
     @torch.no_grad()

@@ -34,8 +34,8 @@ from ..nets import TimeConditionedUNet
 from ..nets.ddmd import AutoencoderEnsemble, encoder_strides
 from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
 from .diffusion_base import DiffusionTrainer
+from ..variables import DDMD_AES as AES_ENV
 
-AES_ENV = "NNDIFF_DDMD_AES"
 STAGE_NAMES = {1: "autoencoders", 2: "diffusion"}
 
 

@@ -31,13 +31,8 @@ from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
 from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
 from .diffusion_base import DiffusionTrainer
-
-BASELINE_ENV = "NNDIFF_BASELINE"
-
-
-def _poly(lr0: float, step: int, total: int) -> float:
-    """nnU-Net's PolyLRScheduler formula: lr0 · (1 − step/total)^0.9."""
-    return lr0 * (1 - step / max(total, 1)) ** 0.9
+from .lr_schedules import poly_lr
+from ..variables import BASELINE as BASELINE_ENV
 
 
 class StagedPolyLR:
@@ -53,14 +48,14 @@ class StagedPolyLR:
         s1, s2, s3 = tr.stage_epochs
         stage = tr.stage_of(epoch)
         if stage == 1:
-            lr = _poly(tr.initial_lr, epoch, s1)
+            lr = poly_lr(tr.initial_lr, epoch, s1)
         elif stage == 2:
             lr = 0.0
         else:
-            lr = _poly(hp["joint_backbone_lr"], epoch - s1 - s2, s3)
+            lr = poly_lr(hp["joint_backbone_lr"], epoch - s1 - s2, s3)
         for g in tr.optimizer.param_groups:
             g["lr"] = lr
-        refiner_lr = 0.0 if stage == 1 else _poly(hp["refiner_lr"], epoch - s1, s2 + s3)
+        refiner_lr = 0.0 if stage == 1 else poly_lr(hp["refiner_lr"], epoch - s1, s2 + s3)
         for g in tr.refiner_optimizer.param_groups:
             g["lr"] = refiner_lr
 

@@ -8,14 +8,14 @@ Stages by epoch (trainer_configs/recoseg.toml):
      segmentation, into ``<fold folder>/unlabelled/``); ``synthesis_cases = "unlabelled"`` trains it on those
      only, so the residuals stage 2 learns from come from a synthesiser that never saw the case, as at prediction;
   then, once: the residual map r = |synthetic − real T1ce| of every labelled case, computed with the frozen
-     synthesiser by ``residual_maps.case_residual`` over the whole preprocessed case and stored in
+     synthesiser by ``recoseg_residuals.case_residual`` over the whole preprocessed case and stored in
      ``<fold folder>/residuals/<case>.npy``;
   2. the segmenter on the modalities ⊕ r with nnU-Net's loss, SGD and poly learning rate, on a ``label_fraction``
      of the fold's training cases (1 = all; the paper's "reduced reliance on dense labels" as a knob). nnU-Net's
      data loader reads r as one more image channel, so cropping and augmentation move image and residual
      together, and no sampling loop runs inside a training step.
 ``nnUNetv2_predict`` (and the final validation) computes r of the whole case with the same
-``residual_maps.case_residual`` before nnU-Net's sliding window runs the segmenter (``install_predictor_hook``).
+``recoseg_residuals.case_residual`` before nnU-Net's sliding window runs the segmenter (``install_predictor_hook``).
 """
 from __future__ import annotations
 
@@ -38,15 +38,15 @@ from torch import distributed as dist
 
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import recoseg
-from ..inference import residual_maps
+from ..inference import recoseg_residuals
 from ..inference.recoseg_network import ReCoSegNetwork
 from ..nets import TimeConditionedUNet
 from .base import make_variants
 from .diffusion_base import DiffusionTrainer
-from .nndm import _poly
+from .lr_schedules import poly_lr
+from ..variables import UNLABELLED as UNLABELLED_ENV
 
 SEGMENTERS = ("planned", "light")
-UNLABELLED_ENV = "NNDIFF_UNLABELLED"
 UNLABELLED_PREFIX = "unlabelled__"  # identifiers of unlabelled cases, never equal to a labelled case's
 
 
@@ -121,7 +121,7 @@ class StagedLR:
         s1, s2 = tr.stage_epochs
         stage = tr.stage_of(epoch)
         for g in tr.optimizer.param_groups:
-            g["lr"] = 0.0 if stage == 1 else _poly(tr.initial_lr, epoch - s1, s2)
+            g["lr"] = 0.0 if stage == 1 else poly_lr(tr.initial_lr, epoch - s1, s2)
         for g in tr.synthesis_optimizer.param_groups:
             g["lr"] = float(tr.hparams()["synthesis_lr"]) if stage == 1 else 0.0
 
@@ -286,7 +286,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                                    f"{len(dataset_tr.identifiers)} training cases (label_fraction "
                                    f"{self.label_fraction}): {train_ids}")
         self.ensure_residuals(train_ids + dataset_val.identifiers)
-        wrapped = residual_maps.wrap_dataset_class(self.dataset_class, self.residual_folder)
+        wrapped = recoseg_residuals.wrap_dataset_class(self.dataset_class, self.residual_folder)
         return (wrapped(self.preprocessed_dataset_folder, train_ids, **kw),
                 wrapped(self.preprocessed_dataset_folder, dataset_val.identifiers, **kw))
 
@@ -302,7 +302,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
         try:
             with autocast:  # as nnU-Net's predictor does on CUDA; the sampler's arithmetic stays float32
-                done = residual_maps.precompute_residuals(
+                done = recoseg_residuals.precompute_residuals(
                     net, lambda i: reader.load_case(i)[0][:], mine, self.residual_folder,
                     self.configuration_manager.patch_size, self.device, progress=self.local_rank == 0)
         finally:

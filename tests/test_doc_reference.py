@@ -1,0 +1,219 @@
+"""documentation/reference/ and the README's generated blocks (``nndiff docs``, nnunet_diffusion/reference.py):
+the committed pages are what the code generates now, and the generator shows what it is given (made-up trainer
+configs, variables, options and benchmark results)."""
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nnunet_diffusion import reference, variables
+from nnunet_diffusion.inference import options
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "run `nndiff docs` and commit the pages it writes"
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return reference.pages(REPO)
+
+
+# ---------------------------------------------------------------------------------------------- committed = code
+def test_committed_reference_pages_are_current(generated):
+    stale = [p.as_posix() for p, text in generated.items()
+             if not (REPO / p).is_file() or (REPO / p).read_text(encoding="utf-8") != text]
+    assert not stale, f"out of date: {', '.join(stale)} (trainer configs, variables, nndiff options or benchmark " \
+                      f"results changed): {RUN}"
+
+
+def test_committed_readme_blocks_are_current():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    new, missing = reference.replace_blocks(readme, reference.readme_blocks(REPO))
+    assert not missing, f"README.md lacks the marker lines of the generated block(s) {missing}: " \
+                        f"'{reference.marker(missing[0])}' ... '{reference.END_MARKER}'"
+    assert new == readme, f"README.md's generated blocks are out of date: {RUN}"
+
+
+def test_every_nndiff_variable_in_the_code_is_in_the_registry():
+    """A NNDIFF_* name read anywhere (package, benchmarks, tests, Makefile) must have a help text."""
+    found = {}
+    sources = [*REPO.glob("nnunet_diffusion/**/*.py"), *REPO.glob("dataset_conversion/**/*.py"),
+               *REPO.glob("benchmarks/**/*.py"), *REPO.glob("tests/**/*.py"), REPO / "Makefile"]
+    for path in sources:
+        if path.name == Path(__file__).name or not path.is_file():
+            continue
+        for name in re.findall(r"NNDIFF_[A-Z][A-Z0-9_]*[A-Z0-9]", path.read_text(encoding="utf-8")):
+            found.setdefault(name, path.relative_to(REPO).as_posix())
+    assert len(found) >= 12  # the scan itself works (8 predict-time, 3 training, benchmark and test variables)
+    missing = {n: f for n, f in sorted(found.items()) if n not in variables.all_variables()}
+    assert not missing, f"NNDIFF_* variables without a help text in nnunet_diffusion/variables.py (or " \
+                        f"inference/options.py ENV_VARS): {missing}"
+
+
+def test_trainer_constants_take_their_names_from_the_registry():
+    from nnunet_diffusion import grid
+    from nnunet_diffusion.trainers import ddmd, nndm, recoseg
+    assert (nndm.BASELINE_ENV, grid.BASELINE_ENV, ddmd.AES_ENV, recoseg.UNLABELLED_ENV) == \
+        ("NNDIFF_BASELINE", "NNDIFF_BASELINE", "NNDIFF_DDMD_AES", "NNDIFF_UNLABELLED")
+    assert {"NNDIFF_BASELINE", "NNDIFF_DDMD_AES", "NNDIFF_UNLABELLED"} <= set(variables.TRAINING_VARIABLES)
+
+
+def test_every_trainer_class_is_on_the_trainers_page(generated):
+    """Names from the classes nnU-Net finds, not from the configs the page is generated from."""
+    from nnunet_diffusion.trainers import TRAINERS
+    page = generated[reference.REFERENCE / "trainers.md"]
+    missing = [n for n in TRAINERS if f"`{n}`" not in page]
+    assert not missing and "`nnUNetTrainerNNDM_paper`" in page and "`nnUNetTrainer_tiny`" in page, missing
+
+
+def test_every_subcommand_and_predict_flag_is_on_the_nndiff_page(generated):
+    page = generated[reference.REFERENCE / "nndiff.md"]
+    for cmd in ("env", "trainers", "predict", "grid", "docs", "convert-brats", "evaluate", "demo"):
+        assert f"## nndiff {cmd}\n" in page, cmd
+    for flag in ("--steps", "--samples", "--no-refine", "--missing", "--check"):
+        assert f"`{flag}" in page, flag
+
+
+# ---------------------------------------------------------------------------------------------- the generator
+FAKE_TOML = """\
+# Fakehead (Doe 2030; ../shared/papers/Fake.md) on nnU-Net's pipeline: a made-up head.
+
+[defaults]
+num_epochs = 10                 # ten epochs, ours
+num_iterations_per_epoch = 5
+# why this sampler: made-up reason
+sampler = "ddim"
+tag = "a # inside a string"     # the real comment
+
+[variants.quick]
+# rationale of the quick variant
+description = "fewer epochs | and a pipe"
+num_epochs = 2
+sampler = "ddpm"                # the paper's chain
+"""
+
+
+def test_a_made_up_config_appears_with_its_values_comments_and_variants():
+    text = reference.head_section("fakehead", FAKE_TOML, "nnUNetTrainerFake")
+    assert text.startswith("## Fakehead (Doe 2030)\n")
+    assert "| `num_epochs` | `10` | ten epochs, ours |" in text
+    assert "| `sampler` | `\"ddim\"` | why this sampler: made-up reason |" in text
+    assert "| `tag` | `\"a # inside a string\"` | the real comment |" in text
+    # the variant: its class name, 2 epochs x 5 iterations = 10 optimiser steps, escaped description, its changes
+    row = next(line for line in text.splitlines() if line.startswith("| `nnUNetTrainerFake_quick`"))
+    assert row == ("| `nnUNetTrainerFake_quick` | 10 | fewer epochs \\| and a pipe | `num_epochs = 2`; "
+                   "`sampler = \"ddpm\"` (the paper's chain) |")
+    assert "- `nnUNetTrainerFake_quick`: rationale of the quick variant" in text
+    assert "schedule of [defaults]: 50 optimiser steps" in " ".join(text.split())  # 10 epochs x 5 iterations
+
+
+def test_a_variant_removed_from_the_config_disappears():
+    without = FAKE_TOML.split("[variants.quick]")[0]
+    text = reference.head_section("fakehead", without, "nnUNetTrainerFake")
+    assert "nnUNetTrainerFake_quick" not in text and "No variants." in text
+
+
+def test_made_up_variables_appear_on_the_environment_page(monkeypatch):
+    monkeypatch.setitem(variables.TRAINING_VARIABLES, "NNDIFF_MADE_UP", "a made-up training switch")
+    monkeypatch.setitem(options.ENV_VARS, "NNDIFF_INVENTED", "an invented predict <option>")
+    page = reference.environment_page()
+    assert "| `NNDIFF_MADE_UP` | a made-up training switch |" in page
+    assert "| `NNDIFF_INVENTED` |  | an invented predict &lt;option> |" in page
+    assert "| `NNDIFF_STEPS` | `--steps` |" in page and "| `NNDIFF_REFINE` | `--no-refine` |" in page
+
+
+def _parser(with_beta: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nndiff", description="made-up tool")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("alpha", help="the alpha command")
+    p.add_argument("target", help="what to alpha")
+    if with_beta:
+        p.add_argument("--beta", type=int, default=3, help="beta value (%(default)s unless given)")
+    p.add_argument("--gamma", nargs=3, type=int, default=(1, 2, 3), metavar=("Z", "Y", "X"))
+    p.add_argument("--hidden", help=argparse.SUPPRESS)
+    return parser
+
+
+def test_options_appear_and_a_removed_option_disappears():
+    page = reference.nndiff_page(_parser(with_beta=True))
+    assert "| [`nndiff alpha`](#nndiff-alpha) | the alpha command |" in page
+    assert "| `--beta BETA` | `3` | beta value (3 unless given) |" in page
+    assert "| `--gamma Z Y X` | `1 2 3` |  |" in page
+    assert "| `target` | required | what to alpha |" in page
+    assert "nndiff alpha [-h] [--beta BETA] [--gamma Z Y X] target" in page
+    assert "--hidden" not in page  # suppressed options are not documented
+    assert "--beta" not in reference.nndiff_page(_parser(with_beta=False))
+
+
+def test_the_nndiff_page_does_not_depend_on_the_terminal_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    wide = reference.nndiff_page()
+    monkeypatch.setenv("COLUMNS", "40")
+    assert reference.nndiff_page() == wide
+
+
+def _fake_table_result() -> dict:
+    stats = {"mean": 0.9, "interval": [0.85, 0.95]}
+    return {"regions": ["WT"], "date": "2031-01-02 03:04 UTC", "machine": "a made-up machine", "command":
+            "python -m benchmarks --part table", "budget_steps": 2000, "heldout_cases": ["c1", "c2", "c3"],
+            "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
+            "budget": {"nnUNetTrainer_table": {"steps": 2000, "seconds": 600},
+                       "nnUNetTrainerFake_table": {"steps": 2000, "seconds": 1200}},
+            "rows": [{"trainer": "nnUNetTrainer_table", "setting": "stock", "seconds_per_case": 2.0,
+                      "dice": {"WT": stats}, "hd95": {"WT": {"mean": 5.0, "interval": [4.0, 6.0]}}},
+                     {"trainer": "nnUNetTrainerFake_table", "setting": "ddim 5", "seconds_per_case": 3.0,
+                      "dice": {"WT": stats}, "hd95": {"WT": {"mean": 5.0, "interval": [4.0, 6.0]}},
+                      "against_stock": {"WT": {"verdict": "no significant difference", "mean_difference": 0.0,
+                                               "p_value": 0.9}}}]}
+
+
+def test_the_headline_is_the_table_when_measured_and_says_so_when_not():
+    absent = reference.headline_block(None)
+    assert "not measured yet" in absent and "`make table`" in absent and "in progress" in absent
+    measured = reference.headline_block(_fake_table_result())
+    assert "nnUNetTrainerFake_table" in measured and "a made-up machine" in measured
+    assert "`python -m benchmarks --part table`" in measured and "not measured yet" not in measured
+
+
+def test_costs_page_says_what_is_absent_and_renders_what_is_there(tmp_path):
+    page = reference.costs_page(tmp_path)
+    assert "table.json does not exist" in page and "`make table`" in page
+    assert "speed.json does not exist" in page
+    speed = json.loads((REPO / "benchmarks" / "results" / "speed.json").read_text())
+    speed["meta"]["command"] = "python -m benchmarks --part speed --made-up-flag"
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    (tmp_path / "ddmd_auc.json").write_text("{}")
+    page = reference.costs_page(tmp_path)
+    assert "Measured by `python -m benchmarks --part speed --made-up-flag`" in page
+    assert "speed.json does not exist" not in page
+    assert "- ddmd_auc.json: `python -m benchmarks.ddmd_auc`" in page
+
+
+def test_replace_blocks_keeps_everything_outside_the_markers():
+    text = f"intro\n{reference.marker('heads')}\nold\nlines\n{reference.END_MARKER}\nafter\n"
+    new, missing = reference.replace_blocks(text, {"heads": "NEW", "headline": "H"})
+    assert new == f"intro\n{reference.marker('heads')}\nNEW\n{reference.END_MARKER}\nafter\n"
+    assert missing == ["headline"]
+
+
+def test_nndiff_docs_check_names_each_stale_page_and_writing_fixes_it(tmp_path, capsys):
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "README.md").write_text(f"# x\n{reference.marker('headline')}\n{reference.END_MARKER}\n"
+                                        f"{reference.marker('heads')}\n{reference.END_MARKER}\n")
+    assert reference.run_docs(check=True, repo=tmp_path) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "documentation/reference/trainers.md" in err and "README.md" in err
+    assert not (tmp_path / "documentation").exists()  # --check writes nothing
+    assert reference.run_docs(repo=tmp_path) == 0
+    assert reference.run_docs(check=True, repo=tmp_path) == 0
+    page = tmp_path / "documentation" / "reference" / "environment.md"
+    page.write_text(page.read_text() + "hand edit\n")
+    capsys.readouterr()
+    assert reference.run_docs(check=True, repo=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "documentation/reference/environment.md" in err and "trainers.md" not in err
+    (tmp_path / "README.md").write_text("# no markers\n")
+    assert reference.run_docs(repo=tmp_path) == 1
+    assert "README.md has no '<!-- generated by nndiff docs: headline -->'" in capsys.readouterr().err

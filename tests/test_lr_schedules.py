@@ -1,0 +1,19 @@
+"""The staged trainers' poly decay is nnU-Net's own PolyLRScheduler."""
+import pytest
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnunet_diffusion.trainers.lr_schedules import poly_lr
+
+
+@pytest.mark.parametrize("lr0,total", [(1e-2, 7), (3e-4, 1), (0.5, 40)])
+def test_poly_lr_follows_nnunets_poly_scheduler_step_by_step(lr0, total):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
+    nnunet = PolyLRScheduler(optimizer, lr0, total)
+    for step in range(total):
+        nnunet.step(step)
+        assert poly_lr(lr0, step, total) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_poly_lr_of_an_empty_stage_is_not_a_division_by_zero():
+    assert poly_lr(0.01, 0, 0) == 0.01
