@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
-    run_demo(workdir, variant=args.variant)  # trains what is missing; reuses what is there
+    run_demo(workdir, variant=args.variant, all_heads=True)  # trains what is missing; reuses what is there
     use_demo_workdir(workdir)
     import torch
 

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         ap.error(f"--cases must be at least 2; got {args.cases}")
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
-    run_demo(workdir, variant=args.variant)  # trains what is missing; reuses what is there
+    run_demo(workdir, variant=args.variant, all_heads=True)  # trains what is missing; reuses what is there
     use_demo_workdir(workdir)
     from nnunet_diffusion.evaluation.evaluate import write_text_atomic
     raw, phantoms = make_heldout(workdir, args.cases, args.seed)

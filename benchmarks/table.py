@@ -4,8 +4,8 @@ held-out cases, each head at the cheapest sampler that keeps its accuracy.
 This module holds the table's machinery, each piece small enough to test on made-up inputs
 (tests/test_table.py):
 
-- budget accounting: :func:`optimizer_steps` (what a trainer variant will train) and :func:`training_budget` (what a
-  finished training did, read from its checkpoint);
+- budget accounting: ``optimizer_steps`` (what a trainer variant will train) and ``training_budget`` (what a
+  finished training did, read from its checkpoint), from nnunet_diffusion/budget.py;
 - statistics: :func:`bootstrap_interval` (95 % percentile bootstrap of a mean, SciPy's), :func:`paired_test`
   (SciPy's Wilcoxon signed-rank test against stock, paired by case) and :func:`verdict`;
 - the default-choosing rule: :func:`cheapest_within`;
@@ -29,46 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# ------------------------------------------------------------------------------------------------ budget
-def optimizer_steps(head: str, variant: str | None) -> int:
-    """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch: its whole
-    schedule's epochs x ``num_iterations_per_epoch``."""
-    from nnunet_diffusion import config
-    hp = config.resolve(head, variant)
-    return config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
-
-
-@dataclass(frozen=True)
-class Budget:
-    steps: int        # optimiser steps
-    seconds: float    # wall time of those steps' epochs
-
-
-def training_budget(checkpoint: str | os.PathLike) -> Budget:
-    """What a (finished or interrupted) training spent, read from its checkpoint: the epochs it completed
-    (nnU-Net's ``current_epoch``) x its trainer's ``num_iterations_per_epoch`` optimiser steps, and the wall time of
-    those epochs from nnU-Net's own per-epoch timestamps (set-up, data unpacking and the final validation are not
-    part of it; a resumed training counts the epochs of the model it finished with, once each). A training seeded
-    from another checkpoint (NNDM's ``NNDIFF_BASELINE``: its stage 1 skipped) adds that checkpoint's budget."""
-    import torch
-
-    from nnunet_diffusion.trainers import TRAINERS
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    name = ckpt["trainer_name"]
-    if name not in TRAINERS:
-        raise ValueError(f"{checkpoint}: written by {name!r}, not a trainer of this package; its steps per epoch "
-                         f"are unknown")
-    steps = int(ckpt["current_epoch"]) * int(TRAINERS[name].hparams()["num_iterations_per_epoch"])
-    log = ckpt["logging"]
-    seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
-    seed = (ckpt.get("nnunet_diffusion") or {}).get("nndm_baseline")
-    if seed:
-        if not os.path.isfile(seed):
-            raise FileNotFoundError(f"{checkpoint} was seeded from {seed}, which no longer exists: its steps are "
-                                    f"part of this training's budget")
-        before = training_budget(seed)
-        steps, seconds = steps + before.steps, seconds + before.seconds
-    return Budget(steps, seconds)
+# budget accounting lives in the package (the demo uses it too)
+from nnunet_diffusion.budget import Budget, optimizer_steps, training_budget  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -163,7 +125,7 @@ class TableState:
         return self.records[key]
 
     def record(self, key: str, value) -> None:
-        from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+        from nnunet_diffusion.atomic import write_text_atomic
         self.records[key] = value
         write_text_atomic(self.path, json.dumps(self.records, indent=2, sort_keys=True))
 
@@ -584,7 +546,7 @@ class TableRun:
                 "rows": rows}
 
     def write(self) -> None:
-        from nnunet_diffusion.evaluation.evaluate import write_text_atomic
+        from nnunet_diffusion.atomic import write_text_atomic
         result = self.result()
         out = self.args.out or RESULTS / ("table.json" if self.args.device == "cpu" else "table_cuda.json")
         plot_curves(result, out.with_name(out.stem + "_curves.png"))

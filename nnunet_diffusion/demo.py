@@ -1,19 +1,23 @@
 """``nndiff demo`` (``make demo``): the whole road a BraTS user takes, on semi-synthetic phantoms, through
-nnU-Net's own console scripts.
+nnU-Net's own console scripts, in about 10 minutes on 2 CPU cores.
 
 1. phantoms in the BraTS 2021 organisers' layout (training folder with labels, validation folder without)
 2. nndiff convert-brats → Dataset501_BraTS2021 in $nnUNet_raw
 3. nnUNetv2_plan_and_preprocess
-4. nnUNetv2_train fold 0: nnUNetTrainer_<v> (stock, shortened), nnUNetTrainerNNDM_<v> (starting from it, via
-   NNDIFF_BASELINE), nnUNetTrainerMedSegDiff_<v>, nnUNetTrainerReCoSeg_<v>, nnUNetTrainerMoDiff_<v> (on the
-   single-rater BraTS regions) and nnUNetTrainerDDMD_<v>
-5. nndiff compare on fold 0's validation cases (+ NNDM with its refinement off, ReCoSeg with T1ce or FLAIR
-   missing at prediction), table and figures
-6. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names; ReCoSeg's residual
-   maps of those cases (NIfTI + PNG)
+4. nnUNetv2_train fold 0: stock nnUNetTrainer_<v> and nnUNetTrainerNNDM_<v> (its whole schedule, nnU-Net stage
+   included), at the same number of optimiser steps; ``--all-heads`` adds MedSegDiff, ReCoSeg, MoDiff (on the
+   single-rater BraTS regions) and DDMD, at that budget too
+5. nnUNetv2_predict of fold 0's validation cases with NNDM's refinement off (and, with ``--all-heads``, ReCoSeg
+   with T1ce or FLAIR missing)
+6. nndiff compare on fold 0's validation cases: legacy and BraTS 2023 lesion-wise metrics, one picture per case
+   with a panel per trainer
+7. nnUNetv2_predict of the BraTS validation cases with NNDM, back to BraTS labels and names (with ``--all-heads``
+   also ReCoSeg's residual maps of those cases)
 
-Every step's full output goes to <workdir>/logs/; the terminal shows a progress bar per step. Re-running
-reuses finished steps (delete the workdir or pass --fresh to start over).
+Every comparison it prints is at equal budget: the trainers' ``[variants.<v>]`` must give the same optimiser steps
+(checked before training), and the trained checkpoints must show them (checked before the table; the table names
+each row's steps and wall time). Every step's full output goes to <workdir>/logs/; the terminal shows a progress
+bar per step. Re-running reuses finished steps and resumes an interrupted training (``--fresh`` starts over).
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import shutil
 import time
 from pathlib import Path
 
-
+from .atomic import write_text_atomic
 from .environment import BIN, environment_with_trainers, run_logged as _run
+from .errors import NNDiffError
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
@@ -31,20 +36,45 @@ DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 PHANTOMS = {"edition": "2021", "seed": 0, "spacing": 4, "crop": "brain"}
 HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
          ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
+DEFAULT_HEADS = ("nnunet", "nndm")
+REGIONS = ("WT", "TC", "ET")
 
 
-def _epochs(head: str, variant: str) -> int:
-    from . import config
-    # NNDM starts from the trained baseline (stage 1 skipped)
-    return config.total_epochs(config.resolve(head, variant), head, from_baseline=True)
+def demo_heads(all_heads: bool) -> tuple[tuple[str, str], ...]:
+    return HEADS if all_heads else tuple(h for h in HEADS if h[0] in DEFAULT_HEADS)
 
 
-def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
+def planned_budget(variant: str, heads) -> int:
+    """The optimiser steps every demo trainer will take; unequal budgets stop the demo before any training."""
+    from .budget import optimizer_steps
+    steps = {f"{cls}_{variant}": optimizer_steps(head, variant) for head, cls in heads}
+    if len(set(steps.values())) != 1:
+        raise NNDiffError(f"--variant {variant}: the demo compares trainers at equal budget, but their schedules "
+                          f"take unequal optimiser steps ({', '.join(f'{t}: {s}' for t, s in steps.items())}); make "
+                          f"their [variants.{variant}] in trainer_configs/ agree")
+    return next(iter(steps.values()))
+
+
+def trained_budgets(results: Path, trainers: dict) -> dict:
+    """{trainer: Budget} read from each final checkpoint; unequal steps are an error (the comparison would be
+    unfair)."""
+    from .budget import training_budget
+    budgets = {t: training_budget(results / f"{t}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+               for t in trainers.values()}
+    if len({b.steps for b in budgets.values()}) != 1:
+        raise NNDiffError("the trained demo models took unequal optimiser steps ("
+                          + ", ".join(f"{t}: {b.steps}" for t, b in budgets.items())
+                          + "); delete their folders or run with --fresh")
+    return budgets
+
+
+def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_heads: bool = False) -> int:
     from . import config
     from .dataset_conversion.brats import convert_brats, convert_predictions_to_brats
     from .dataset_conversion.phantoms import make_phantoms
-    for head, _ in HEADS:
-        config.resolve(head, variant)  # an unknown variant: a clear error now, not after minutes of work
+    t_start = time.time()
+    heads = demo_heads(all_heads)
+    steps = planned_budget(variant, heads)  # also: an unknown variant is a clear error now, not after minutes
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
@@ -55,44 +85,48 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
     env = {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
     logs, results = workdir / "logs", Path(env["nnUNet_results"]) / DATASET
     raw = Path(env["nnUNet_raw"]) / DATASET
-    trainers = {head: f"{cls}_{variant}" for head, cls in HEADS}
+    trainers = {head: f"{cls}_{variant}" for head, cls in heads}
     timings = {}
-    print(f"nndiff demo in {workdir} (logs in {logs})")
+    print(f"nndiff demo in {workdir} (logs in {logs}); {len(trainers)} trainers, {steps} optimiser steps each")
 
     brats = workdir / "BraTS2021_download"
     if not (brats / "done").is_file():
         t0 = time.time()
-        print("[1/6] semi-synthetic BraTS 2021 phantoms (MNI152 anatomy, 4 mm): 10 training + 2 validation cases")
+        print("[1/7] semi-synthetic BraTS 2021 phantoms (MNI152 anatomy, 4 mm): 10 training + 2 validation cases")
         folders = make_phantoms(brats, n=10, n_val=2, overwrite=True, **PHANTOMS)
-        (brats / "done").write_text(json.dumps({k: str(v) for k, v in folders.items()}))
+        write_text_atomic(brats / "done", json.dumps({k: str(v) for k, v in folders.items()}))
         timings["phantoms"] = time.time() - t0
     folders = json.loads((brats / "done").read_text())
     if not (raw / "dataset.json").is_file():
-        print(f"[2/6] nndiff convert-brats → {raw}")
-        os_env_raw = env["nnUNet_raw"]
-        res = convert_brats([folders["training"], folders["validation"]], "2021", raw_root=os_env_raw,
+        print(f"[2/7] nndiff convert-brats → {raw}")
+        res = convert_brats([folders["training"], folders["validation"]], "2021", raw_root=env["nnUNet_raw"],
                             dataset_id=DATASET_ID, overwrite=True)
         print(f"      {res.num_training} training cases (imagesTr/labelsTr), {res.num_test} validation (imagesTs)")
     if not (Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").is_file():
         timings["plan_and_preprocess"] = _run(
             [BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1", "-np", "1",
              "--verify_dataset_integrity"], env, logs / "plan_and_preprocess.log",
-            "[3/6] nnUNetv2_plan_and_preprocess")
+            "[3/7] nnUNetv2_plan_and_preprocess")
     for head, trainer in trainers.items():
-        if (results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file():
+        fold = results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+        if (fold / "checkpoint_final.pth").is_file():
             continue
-        extra = {"NNDIFF_BASELINE": trainers["nnunet"]} if head == "nndm" else {}
+        resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
         timings[f"train {trainer}"] = _run(
-            [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-            dict(env, **extra), logs / f"train_{trainer}.log", f"[4/6] nnUNetv2_train -tr {trainer}",
-            _epochs(head, variant), r"Epoch \d+$")
+            [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu", *resume],
+            env, logs / f"train_{trainer}.log",
+            f"[4/7] nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}",
+            config.total_epochs(config.resolve(head, variant), head), r"Epoch \d+$")
+    budgets = trained_budgets(results, trainers)
 
     # more "methods" for the table, predicted on the same validation cases: NNDM with its refinement off, ReCoSeg
     # with a modality missing (channel 1 = T1ce, 3 = FLAIR in nnU-Net's BraTS order)
     split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[0]
-    extra_methods = {f"{trainers['nndm']}_refine_off": (trainers["nndm"], {"NNDIFF_REFINE": "0"}),
-                     f"{trainers['recoseg']}_missing_T1ce": (trainers["recoseg"], {"NNDIFF_MISSING": "1"}),
-                     f"{trainers['recoseg']}_missing_FLAIR": (trainers["recoseg"], {"NNDIFF_MISSING": "3"})}
+    extra_methods = {f"{trainers['nndm']}_refine_off": (trainers["nndm"], {"NNDIFF_REFINE": "0"})}
+    if "recoseg" in trainers:
+        extra_methods.update({f"{trainers['recoseg']}_missing_T1ce": (trainers["recoseg"], {"NNDIFF_MISSING": "1"}),
+                              f"{trainers['recoseg']}_missing_FLAIR": (trainers["recoseg"], {"NNDIFF_MISSING": "3"})})
+
     def up_to_date(path: Path, trainer: str) -> bool:
         """``path`` exists and was written after ``trainer``'s final checkpoint (a retrained model redoes it)."""
         ckpt = results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
@@ -114,53 +148,85 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo") -> int:
         timings[f"predict {name}"] = _run(
             [BIN / "nnUNetv2_predict", "-i", inputs, "-o", tmp, "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0",
              "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], dict(env, **extra_env),
-            logs / f"predict_{name}.log", f"[5/6] nnUNetv2_predict {trainer}, {setting} (validation cases)")
+            logs / f"predict_{name}.log", f"[5/7] nnUNetv2_predict {trainer}, {setting} (validation cases)")
         tmp.rename(folder)
     compare_dir = workdir / "compare"
     timings["compare"] = _run(
-        [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", trainers["nnunet"], trainers["nndm"],
-         trainers["medsegdiff"], trainers["recoseg"], trainers["modiff"],
-         trainers["ddmd"], *extra_methods, "-f", "0", "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1",
-         "--no-progress"], env, logs / "compare.log", "[5/6] nndiff compare (fold 0 validation cases)")
+        [BIN / "nndiff", "compare", "-d", DATASET_ID, "-tr", *trainers.values(), *extra_methods, "-f", "0",
+         "--baseline", trainers["nnunet"], "-o", compare_dir, "-np", "1", "--no-progress"], env,
+        logs / "compare.log", "[6/7] nndiff compare (fold 0 validation cases, legacy and lesion-wise)")
 
     submission = workdir / "BraTS2021_submission"
+    pred = workdir / "predictions_validation"
     if not up_to_date(submission, trainers["nndm"]):
         shutil.rmtree(submission, ignore_errors=True)
-        pred = workdir / "predictions_validation"
         shutil.rmtree(pred, ignore_errors=True)
         timings["predict BraTS validation"] = _run(
             [BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", pred, "-d", DATASET_ID, "-c", "3d_fullres",
              "-f", "0", "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], env,
-            logs / "predict_validation.log", "[6/6] nnUNetv2_predict NNDM (BraTS validation cases)")
+            logs / "predict_validation.log", "[7/7] nnUNetv2_predict NNDM (BraTS validation cases)")
         convert_predictions_to_brats(pred, submission, "2021", progress=False)
     recoseg_pred = workdir / "predictions_validation_recoseg"
-    if not up_to_date(recoseg_pred / "residuals", trainers["recoseg"]):
+    if "recoseg" in trainers and not up_to_date(recoseg_pred / "residuals", trainers["recoseg"]):
         shutil.rmtree(recoseg_pred, ignore_errors=True)
         timings["predict BraTS validation, ReCoSeg with residual maps"] = _run(
             [BIN / "nndiff", "predict", "--residuals", "-i", raw / "imagesTs", "-o", recoseg_pred, "-d", DATASET_ID,
              "-c", "3d_fullres", "-f", "0", "-tr", trainers["recoseg"], "-device", "cpu", "-npp", "1", "-nps", "1"],
             env, logs / "predict_validation_recoseg.log",
-            "[6/6] nndiff predict --residuals ReCoSeg (BraTS validation cases)")
+            "[7/7] nndiff predict --residuals ReCoSeg (BraTS validation cases)")
 
     summary = json.loads((compare_dir / "summary.json").read_text())
-    print("\nDice (%) on fold 0's validation cases, mean over cases (nndiff compare; full table: "
-          f"{compare_dir / 'table.md'}):")
-    _print_dice(summary)
+    method_trainer = {**{t: t for t in trainers.values()}, **{m: t for m, (t, _) in extra_methods.items()}}
+    print()
+    for line in comparison_table(summary, method_trainer, budgets):
+        print(line)
+    total = time.time() - t_start
     for k, v in timings.items():
         print(f"  time {k}: {v:.0f} s")
-    print(f"figures: {compare_dir / 'figures'}")
-    print(f"BraTS-format predictions of the validation cases (labels 1, 2, 4): {submission}")
-    print(f"ReCoSeg residual maps |synthetic T1ce - T1ce| (NIfTI and PNG): {recoseg_pred / 'residuals'}")
-    print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS.")
-    (workdir / "demo_results.json").write_text(json.dumps({"seconds": timings}, indent=2))
+    print(f"  time, whole demo (this run): {total / 60:.1f} min")
+    figures = sorted((compare_dir / "figures").glob("case_*.png")) if (compare_dir / "figures").is_dir() else []
+    print("\nWhere the outputs are:")
+    print(f"  table (legacy and lesion-wise, paired tests): {compare_dir / 'table.md'}   <- open this first")
+    if figures:
+        print(f"  one picture per drawn case, a panel per trainer: {figures[0]}"
+              + (f" (+{len(figures) - 1} more in {figures[0].parent})" if len(figures) > 1 else ""))
+    print(f"  box plots and per-case/per-lesion CSVs: {compare_dir}")
+    print(f"  NIfTI predictions of fold 0's validation cases: {results}/<trainer>__nnUNetPlans__3d_fullres/fold_0/"
+          "validation")
+    print(f"  NNDM's predictions of the BraTS validation cases (nnU-Net labels): {pred}")
+    print(f"  the same in BraTS format (labels 1, 2, 4, BraTS names), ready to submit: {submission}")
+    if "recoseg" in trainers:
+        print(f"  ReCoSeg residual maps |synthetic T1ce - T1ce| (NIfTI and PNG): {recoseg_pred / 'residuals'}")
+    print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS; "
+          "the equal-budget comparison on held-out cases is `make table`.")
+    write_text_atomic(workdir / "demo_results.json", json.dumps(
+        {"seconds": timings, "total_seconds": total, "variant": variant, "all_heads": all_heads,
+         "budgets": {t: {"steps": b.steps, "seconds": b.seconds} for t, b in budgets.items()}}, indent=2))
     return 0
 
 
-def _print_dice(summary: dict) -> None:
-    """The Dice of ``nndiff compare``'s summary.json: metrics → trainer → region → dice → cases → mean."""
-    rows = {trainer: {region: m["dice"]["cases"]["mean"] for region, m in per_region.items()}
-            for trainer, per_region in summary["metrics"].items()}
-    regions = [r for r in next(iter(rows.values())) if r != "mean over regions"]
-    print(f"{'':44s}" + "".join(f"{r:>18s}" for r in regions))
-    for trainer, d in rows.items():
-        print(f"{trainer:44s}" + "".join(f"{100 * d[r]:18.1f}" for r in regions))
+def comparison_table(summary: dict, method_trainer: dict, budgets: dict) -> list[str]:
+    """The demo's table: one row per compared method with the optimiser steps and training wall time of the
+    trainer behind it, Dice (%) per region, legacy beside BraTS 2023 lesion-wise. ``summary``: ``nndiff
+    compare``'s summary.json (metrics → method → region → metric → cases → mean)."""
+    steps = {b.steps for b in budgets.values()}
+    head = (f"Dice (%) on fold 0's validation cases, mean over cases. Equal budget: every trainer took "
+            f"{'/'.join(map(str, sorted(steps)))} optimiser steps (the stock model as many as NNDM's whole schedule, "
+            f"its nnU-Net stage included).")
+    metrics = summary["metrics"]
+    lesionwise = any("lesionwise_dice" in r for m in metrics.values() for r in m.values())
+    cols = [f"{r}" for r in REGIONS] + ([f"LW {r}" for r in REGIONS] if lesionwise else [])
+    out = [head, f"{'method':44s}{'steps':>7s}{'train':>8s}" + "".join(f"{c:>8s}" for c in cols)]
+    for method, per_region in metrics.items():
+        b = budgets[method_trainer[method]]
+        cells = []
+        for key in ("dice",) + (("lesionwise_dice",) if lesionwise else ()):
+            for r in REGIONS:
+                v = per_region.get(r, {}).get(key, {}).get("cases", {}).get("mean")
+                cells.append("     n/a" if v is None else f"{100 * v:8.1f}")
+        out.append(f"{method:44s}{b.steps:7d}{b.seconds:7.0f}s" + "".join(cells))
+    if lesionwise:
+        conv = summary.get("lesionwise", {}).get("convention", "")
+        out.append(f"LW = BraTS 2023 lesion-wise Dice{f' ({conv} convention)' if conv else ''}; legacy = whole-volume "
+                   f"Dice. 'train' = wall time of the trainer's epochs.")
+    return out

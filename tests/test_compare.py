@@ -189,7 +189,7 @@ def test_compare_two_trainers_two_folds_cli(fake_results, trained, nnunet_paths,
     with_unc = assert_png_not_blank(figs / f"case_{cases[0]}.png")
     for metric in ("dice", "hd95", "vs", "iou", "miou", "lesionwise_dice", "lesionwise_hd95"):
         assert_png_not_blank(figs / f"box_{metric}.png")
-    # the same case drawn without the uncertainty map has one row fewer (FLAIR and T1ce rows only)
+    # the same case drawn without the uncertainty map has half the rows (the three views, no uncertainty block)
     dj = json.loads((trained.raw / "dataset.json").read_text())
     regions = list(REGIONS.items())
     without = case_figure(cases[0], gt / f"{cases[0]}.nii.gz", {"FakeA": (val_a / f"{cases[0]}.nii.gz", None)},

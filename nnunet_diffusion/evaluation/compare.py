@@ -51,8 +51,7 @@ def compare_metrics(df) -> tuple[tuple[str, str], ...]:
 
 
 _SOURCE_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-_REFERENCE_COLOUR = "#2ca02c"
-_LINESTYLES = ("solid", "dashed", "dotted", "dashdot")
+_REGION_COLOURS = ("#ffd700", "#ff3030", "#00e5ff", "#7CFC00", "#ff69b4")  # one per region, every panel
 
 
 @dataclass
@@ -445,11 +444,27 @@ def _slice(volume: np.ndarray, view: int, index: int) -> np.ndarray:
     return np.take(volume, index, axis=view)
 
 
+def _wrap_name(name: str, width: int = 22) -> str:
+    """A trainer name broken at its underscores into lines of at most ``width`` characters (panel titles)."""
+    lines, cur = [], ""
+    for part in name.split("_"):
+        piece = part if not cur else "_" + part
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur)
+            cur = "_" + part
+        else:
+            cur += piece
+    return "\n".join(lines + [cur])
+
+
 def case_figure(case: str, reference: Path, predictions: dict, baseline: str, regions, dataset_json: dict,
                 images_dir: Path, file_ending: str, path: Path) -> Path:
-    """Axial / coronal / sagittal slices through the tumour's centre of mass: each picked image channel with the
-    contours of every region (line style) for the reference and every trainer (colour), then one row per
-    uncertainty map. ``predictions``: {trainer: (prediction file, uncertainty file or None)}."""
+    """Small multiples of one case: a column per segmentation (the reference first, then the baseline, then every
+    other trainer), a row per view (axial / coronal / sagittal through the tumour's centre of mass), the same slice
+    of the same image channel in every panel, each region's outline in its own colour (the same in every panel).
+    Trainers that wrote an uncertainty map get a second block of rows with it (the reference's outline of the
+    first region on top, for orientation). ``predictions``: {trainer: (prediction file, uncertainty file or
+    None)}."""
     import SimpleITK as sitk
     plt = _mpl()
     from matplotlib.lines import Line2D
@@ -459,19 +474,18 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
         return sitk.GetArrayFromImage(img), img.GetSpacing()[::-1]
 
     ref, spacing = read(reference)
-    segs = {"reference": ref}
-    uncert = {}
-    for tr, (pred, unc) in predictions.items():
-        segs[tr] = read(pred)[0]
-        if unc is not None:
-            uncert[tr] = read(unc)[0].astype(np.float32)
-    images = []
+    others = [t for t in predictions if t != baseline]
+    order = ([baseline] if baseline in predictions else []) + others
+    segs = {"reference": ref, **{tr: read(predictions[tr][0])[0] for tr in order}}
+    uncert = {tr: read(predictions[tr][1])[0].astype(np.float32) for tr in order if predictions[tr][1] is not None}
+    image = None
     for ch, label in pick_channels(dataset_json):
         f = images_dir / f"{case}_{ch:04d}{file_ending}"
         if f.is_file():
-            images.append((label, read(f)[0].astype(np.float32)))
-    if not images:  # no raw image found: draw the contours on the reference label map itself
-        images.append(("reference labels (image not found)", ref.astype(np.float32)))
+            image = (label, read(f)[0].astype(np.float32))
+            break
+    if image is None:  # no raw image found: draw the outlines on the reference label map itself
+        image = ("reference labels (image not found)", ref.astype(np.float32))
 
     fg = ref > 0
     if not fg.any():
@@ -480,51 +494,58 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
               else np.array(ref.shape) // 2)
     views = (("axial", 0), ("coronal", 1), ("sagittal", 2))
     aspects = {0: spacing[1] / spacing[2], 1: spacing[0] / spacing[2], 2: spacing[0] / spacing[1]}
-    colours = {"reference": _REFERENCE_COLOUR}
-    others = [t for t in predictions if t != baseline]
-    order = ([baseline] if baseline in predictions else []) + others
-    for i, tr in enumerate(order):
-        colours[tr] = _SOURCE_COLOURS[i % len(_SOURCE_COLOURS)]
+    region_colours = {name: _REGION_COLOURS[k % len(_REGION_COLOURS)] for k, (name, _) in enumerate(regions)}
 
-    n_rows = len(images) + len(uncert)
-    fig, axes = plt.subplots(n_rows, 3, figsize=(10.5, 3.4 * n_rows + 0.8), squeeze=False)
-    for row, (label, img) in enumerate(images):
-        lo, hi = np.percentile(img, (1, 99.5))
-        for col, (vname, axis) in enumerate(views):
+    columns = list(segs)
+    n_rows = len(views) * (2 if uncert else 1)
+    fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.9 * len(columns) + 0.6, 1.9 * n_rows + 1.0),
+                             squeeze=False)
+    label, img = image
+    lo, hi = np.percentile(img, (1, 99.5))
+    for row, (vname, axis) in enumerate(views):
+        origin = "upper" if axis == 0 else "lower"
+        plane = _slice(img, axis, centre[axis])
+        for col, src in enumerate(columns):
             ax = axes[row][col]
-            origin = "upper" if axis == 0 else "lower"
-            ax.imshow(_slice(img, axis, centre[axis]), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
-                      origin=origin, aspect=aspects[axis], interpolation="nearest")
-            for src, seg in segs.items():
-                for k, (_, region) in enumerate(regions):
-                    mask = region_mask(_slice(seg, axis, centre[axis]), region)
-                    if mask.any() and not mask.all():
-                        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colours[src]],
-                                   linestyles=[_LINESTYLES[k % len(_LINESTYLES)]], linewidths=1.1, origin=origin)
-            ax.set_title(f"{label}, {vname} {centre[axis]}", fontsize=9)
-            ax.axis("off")
+            ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin=origin,
+                      aspect=aspects[axis], interpolation="nearest")
+            for name, region in regions:
+                mask = region_mask(_slice(segs[src], axis, centre[axis]), region)
+                if mask.any() and not mask.all():
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[region_colours[name]], linewidths=1.0,
+                               origin=origin)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(_wrap_name(src), fontsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{vname} {centre[axis]}", fontsize=8)
     first_region = regions[0][1]
-    for r, (tr, u) in enumerate(uncert.items(), start=len(images)):
-        finite = u[np.isfinite(u)]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        for col, (vname, axis) in enumerate(views):
-            ax = axes[r][col]
-            origin = "upper" if axis == 0 else "lower"
-            im = ax.imshow(_slice(u, axis, centre[axis]), cmap="magma", origin=origin, aspect=aspects[axis],
-                           interpolation="nearest", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
+    for row, (vname, axis) in enumerate(views, start=len(views) if uncert else 0):
+        if not uncert:
+            break
+        origin = "upper" if axis == 0 else "lower"
+        for col, src in enumerate(columns):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"uncertainty\n{vname}", fontsize=8)
+            if src not in uncert:  # an empty panel (the first column keeps its row label)
+                ax.set_frame_on(False)
+                continue
+            u = uncert[src]
+            finite = u[np.isfinite(u)]
+            vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            ax.imshow(_slice(u, axis, centre[axis]), cmap="magma", origin=origin, aspect=aspects[axis],
+                      interpolation="nearest", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
             mask = region_mask(_slice(ref, axis, centre[axis]), first_region)
-            if mask.any() and not mask.all():  # the reference's outline, for orientation
-                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[_REFERENCE_COLOUR], linewidths=1.0,
-                           origin=origin)
-            ax.set_title(f"uncertainty {tr}, {vname}", fontsize=9)
-            ax.axis("off")
-        fig.colorbar(im, cax=axes[r][2].inset_axes((1.03, 0.0, 0.04, 1.0)))
-    handles = [Line2D([], [], color=c, lw=2, label=s) for s, c in colours.items()]
-    handles += [Line2D([], [], color="k", lw=1.2, linestyle=_LINESTYLES[k % len(_LINESTYLES)], label=name)
-                for k, (name, _) in enumerate(regions)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(f"case {case}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+            if mask.any() and not mask.all():
+                ax.contour(mask.astype(np.float32), levels=[0.5], colors=["#ffffff"], linewidths=0.8, origin=origin)
+    handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in region_colours.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"case {case}: {label}, the same slices in every panel", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     try:
         return _save(fig, path)
     finally:

@@ -1,0 +1,52 @@
+"""What a training spent: optimiser steps and wall time, read from nnU-Net's checkpoint. Used by the demo (its
+table names every row's budget, and refuses unequal ones) and by the comparison table (benchmarks/table.py).
+
+One optimiser step is one ``train_step`` call: one batch, one update of every part that trains at that stage
+(NNDM's joint stage updates backbone and refiner in the same step; it counts once). A head with stages counts all
+of them; NNDM seeded from a trained nnU-Net (``NNDIFF_BASELINE``) adds that baseline's budget.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def optimizer_steps(head: str, variant: str | None) -> int:
+    """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch: its whole
+    schedule's epochs x ``num_iterations_per_epoch``."""
+    from nnunet_diffusion import config
+    hp = config.resolve(head, variant)
+    return config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int        # optimiser steps
+    seconds: float    # wall time of those steps' epochs
+
+
+def training_budget(checkpoint: str | os.PathLike) -> Budget:
+    """What a (finished or interrupted) training spent, read from its checkpoint: the epochs it completed
+    (nnU-Net's ``current_epoch``) x its trainer's ``num_iterations_per_epoch`` optimiser steps, and the wall time of
+    those epochs from nnU-Net's own per-epoch timestamps (set-up, data unpacking and the final validation are not
+    part of it; a resumed training counts the epochs of the model it finished with, once each). A training seeded
+    from another checkpoint (NNDM's ``NNDIFF_BASELINE``: its stage 1 skipped) adds that checkpoint's budget."""
+    import torch
+
+    from nnunet_diffusion.trainers import TRAINERS
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    name = ckpt["trainer_name"]
+    if name not in TRAINERS:
+        raise ValueError(f"{checkpoint}: written by {name!r}, not a trainer of this package; its steps per epoch "
+                         f"are unknown")
+    steps = int(ckpt["current_epoch"]) * int(TRAINERS[name].hparams()["num_iterations_per_epoch"])
+    log = ckpt["logging"]
+    seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
+    seed = (ckpt.get("nnunet_diffusion") or {}).get("nndm_baseline")
+    if seed:
+        if not os.path.isfile(seed):
+            raise FileNotFoundError(f"{checkpoint} was seeded from {seed}, which no longer exists: its steps are "
+                                    f"part of this training's budget")
+        before = training_budget(seed)
+        steps, seconds = steps + before.steps, seconds + before.seconds
+    return Budget(steps, seconds)
