@@ -37,7 +37,6 @@ PHANTOMS = {"edition": "2021", "seed": 0, "spacing": 4, "crop": "brain"}
 HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
          ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
 DEFAULT_HEADS = ("nnunet", "nndm")
-REGIONS = ("WT", "TC", "ET")
 
 
 def demo_heads(all_heads: bool) -> tuple[tuple[str, str], ...]:
@@ -205,28 +204,43 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     return 0
 
 
+SHORT = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+
+
 def comparison_table(summary: dict, method_trainer: dict, budgets: dict) -> list[str]:
     """The demo's table: one row per compared method with the optimiser steps and training wall time of the
-    trainer behind it, Dice (%) per region, legacy beside BraTS 2023 lesion-wise. ``summary``: ``nndiff
+    trainer behind it, Dice (%) per region, legacy beside BraTS 2023 lesion-wise, then one plain sentence per
+    diffusion method saying where it is above or below stock nnU-Net (the first method). ``summary``: ``nndiff
     compare``'s summary.json (metrics → method → region → metric → cases → mean)."""
     steps = {b.steps for b in budgets.values()}
     head = (f"Dice (%) on fold 0's validation cases, mean over cases. Equal budget: every trainer took "
             f"{'/'.join(map(str, sorted(steps)))} optimiser steps (the stock model as many as NNDM's whole schedule, "
             f"its nnU-Net stage included).")
     metrics = summary["metrics"]
-    lesionwise = any("lesionwise_dice" in r for m in metrics.values() for r in m.values())
-    cols = [f"{r}" for r in REGIONS] + ([f"LW {r}" for r in REGIONS] if lesionwise else [])
-    out = [head, f"{'method':44s}{'steps':>7s}{'train':>8s}" + "".join(f"{c:>8s}" for c in cols)]
-    for method, per_region in metrics.items():
+    regions = [r for r in next(iter(metrics.values())) if r != "mean over regions"]
+    lesionwise = any("lesionwise_dice" in m for per_region in metrics.values() for m in per_region.values())
+    keys = ("dice",) + (("lesionwise_dice",) if lesionwise else ())
+    cols = [SHORT.get(r, r) for r in regions] + ([f"LW {SHORT.get(r, r)}" for r in regions] if lesionwise else [])
+    width = max(44, *(len(m) + 2 for m in metrics))
+    out = [head, f"{'method':{width}s}{'steps':>7s}{'train':>8s}" + "".join(f"{c:>8s}" for c in cols)]
+
+    def mean(method, region, key):
+        return metrics[method][region][key]["cases"]["mean"]
+
+    for method in metrics:
         b = budgets[method_trainer[method]]
-        cells = []
-        for key in ("dice",) + (("lesionwise_dice",) if lesionwise else ()):
-            for r in REGIONS:
-                v = per_region.get(r, {}).get(key, {}).get("cases", {}).get("mean")
-                cells.append("     n/a" if v is None else f"{100 * v:8.1f}")
-        out.append(f"{method:44s}{b.steps:7d}{b.seconds:7.0f}s" + "".join(cells))
+        cells = "".join(f"{100 * mean(method, r, k):8.1f}" for k in keys for r in regions)
+        out.append(f"{method:{width}s}{b.steps:7d}{b.seconds:7.0f}s" + cells)
     if lesionwise:
         conv = summary.get("lesionwise", {}).get("convention", "")
-        out.append(f"LW = BraTS 2023 lesion-wise Dice{f' ({conv} convention)' if conv else ''}; legacy = whole-volume "
-                   f"Dice. 'train' = wall time of the trainer's epochs.")
+        out.append(f"LW = BraTS 2023 lesion-wise Dice{f' ({conv} convention)' if conv else ''}; the others whole-volume "
+                   f"(legacy) Dice. 'train' = wall time of the trainer's epochs.")
+    stock = next(iter(metrics))
+    for method in list(metrics)[1:]:
+        above = [SHORT.get(r, r) for r in regions if mean(method, r, "dice") > mean(stock, r, "dice")]
+        below = [SHORT.get(r, r) for r in regions if mean(method, r, "dice") < mean(stock, r, "dice")]
+        parts = ([f"above stock nnU-Net in {', '.join(above)}"] if above else []) + \
+                ([f"below {'it' if above else 'stock nnU-Net'} in {', '.join(below)}"] if below else [])
+        out.append(f"{method}: " + ("; ".join(parts) or "equal to stock nnU-Net") + " (legacy Dice).")
+    out.append("Two validation cases and no test: a smoke test of the road, not a verdict.")
     return out

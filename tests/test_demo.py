@@ -61,19 +61,23 @@ def test_trained_budgets_refuse_checkpoints_with_unequal_steps(tmp_path):
 
 
 def test_comparison_table_names_each_rows_budget_and_puts_lesionwise_beside_legacy():
-    def region(d, lw):
-        return {"dice": {"cases": {"mean": d}}, "lesionwise_dice": {"cases": {"mean": lw}}}
-    summary = {"metrics": {"S": {r: region(0.9, 0.5) for r in demo.REGIONS},
-                           "N": {r: region(0.8, 0.25) for r in demo.REGIONS},
-                           "N_refine_off": {r: region(0.7, 0.125) for r in demo.REGIONS}},
+    # the layout of nndiff compare's summary.json: metrics -> method -> region -> metric -> cases -> mean
+    def per_region(wt, tc, et, lw):
+        regions = {"whole tumor": wt, "tumor core": tc, "enhancing tumor": et, "mean over regions": 0.0}
+        return {r: {"dice": {"cases": {"mean": v}}, "lesionwise_dice": {"cases": {"mean": lw}}}
+                for r, v in regions.items()}
+    summary = {"metrics": {"S": per_region(0.9, 0.8, 0.7, 0.5), "N": per_region(0.95, 0.8, 0.1, 0.25),
+                           "N_refine_off": per_region(0.7, 0.7, 0.7, 0.125)},
                "lesionwise": {"convention": "brats2023"}}
     budgets = {"S": Budget(200, 120.0), "N": Budget(200, 150.4)}
     lines = demo.comparison_table(summary, {"S": "S", "N": "N", "N_refine_off": "N"}, budgets)
     assert "Equal budget: every trainer took 200 optimiser steps" in lines[0]
     assert lines[1].split() == ["method", "steps", "train", "WT", "TC", "ET", "LW", "WT", "LW", "TC", "LW", "ET"]
-    assert lines[2].split() == ["S", "200", "120s", "90.0", "90.0", "90.0", "50.0", "50.0", "50.0"]
+    assert lines[2].split() == ["S", "200", "120s", "90.0", "80.0", "70.0", "50.0", "50.0", "50.0"]
     assert lines[4].split() == ["N_refine_off", "200", "150s", "70.0", "70.0", "70.0", "12.5", "12.5", "12.5"]
-    assert "brats2023" in lines[-1]
+    assert "brats2023" in lines[5]
+    assert lines[6] == "N: above stock nnU-Net in WT; below it in ET (legacy Dice)."
+    assert lines[7] == "N_refine_off: below stock nnU-Net in WT, TC (legacy Dice)."  # ET equal: neither
 
 
 def test_cli_and_demo_do_not_import_each_other():
@@ -114,6 +118,7 @@ def test_demo_end_to_end_trains_stock_and_nndm_at_equal_steps_and_says_where_out
                                                                            "nnUNetTrainerNNDM_tiny"))]
     assert {r[0] for r in rows} == {"nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny", "nnUNetTrainerNNDM_tiny_refine_off"}
     assert all(r[1] == "8" for r in rows) and all(len(r) == 3 + 6 for r in rows)  # legacy + lesion-wise Dice
+    assert all(0 <= float(v) <= 100 for r in rows for v in r[3:])  # every cell a Dice in percent
 
     # the outputs it names exist, and the last lines say what to open first
     tail = out[out.index("Where the outputs are:"):]

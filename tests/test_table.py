@@ -22,9 +22,9 @@ def test_total_epochs_counts_every_stage_of_a_staged_head_and_num_epochs_otherwi
 
 
 def test_optimizer_steps_of_the_demo_variants():
-    # nnunet.toml [variants.demo]: 6 epochs x 10 iterations; nndm.toml [variants.demo]: (6 + 30 + 4) x 10
-    assert table.optimizer_steps("nnunet", "demo") == 60
-    assert table.optimizer_steps("nndm", "demo") == 400
+    # nnunet.toml [variants.demo]: 20 epochs x 10 iterations; nndm.toml [variants.demo]: (15 + 4 + 1) x 10
+    assert table.optimizer_steps("nnunet", "demo") == 200
+    assert table.optimizer_steps("nndm", "demo") == 200
 
 
 def _checkpoint(path, trainer, epochs, epoch_seconds, **extra):
