@@ -3,7 +3,7 @@
 Layout note: ``trainer_configs/`` and ``dataset_conversion/`` sit at the top of the repository (see
 DESIGN.md) and are installed as the sub-packages ``nnunet_diffusion.trainer_configs`` and
 ``nnunet_diffusion.dataset_conversion``. ``nnunet_diffusion/nnunet_ext/`` is deliberately *not* a
-package: it is the folder nnU-Net's ``nnUNet_extTrainer`` points at (see README, "Trainer discovery").
+package: it is the folder nnU-Net's ``nnUNet_extTrainer`` points at (see documentation/getting_started.md, "Let nnU-Net find the trainers").
 """
 from setuptools import setup
 

@@ -161,7 +161,7 @@ def _once(fn) -> float:
 TRAINERS = {"nndm": "nnUNetTrainerNNDM", "medsegdiff": "nnUNetTrainerMedSegDiff", "recoseg": "nnUNetTrainerReCoSeg",
             "modiff": "nnUNetTrainerMoDiff", "ddmd": "nnUNetTrainerDDMD"}
 # the documented faster prediction setting (NNDIFF_* values) of each head whose default costs more than 5x the
-# stock prediction, see README "Cost". NNDM has none: its default is the fast one (nnUNetTrainerNNDM_paper is not).
+# stock prediction, see documentation/how_to/measure_cost.md. NNDM has none: its default is the fast one (nnUNetTrainerNNDM_paper is not).
 FAST = {"medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"},
         "recoseg": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10"},
         "modiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "4"},

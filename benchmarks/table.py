@@ -537,7 +537,8 @@ class TableRun:
                 curves.setdefault(label, []).append({"steps": rec["steps"], "dice": rec["dice"]})
         return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "versions": versions(),
                 "command": "python -m benchmarks.table " + " ".join(sys.argv[1:]),
-                "phantoms": self.state.get("data")["phantoms"], "budget_steps": self.budget,
+                "phantoms": self.state.get("data")["phantoms"], "variant": self.args.variant,
+                "budget_steps": self.budget,
                 "budget": {t: self.state.get(f"train {t}") for t in {m["trainer"] for m in measured}},
                 "regions": regions, "heldout_cases": stock["cases"], "validation_cases": self.val_cases(),
                 "curves": curves, "stock_check": stock_check(curves[self.heads[0][1] + "_" + self.args.variant]),

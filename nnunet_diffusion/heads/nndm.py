@@ -18,7 +18,7 @@ residual is taken from, and models e from the image alone, ε_φ(e_t, t, x) (§4
 
 ``prediction_type`` "epsilon" is the paper's ε-prediction. "sample" (ours, not the paper's) lets the refiner
 predict e itself with the loss ||e − ê_φ(e_t, t, x ⊕ ŷ)||²: on short trainings it learns to generate e from
-noise far sooner (README, "Two parameterisations"); sampling is the same loop for both.
+noise far sooner (documentation/explanation/nndm.md); sampling is the same loop for both.
 """
 from __future__ import annotations
 

@@ -174,6 +174,6 @@ class NNDMNetwork(SamplingNetwork):
         if missing and all(k.startswith(("refiner.", "backbone.", "region_based", "refiner_updates")) for k in missing) \
                 and unexpected and not any(k.startswith(("backbone.", "refiner.")) for k in unexpected):
             return ("these weights are a plain nnU-Net network (no 'backbone.'/'refiner.' keys), not an NNDM "
-                    "checkpoint. To start NNDM from a trained nnU-Net baseline, set NNDIFF_BASELINE (see README, "
-                    "'Starting NNDM from a trained nnU-Net').")
+                    "checkpoint. To start NNDM from a trained nnU-Net baseline, set NNDIFF_BASELINE (see "
+                    "documentation/how_to/start_nndm_from_nnunet.md).")
         return super().describe_weight_mismatch(missing, unexpected, wrong)
