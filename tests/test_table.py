@@ -180,3 +180,52 @@ def test_stock_check_flags_a_region_below_the_floor_at_the_last_snapshot():
     assert c["steps"] == 2000 and not c["sane"] and c["below_floor"] == ["ET"]
     curve[0]["dice"]["ET"] = 0.81
     assert table.stock_check(curve)["sane"]
+
+
+MADE_UP_TOML = """# head comment
+[defaults]
+num_epochs = 1000
+# inference: the paper's chain
+sampler = "ddpm"                 # old trailing note
+sampling_steps = 1000
+num_samples = 5
+fusion = "mean"
+
+[variants.tiny]
+sampler = "ddim"
+sampling_steps = 3
+num_samples = 1
+"""
+
+
+def test_set_default_sampler_rewrites_only_the_defaults_keys_and_replaces_its_own_comment():
+    why = ["chosen by the rule", "second line"]
+    once = table.set_default_sampler(MADE_UP_TOML, "ddim", 10, 1, why)
+    lines = once.splitlines()
+    i = lines.index('sampler = "ddim"')
+    assert lines[i - 2:i] == ["# [make table] chosen by the rule", "# [make table] second line"]
+    assert lines[i + 1:i + 3] == ["sampling_steps = 10", "num_samples = 1"]
+    assert "# inference: the paper's chain" in lines and 'fusion = "mean"' in lines
+    # the variant's keys are untouched
+    assert once.endswith('[variants.tiny]\nsampler = "ddim"\nsampling_steps = 3\nnum_samples = 1\n')
+    # a second run replaces the first run's comment instead of adding another
+    twice = table.set_default_sampler(once, "ddim", 5, 1, ["new reason"])
+    assert twice.count("# [make table]") == 1 and "sampling_steps = 5" in twice
+    with pytest.raises(ValueError, match="lacks"):
+        table.set_default_sampler("[defaults]\nsampler = 'ddpm'\n", "ddim", 5, 1, [])
+
+
+def test_apply_defaults_writes_the_chosen_setting_and_its_measurement(tmp_path):
+    (tmp_path / "ddmd.toml").write_text(MADE_UP_TOML)
+    rows = [{"setting": "ddim 10 steps x 1 samples", "dice": 80.4, "tags": []},
+            {"setting": "ddim 100 steps x 1 samples", "dice": 81.0, "tags": []},
+            {"setting": "ddpm 1000 steps x 5 samples", "dice": 80.9, "tags": ["shipped", "paper"]}]
+    result = {"date": "2026-12-01 10:00 UTC", "budget_steps": 2000, "defaults": {"nnUNetTrainerDDMD_table": {
+        "rows": rows, "tolerance": 1.0,
+        "chosen": {"setting": "ddim 10 steps x 1 samples", "sampler": "ddim", "steps": 10, "samples": 1,
+                   "dice": 80.4}}}}
+    done = table.apply_defaults(result, tmp_path)
+    text = (tmp_path / "ddmd.toml").read_text()
+    assert done == [f"{tmp_path / 'ddmd.toml'}: [defaults] sampler ddim 10 steps x 1 samples"]
+    assert 'sampler = "ddim"\nsampling_steps = 10\nnum_samples = 1' in text
+    assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in text
