@@ -154,6 +154,22 @@ def speed_section(run: dict, title: str) -> list[str]:
     ]
 
 
+def budget_sentence(rows: list[dict]) -> list[str]:
+    """What the held-out rows say about training budgets: the optimiser steps each model trained (recorded since
+    2026-11-29), and whether they were equal; runs before that did not record them, and their `_demo` models had
+    trained unequal budgets."""
+    steps = {r["trainer"]: r.get("optimiser_steps") for r in rows}
+    if None in steps.values():
+        return ["Budgets: this run did not record them. The `_demo` models of that time trained unequal budgets",
+                "(stock nnU-Net 60 optimiser steps, NNDM 400, MedSegDiff 60, ReCoSeg 120, MoDiff 60, DDMD 90), so the",
+                "rows compare settings of one head, not heads against nnU-Net; that comparison is `make table`."]
+    listed = ", ".join(f"{t} {s}" for t, s in steps.items())
+    if len(set(steps.values())) == 1:
+        return [f"Budgets: every model trained {next(iter(steps.values()))} optimiser steps ({listed})."]
+    return [f"Budgets: unequal ({listed} optimiser steps): the rows do not compare heads against nnU-Net at equal",
+            "budget; that comparison is `make table`."]
+
+
 def heldout_section(run: dict) -> list[str]:
     """Title, provenance, method, table and NNDM's per-case comparison of the stored held-out run."""
     h = run["heldout"]
@@ -167,6 +183,7 @@ def heldout_section(run: dict) -> list[str]:
               "process each). NNDM with its refinement off and at its defaults, the other heads at their documented",
               "faster setting; mean over cases."),
         accuracy_table(h["rows"]),
+        _para(*budget_sentence(h["rows"])),
     ]
     for name, per_region in h.get("comparisons", {}).items():
         lines.append(_para(f"{name}, per case (Dice higher / same / lower):",

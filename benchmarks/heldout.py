@@ -109,8 +109,11 @@ def main(argv=None) -> int:
         per_case = {c: {} for c in cases}
         for rec in res.per_case[["case", "region", "dice"]].itertuples(index=False):
             per_case[rec.case][rec.region] = float(rec.dice)
+        from nnunet_diffusion.budget import training_budget
+        budget = training_budget(workdir / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" /
+                                 "fold_0" / "checkpoint_final.pth")
         rows.append({"trainer": trainer, "setting": label, "seconds_per_case": seconds,
-                     "metrics": mean_metrics(res),
+                     "optimiser_steps": budget.steps, "metrics": mean_metrics(res),
                      "per_case_dice": per_case})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_case_dice"}), flush=True)
     comparisons = {}

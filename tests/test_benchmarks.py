@@ -350,3 +350,13 @@ def test_speed_hands_its_options_to_each_heads_process_and_the_per_mirror_sweep_
         speed.main(cmd[cmd.index("--workdir"):])
     assert measured == [("nndm", ["fast"], "nnUNetTrainerX", ("ddpm", 7, 2), [1, 3], 2),
                         ("medsegdiff", ["fast"], "nnUNetTrainerX", ("ddpm", 7, 2), None, 2)]
+
+
+def test_heldout_budget_sentence_says_whether_the_models_trained_equal_steps():
+    from benchmarks.__main__ import budget_sentence
+    old = " ".join(budget_sentence([{"trainer": "A"}, {"trainer": "B", "optimiser_steps": 400}]))
+    assert "did not record them" in old and "make table" in old
+    equal = " ".join(budget_sentence([{"trainer": "A", "optimiser_steps": 200}, {"trainer": "B", "optimiser_steps": 200}]))
+    assert equal == "Budgets: every model trained 200 optimiser steps (A 200, B 200)."
+    unequal = " ".join(budget_sentence([{"trainer": "A", "optimiser_steps": 60}, {"trainer": "B", "optimiser_steps": 400}]))
+    assert unequal.startswith("Budgets: unequal (A 60, B 400 optimiser steps)")
