@@ -114,8 +114,12 @@ def test_demo_end_to_end_trains_stock_and_nndm_at_equal_steps_and_says_where_out
 
     # the table: its header says equal budget, every row (NNDM with its refinement off too) names 8 steps
     assert "Equal budget: every trainer took 8 optimiser steps" in out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("nnUNetTrainer_tiny",
-                                                                           "nnUNetTrainerNNDM_tiny"))]
+    lines = [line.split() for line in out.splitlines()]
+    rows = [w for w in lines if len(w) > 1 and w[0].startswith(("nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny"))
+            and w[1].isdigit()]
+    # and one plain sentence per method against stock, e.g. "nnUNetTrainerNNDM_tiny: below stock nnU-Net in TC ..."
+    verdicts = [" ".join(w) for w in lines if w and w[0].endswith(":") and w[0].startswith("nnUNetTrainerNNDM_tiny")]
+    assert len(verdicts) == 2 and all("stock nnU-Net" in v for v in verdicts)
     assert {r[0] for r in rows} == {"nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny", "nnUNetTrainerNNDM_tiny_refine_off"}
     assert all(r[1] == "8" for r in rows) and all(len(r) == 3 + 6 for r in rows)  # legacy + lesion-wise Dice
     assert all(0 <= float(v) <= 100 for r in rows for v in r[3:])  # every cell a Dice in percent
