@@ -217,7 +217,9 @@ def provenance_line(result: dict) -> str:
             f"{p['heldout_seed']}) never seen in training or in any choice, {p['train_cases']} training phantoms "
             f"(seed {p['seed']}, fold 0 of nnU-Net's 5-fold split), BraTS {p['edition']} layout at {p['spacing']} mm"
             f"{', shape ' + 'x'.join(map(str, p['shape'])) if p.get('shape') else ''}; every trainer "
-            f"{result['budget_steps']} optimiser steps; `{result['command']}`")
+            f"{result['budget_steps']} optimiser steps; "
+            + ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
+            + f"; `{result['command']}`")
 
 
 def plot_curves(result: dict, png: Path) -> None:

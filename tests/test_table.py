@@ -229,3 +229,15 @@ def test_apply_defaults_writes_the_chosen_setting_and_its_measurement(tmp_path):
     assert done == [f"{tmp_path / 'ddmd.toml'}: [defaults] sampler ddim 10 steps x 1 samples"]
     assert 'sampler = "ddim"\nsampling_steps = 10\nnum_samples = 1' in text
     assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in text
+
+
+def test_provenance_line_names_date_machine_data_budget_versions_and_command():
+    result = {"date": "2026-12-01 10:00 UTC", "machine": "2 CPU cores (X)", "heldout_cases": ["a", "b"],
+              "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
+              "budget_steps": 2000, "versions": {"torch": "2.14.1", "nnunetv2": "2.8.1"},
+              "command": "python -m benchmarks.table"}
+    line = table.provenance_line(result)
+    for part in ("2026-12-01 10:00 UTC", "2 CPU cores (X)", "2 held-out phantoms (seed 7)", "24 training phantoms",
+                 "at 4.0 mm", "every trainer 2000 optimiser steps", "torch 2.14.1, nnunetv2 2.8.1",
+                 "`python -m benchmarks.table`"):
+        assert part in line, part
