@@ -357,7 +357,9 @@ def parser():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.command = " ".join(["python -m benchmarks --part table", *argv])  # = make table TABLE_ARGS="..."
     if args.apply_defaults:
         out = args.out or RESULTS / ("table.json" if args.device == "cpu" else "table_cuda.json")
         if not out.is_file():
@@ -600,7 +602,7 @@ class TableRun:
                 label = key[len("curve "):].rsplit(" ", 1)[0]
                 curves.setdefault(label, []).append({"steps": rec["steps"], "dice": rec["dice"]})
         return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "versions": versions(),
-                "command": "python -m benchmarks.table " + " ".join(sys.argv[1:]),
+                "command": self.args.command,
                 "phantoms": self.state.get("data")["phantoms"], "variant": self.args.variant,
                 "budget_steps": self.budget,
                 "budget": {t: self.state.get(f"train {t}") for t in {m["trainer"] for m in measured}},
