@@ -32,22 +32,13 @@ import time
 from pathlib import Path
 
 
-def _env(workdir: Path) -> dict:
-    from nnunet_diffusion.environment import environment_with_trainers
-    env = environment_with_trainers()
-    env.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
-               nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_compile="0",
-               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"), nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
-    return {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
-
-
 def prepare(workdir: Path) -> None:
     """``nndiff demo``'s steps 1-3 and its stock model (``nnUNetTrainer_demo``), each skipped when done."""
     from nnunet_diffusion.dataset_conversion.brats import convert_brats
     from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
     from nnunet_diffusion.demo import DATASET, DATASET_ID, PHANTOMS
-    from nnunet_diffusion.environment import BIN, run_logged as _run
-    env = _env(workdir)
+    from nnunet_diffusion.environment import BIN, run_logged as _run, workdir_environment
+    env = workdir_environment(workdir)
     brats = workdir / "BraTS2021_download"
     if not (brats / "done").is_file():
         folders = make_phantoms(brats, n=10, n_val=2, overwrite=True, **PHANTOMS)
@@ -69,12 +60,13 @@ def model(workdir: Path, trainer: str) -> Path:
 
 def train(workdir: Path, trainer: str) -> None:
     from nnunet_diffusion.demo import DATASET_ID
-    from nnunet_diffusion.environment import BIN, run_logged as _run
+    from nnunet_diffusion.environment import BIN, run_logged as _run, workdir_environment
     if (model(workdir, trainer) / "fold_0" / "checkpoint_final.pth").is_file():
         return
     extra = {"NNDIFF_BASELINE": "nnUNetTrainer_demo"} if trainer.startswith("nnUNetTrainerNNDM") else {}
     _run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-         dict(_env(workdir), **extra), workdir / "logs" / f"train_{trainer}.log", f"nnUNetv2_train -tr {trainer}")
+         dict(workdir_environment(workdir), **extra), workdir / "logs" / f"train_{trainer}.log",
+         f"nnUNetv2_train -tr {trainer}")
 
 
 def residual_magnitudes(y, p) -> dict:

@@ -242,11 +242,12 @@ def plot_curves(result: dict, png: Path) -> None:
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, png)
+    from nnunet_diffusion.atomic import atomic_path
+    try:
+        with atomic_path(png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def verdict_sentences(result: dict) -> list[str]:
@@ -396,19 +397,13 @@ class TableRun:
     curve point of each kept checkpoint, each steps-accuracy setting, each held-out prediction."""
 
     def __init__(self, args, heads, budget: int):
-        from nnunet_diffusion.environment import environment_with_trainers
+        from nnunet_diffusion.environment import workdir_environment
         self.args, self.heads, self.budget = args, heads, budget
         self.paper_chain = args.paper_chain == "on"
         self.workdir = args.workdir.resolve()
         self.state = TableState(self.workdir / "state.json")
         self.logs = self.workdir / "logs"
-        env = environment_with_trainers()
-        env.update(nnUNet_raw=str(self.workdir / "nnUNet_raw"),
-                   nnUNet_preprocessed=str(self.workdir / "nnUNet_preprocessed"),
-                   nnUNet_results=str(self.workdir / "nnUNet_results"), nnUNet_compile="0",
-                   nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"),
-                   nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
-        self.env = {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
+        self.env = workdir_environment(self.workdir)
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("nnUNet_")})
         for k in [k for k in os.environ if k.startswith("NNDIFF_")]:
             del os.environ[k]  # predict-time overrides would change what is measured
@@ -457,19 +452,15 @@ class TableRun:
     # -------------------------------------------------------------- training
     def train(self, head: str, trainer: str) -> None:
         from nnunet_diffusion import config
-        from nnunet_diffusion.environment import BIN, run_logged as _run
+        from nnunet_diffusion.environment import train_fold
         key = f"train {trainer}"
         if self.state.done(key):
             return
         fold = self.model_folder(trainer) / "fold_0"
         load = [round(x, 2) for x in os.getloadavg()]
-        if not (fold / "checkpoint_final.pth").is_file():
-            resume = (fold / "checkpoint_latest.pth").is_file()
-            attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
-            _run([BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", self.args.device,
-                  *(["--c"] if resume else [])], self.env, self.logs / f"train_{trainer}.{attempt}.log",
-                 f"[table] nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}",
-                 config.total_epochs(config.resolve(head, self.args.variant), head), r"Epoch \d+$")
+        attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
+        train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold, self.env, self.logs / f"train_{trainer}.{attempt}.log",
+                   "[table]", config.total_epochs(config.resolve(head, self.args.variant), head), self.args.device)
         b = training_budget(fold / "checkpoint_final.pth")
         if b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")

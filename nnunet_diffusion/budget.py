@@ -11,12 +11,17 @@ import os
 from dataclasses import dataclass
 
 
-def optimizer_steps(head: str, variant: str | None) -> int:
-    """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch: its whole
-    schedule's epochs x ``num_iterations_per_epoch``."""
+def schedule_steps(hp: dict, head: str) -> int:
+    """Optimiser steps of a resolved config ``hp`` of ``head`` from scratch: its whole schedule's epochs x
+    ``num_iterations_per_epoch``."""
     from nnunet_diffusion import config
-    hp = config.resolve(head, variant)
     return config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
+
+
+def optimizer_steps(head: str, variant: str | None) -> int:
+    """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch."""
+    from nnunet_diffusion import config
+    return schedule_steps(config.resolve(head, variant), head)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .environment import BIN, environment_with_trainers, run_logged as _run
+from .environment import BIN, run_logged as _run, train_fold, workdir_environment
 from .errors import NNDiffError
 
 DATASET_ID = 501
@@ -54,12 +54,16 @@ def planned_budget(variant: str, heads) -> int:
     return next(iter(steps.values()))
 
 
+def fold0(results: Path, trainer: str) -> Path:
+    """Fold 0's output folder of ``trainer`` (3d_fullres, nnU-Net's default plans) in the dataset's results."""
+    return results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+
+
 def trained_budgets(results: Path, trainers: dict) -> dict:
     """{trainer: Budget} read from each final checkpoint; unequal steps are an error (the comparison would be
     unfair)."""
     from .budget import training_budget
-    budgets = {t: training_budget(results / f"{t}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
-               for t in trainers.values()}
+    budgets = {t: training_budget(fold0(results, t) / "checkpoint_final.pth") for t in trainers.values()}
     if len({b.steps for b in budgets.values()}) != 1:
         raise NNDiffError("the trained demo models took unequal optimiser steps ("
                           + ", ".join(f"{t}: {b.steps}" for t, b in budgets.items())
@@ -77,11 +81,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
-    env = environment_with_trainers()
-    env.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
-               nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_compile="0",
-               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"), nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
-    env = {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
+    env = workdir_environment(workdir)
     logs, results = workdir / "logs", Path(env["nnUNet_results"]) / DATASET
     raw = Path(env["nnUNet_raw"]) / DATASET
     trainers = {head: f"{cls}_{variant}" for head, cls in heads}
@@ -107,15 +107,11 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
              "--verify_dataset_integrity"], env, logs / "plan_and_preprocess.log",
             "[3/7] nnUNetv2_plan_and_preprocess")
     for head, trainer in trainers.items():
-        fold = results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-        if (fold / "checkpoint_final.pth").is_file():
-            continue
-        resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
-        timings[f"train {trainer}"] = _run(
-            [BIN / "nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", trainer, "-device", "cpu", *resume],
-            env, logs / f"train_{trainer}.log",
-            f"[4/7] nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}",
-            config.total_epochs(config.resolve(head, variant), head), r"Epoch \d+$")
+        seconds = train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold0(results, trainer), env,
+                             logs / f"train_{trainer}.log", "[4/7]",
+                             config.total_epochs(config.resolve(head, variant), head))
+        if seconds is not None:
+            timings[f"train {trainer}"] = seconds
     budgets = trained_budgets(results, trainers)
 
     # more "methods" for the table, predicted on the same validation cases: NNDM with its refinement off, ReCoSeg
@@ -128,7 +124,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
 
     def up_to_date(path: Path, trainer: str) -> bool:
         """``path`` exists and was written after ``trainer``'s final checkpoint (a retrained model redoes it)."""
-        ckpt = results / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+        ckpt = fold0(results, trainer) / "checkpoint_final.pth"
         return path.exists() and path.stat().st_mtime >= ckpt.stat().st_mtime
 
     for name, (trainer, extra_env) in extra_methods.items():
@@ -204,23 +200,21 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     return 0
 
 
-SHORT = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
-
-
 def comparison_table(summary: dict, method_trainer: dict, budgets: dict) -> list[str]:
     """The demo's table: one row per compared method with the optimiser steps and training wall time of the
     trainer behind it, Dice (%) per region, legacy beside BraTS 2023 lesion-wise, then one plain sentence per
     diffusion method saying where it is above or below stock nnU-Net (the first method). ``summary``: ``nndiff
     compare``'s summary.json (metrics → method → region → metric → cases → mean)."""
+    from .evaluation.evaluate import ALL_REGIONS, short_region
     steps = {b.steps for b in budgets.values()}
     head = (f"Dice (%) on fold 0's validation cases, mean over cases. Equal budget: every trainer took "
             f"{'/'.join(map(str, sorted(steps)))} optimiser steps (the stock model as many as NNDM's whole schedule, "
             f"its nnU-Net stage included).")
     metrics = summary["metrics"]
-    regions = [r for r in next(iter(metrics.values())) if r != "mean over regions"]
+    regions = [r for r in next(iter(metrics.values())) if r != ALL_REGIONS]
     lesionwise = any("lesionwise_dice" in m for per_region in metrics.values() for m in per_region.values())
     keys = ("dice",) + (("lesionwise_dice",) if lesionwise else ())
-    cols = [SHORT.get(r, r) for r in regions] + ([f"LW {SHORT.get(r, r)}" for r in regions] if lesionwise else [])
+    cols = [short_region(r) for r in regions] + ([f"LW {short_region(r)}" for r in regions] if lesionwise else [])
     width = max(44, *(len(m) + 2 for m in metrics))
     out = [head, f"{'method':{width}s}{'steps':>7s}{'train':>8s}" + "".join(f"{c:>8s}" for c in cols)]
 
@@ -237,8 +231,8 @@ def comparison_table(summary: dict, method_trainer: dict, budgets: dict) -> list
                    f"(legacy) Dice. 'train' = wall time of the trainer's epochs.")
     stock = next(iter(metrics))
     for method in list(metrics)[1:]:
-        above = [SHORT.get(r, r) for r in regions if mean(method, r, "dice") > mean(stock, r, "dice")]
-        below = [SHORT.get(r, r) for r in regions if mean(method, r, "dice") < mean(stock, r, "dice")]
+        above = [short_region(r) for r in regions if mean(method, r, "dice") > mean(stock, r, "dice")]
+        below = [short_region(r) for r in regions if mean(method, r, "dice") < mean(stock, r, "dice")]
         parts = ([f"above stock nnU-Net in {', '.join(above)}"] if above else []) + \
                 ([f"below {'it' if above else 'stock nnU-Net'} in {', '.join(below)}"] if below else [])
         out.append(f"{method}: " + ("; ".join(parts) or "equal to stock nnU-Net") + " (legacy Dice).")

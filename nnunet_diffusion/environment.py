@@ -61,3 +61,29 @@ def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise NNDiffError(f"{desc} failed (exit {proc.returncode}); full log: {log}\n{tail}")
     return time.time() - t0
+
+
+def workdir_environment(workdir: Path) -> dict:
+    """The environment for nnU-Net's console scripts on a self-contained working folder (the demo, the comparison
+    table, benchmarks): our trainers findable, nnUNet_raw / _preprocessed / _results inside ``workdir``, no
+    torch.compile, one worker process each unless the caller's environment says otherwise, and no NNDIFF_*
+    variable (a predict-time override would change what is run or measured)."""
+    env = environment_with_trainers()
+    env.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
+               nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_compile="0",
+               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"), nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"))
+    return {k: v for k, v in env.items() if not k.startswith("NNDIFF_")}
+
+
+def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Path, env: dict, log: Path, label: str,
+               epochs: int, device: str = "cpu") -> float | None:
+    """``nnUNetv2_train`` of one fold with a progress bar per epoch, resumed (``--c``) from its
+    checkpoint_latest.pth if an earlier run was interrupted; nothing (None) when ``fold_dir`` already holds
+    checkpoint_final.pth. Returns the run's seconds."""
+    if (fold_dir / "checkpoint_final.pth").is_file():
+        return None
+    resume = (fold_dir / "checkpoint_latest.pth").is_file()
+    return run_logged([BIN / "nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", device,
+                       *(["--c"] if resume else [])], env, log,
+                      f"{label} nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}", epochs,
+                      r"Epoch \d+$")

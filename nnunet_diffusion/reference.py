@@ -150,9 +150,9 @@ def _resolved(defaults: dict, overrides: dict) -> dict:
 
 def optimizer_steps(head: str, hp: dict) -> str:
     """A resolved config's whole schedule in optimiser steps (epochs x iterations per epoch), from scratch."""
-    from . import config
+    from .budget import schedule_steps
     try:
-        return str(config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"]))
+        return str(schedule_steps(hp, head))
     except (KeyError, TypeError, ValueError):
         return "?"
 
@@ -302,9 +302,9 @@ def equal_budget_status(trainer: str, result: dict | None) -> str:
             and not r["setting"].startswith("refinement off")]
     if not rows:
         return "not in the table"
-    short = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+    from .evaluation.evaluate import short_region
     word = {"better": "better", "worse": "worse", "no significant difference": "no difference"}
-    return ", ".join(f"{short.get(reg, reg)} {word.get(c['verdict'], c['verdict'])}"
+    return ", ".join(f"{short_region(reg)} {word.get(c['verdict'], c['verdict'])}"
                      for reg, c in rows[0]["against_stock"].items())
 
 

@@ -367,15 +367,9 @@ def _mpl():
 
 
 def _save(fig, path: Path) -> Path:
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    from ..atomic import atomic_path
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib picks the format by the ending
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

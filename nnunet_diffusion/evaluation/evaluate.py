@@ -53,6 +53,12 @@ TABLE_COLUMNS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), (
 LESIONWISE_TABLE_COLUMNS = (("lesionwise_dice", "LW DSC (%)"), ("lesionwise_hd95", "LW HD95 (mm)"))
 """Shown right after DSC and HD95 when the evaluation is lesion-wise."""
 ALL_REGIONS = "mean over regions"
+BRATS_REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+
+
+def short_region(name: str) -> str:
+    """WT / TC / ET for nndiff convert-brats' region names (table columns); any other name unchanged."""
+    return BRATS_REGION_ABBREVIATIONS.get(name, name)
 
 
 class EvaluationError(NNDiffError, ValueError):

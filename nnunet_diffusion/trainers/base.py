@@ -77,13 +77,9 @@ class ConfiguredTrainer(nnUNetTrainer):
 
     @staticmethod
     def _save_atomic(checkpoint: dict, filename: str) -> None:
-        tmp = f"{filename}.tmp{os.getpid()}"
-        try:
+        from ..atomic import atomic_path
+        with atomic_path(filename) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not isinstance(filename_or_checkpoint, str):
