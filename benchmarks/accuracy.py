@@ -77,33 +77,72 @@ def _predictor(model_folder: Path, checkpoint: str = "checkpoint_final.pth"):
     return p
 
 
+def finished_cases(out_dir: Path, cases: list[str]) -> dict[str, float]:
+    """The cases of ``cases`` that a resumable prediction into ``out_dir`` finished, with their seconds: a case counts
+    once its ``<case>.seconds`` exists, which is written after the case's segmentation was exported."""
+    return {c: float((out_dir / f"{c}.seconds").read_text()) for c in cases if (out_dir / f"{c}.seconds").is_file()}
+
+
+def _record_case(out_dir: Path, case: str, seconds: float) -> None:
+    from nnunet_diffusion.atomic import write_text_atomic
+    write_text_atomic(out_dir / f"{case}.seconds", repr(seconds))
+
+
 def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=None,
-                  checkpoint: str = "checkpoint_final.pth") -> float:
+                  checkpoint: str = "checkpoint_final.pth", resume: bool = False) -> float:
     """Predict ``cases`` (preprocessed) into ``out_dir`` with the fold-0 model's ``checkpoint``; return seconds per
-    case."""
+    case. With ``resume``, the cases :func:`finished_cases` finds are kept (with their seconds) and the others
+    predicted, each recorded as it finishes: an interrupted measurement loses one case, not all."""
     import numpy as np
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    done = finished_cases(out_dir, cases) if resume else {}
+    todo = [c for c in cases if c not in done]
+    if not todo:
+        return sum(done.values()) / len(cases)
     p = _predictor(model_folder, checkpoint)
     target = None if sampling is None else sampling(p.network)
     if target is not None:  # the warm-up samples with one DDIM step: it loads and allocates, its result is unused
         p.network.set_sampling(replace(target, sampler="ddim", steps=1, samples=1))
-    ds = preprocessed_cases(p, cases)
+    ds = preprocessed_cases(p, todo)
     out_dir.mkdir(parents=True, exist_ok=True)
-    p.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(ds.load_case(cases[0])[0][:],
+    p.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(ds.load_case(todo[0])[0][:],
                                                                         dtype=np.float32)))  # warm-up, untimed
     if target is not None:
         p.network.set_sampling(target)
-    seconds = 0.0
-    for case in cases:
+    seconds = dict(done)
+    for case in todo:
         data, _, _, props = ds.load_case(case)
         x = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
         t0 = time.perf_counter()
         logits = p.predict_logits_from_preprocessed_data(x)
-        seconds += time.perf_counter() - t0
+        seconds[case] = time.perf_counter() - t0
         export_prediction_from_logits(logits, props, p.configuration_manager, p.plans_manager, p.dataset_json,
                                       str(out_dir / case), False)
-    return seconds / len(cases)
+        if resume:
+            _record_case(out_dir, case, seconds[case])
+    return sum(seconds.values()) / len(cases)
+
+
+def predict_raw_cases(p, inputs: dict[str, list[str]], out_dir: Path, progress: str = "") -> float:
+    """Predict raw cases ({case: its image files}) into ``out_dir`` with the nnU-Net predictor ``p`` (its sampling
+    as set), one case at a time in this process: read with the plans' reader, then nnU-Net's
+    ``predict_single_npy_array`` (preprocessing, sliding window, export). Returns seconds per case, each the time of
+    that call (reading excluded). Resumable like :func:`predict_cases` with ``resume``."""
+    seconds = finished_cases(out_dir, list(inputs))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reader = p.plans_manager.image_reader_writer_class()
+    for i, (case, files) in enumerate(inputs.items()):
+        if case in seconds:
+            continue
+        image, props = reader.read_images(files)
+        t0 = time.perf_counter()
+        p.predict_single_npy_array(image, props, None, str(out_dir / case), False)
+        seconds[case] = time.perf_counter() - t0
+        _record_case(out_dir, case, seconds[case])
+        if progress:
+            print(f"{progress}: case {i + 1}/{len(inputs)} {seconds[case]:.1f} s", flush=True)
+    return sum(seconds.values()) / len(inputs)
 
 
 def sampling_grid(steps: list[int], samples: list[int], samples_steps: int) -> list[tuple[str, int, int]]:

@@ -9,7 +9,14 @@ This module holds the table's machinery, each piece small enough to test on made
 - statistics: :func:`bootstrap_interval` (95 % percentile bootstrap of a mean, SciPy's), :func:`paired_test`
   (SciPy's Wilcoxon signed-rank test against stock, paired by case) and :func:`verdict`;
 - the default-choosing rule: :func:`cheapest_within`;
-- resume: :class:`TableState` (what has finished, written atomically after every step).
+- resume: :class:`TableState` (what has finished, written atomically after every step); within a measurement,
+  each predicted case is kept with its seconds (``benchmarks.accuracy.finished_cases``), so an interruption during
+  a long sampler (DDMD's or MoDiff's paper chain: minutes per case) loses one case.
+
+Prediction seconds: on fold 0's validation cases (curves, steps-accuracy), the predictor's sliding window on
+nnU-Net's preprocessed case (export excluded, after an untimed warm-up); on the held-out cases, nnU-Net's
+``predict_single_npy_array`` per case (preprocessing, sliding window and export; reading the files excluded), the
+same for every trainer, so "x stock" compares like with like.
 
 One optimiser step is one ``train_step`` call: one batch, one update of every part that trains at that stage
 (NNDM's joint stage updates backbone and refiner in the same step; it counts once). A head with stages (NNDM's
@@ -478,7 +485,7 @@ class TableRun:
             return self.state.get(key)
         out = self.workdir / "measure" / key.replace(" ", "_").replace("/", "-")
         sampling = None if change is None else (lambda net: change(net.sampling))
-        seconds = predict_cases(self.model_folder(trainer), cases, out, sampling, checkpoint=checkpoint)
+        seconds = predict_cases(self.model_folder(trainer), cases, out, sampling, checkpoint=checkpoint, resume=True)
         from nnunet_diffusion.evaluation.evaluate import ALL_REGIONS
         dice = {r: m["dice"] for r, m in mean_metrics(evaluate_cases(out, self.raw(), cases)).items()
                 if r != ALL_REGIONS}
@@ -555,10 +562,12 @@ class TableRun:
         return out
 
     def heldout(self) -> None:
-        from .accuracy import _predictor, evaluate_cases
+        """Every setting of :meth:`heldout_settings` on the held-out cases, from their raw files; each case recorded
+        as it finishes (an interrupted run resumes at the next case)."""
+        from .accuracy import _predictor, evaluate_cases, predict_raw_cases
         raw = self.raw(heldout=True)
         cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
-        inputs = [[str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases]
+        inputs = {c: [str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases}
         for trainer, label, change in self.heldout_settings():
             key = f"heldout {trainer} {label}"
             if self.state.done(key):
@@ -567,10 +576,7 @@ class TableRun:
             if change is not None:
                 p.network.set_sampling(change(p.network.sampling))
             out = self.workdir / "heldout_predictions" / key.replace(" ", "_")
-            t0 = time.perf_counter()
-            p.predict_from_files(inputs, [str(out / c) for c in cases], save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
-            seconds = (time.perf_counter() - t0) / len(cases)
+            seconds = predict_raw_cases(p, inputs, out, progress=f"[table] {key}")
             res = evaluate_cases(out, raw, cases)
             self.state.record(key, {"trainer": trainer, "setting": label, "seconds_per_case": seconds,
                                     "cases": cases, "dice": per_case(res, "dice"), "hd95": per_case(res, "hd95")})

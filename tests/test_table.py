@@ -241,3 +241,53 @@ def test_provenance_line_names_date_machine_data_budget_versions_and_command():
                  "at 4.0 mm", "every trainer 2000 optimiser steps", "torch 2.14.1, nnunetv2 2.8.1",
                  "`python -m benchmarks.table`"):
         assert part in line, part
+
+
+@pytest.mark.e2e
+def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv2_predict(trained, nnunet_paths,
+                                                                                        tmp_path):
+    """The table's two ways of predicting (raw held-out files, preprocessed validation cases) keep every finished
+    case with its seconds; after an interruption (a case's record and segmentation gone) only that case is predicted
+    again. The raw path's segmentations are nnUNetv2_predict's (same model, CPU), label for label."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from benchmarks.accuracy import _predictor, finished_cases, predict_cases, predict_raw_cases
+    from conftest import BIN, DATASET_ID, model_folder, run
+    folder = model_folder(trained, "nnUNetTrainer_tiny")
+    images = trained.raw / "imagesTs"
+    cases = sorted(f.name[: -len("_0000.nii.gz")] for f in images.glob("*_0000.nii.gz"))
+    inputs = {c: sorted(str(f) for f in images.glob(f"{c}_*.nii.gz")) for c in cases}
+    assert len(cases) == 2 and all(len(v) == 4 for v in inputs.values())
+    ref = tmp_path / "nnUNetv2_predict"
+    run([BIN / "nnUNetv2_predict", "-i", images, "-o", ref, "-d", DATASET_ID, "-c", "3d_fullres", "-f", "0", "-tr",
+         "nnUNetTrainer_tiny", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], trained.env)
+
+    def labels(path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    out = tmp_path / "raw"
+    assert predict_raw_cases(_predictor(folder), inputs, out) > 0
+    assert sorted(finished_cases(out, cases)) == cases
+    for c in cases:
+        assert np.array_equal(labels(out / f"{c}.nii.gz"), labels(ref / f"{c}.nii.gz")), c
+    kept = (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns
+    (out / f"{cases[1]}.seconds").unlink()
+    (out / f"{cases[1]}.nii.gz").unlink()
+    assert sorted(finished_cases(out, cases)) == cases[:1]
+    predict_raw_cases(_predictor(folder), inputs, out)
+    assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == kept  # not predicted again
+    assert np.array_equal(labels(out / f"{cases[1]}.nii.gz"), labels(ref / f"{cases[1]}.nii.gz"))
+
+    val = json.loads((trained.preprocessed / "splits_final.json").read_text())[0]["val"]
+    pre = tmp_path / "preprocessed"
+    first = predict_cases(folder, val, pre, resume=True)
+    recorded = finished_cases(pre, val)
+    assert sorted(recorded) == sorted(val) and first == pytest.approx(sum(recorded.values()) / len(val))
+    kept = (pre / f"{val[0]}.nii.gz").stat().st_mtime_ns
+    (pre / f"{val[-1]}.seconds").unlink()
+    again = predict_cases(folder, val, pre, resume=True)
+    assert (pre / f"{val[0]}.nii.gz").stat().st_mtime_ns == kept and sorted(finished_cases(pre, val)) == sorted(val)
+    assert again == pytest.approx(sum(finished_cases(pre, val).values()) / len(val))
