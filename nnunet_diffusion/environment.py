@@ -38,12 +38,14 @@ def environment_with_trainers(env: dict | None = None) -> dict:
     return env
 
 
-def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None) -> float:
-    """Run ``cmd``, its output into ``log``, a progress bar advanced on every line matching ``pattern``."""
+def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None,
+               initial: int = 0) -> float:
+    """Run ``cmd``, its output into ``log``, a progress bar (starting at ``initial``) advanced on every line matching
+    ``pattern``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     regex = re.compile(pattern) if pattern else None
-    with open(log, "w") as f, tqdm(total=total, desc=desc, unit="epoch" if total else "it",
+    with open(log, "w") as f, tqdm(total=total, desc=desc, unit="epoch" if total else "it", initial=initial,
                                    bar_format=None if total else "{desc}: {elapsed}") as bar:
         proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
@@ -82,8 +84,12 @@ def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Pat
     checkpoint_final.pth. Returns the run's seconds."""
     if (fold_dir / "checkpoint_final.pth").is_file():
         return None
-    resume = (fold_dir / "checkpoint_latest.pth").is_file()
+    latest = fold_dir / "checkpoint_latest.pth"
+    done = 0  # epochs the interrupted run finished: the resumed bar starts there
+    if latest.is_file():
+        import torch
+        done = int(torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"])
     return run_logged([BIN / "nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", device,
-                       *(["--c"] if resume else [])], env, log,
-                      f"{label} nnUNetv2_train -tr {trainer}{' --c (resumed)' if resume else ''}", epochs,
-                      r"Epoch \d+$")
+                       *(["--c"] if latest.is_file() else [])], env, log,
+                      f"{label} nnUNetv2_train -tr {trainer}{' --c (resumed)' if latest.is_file() else ''}", epochs,
+                      r"Epoch \d+$", initial=done)

@@ -130,3 +130,17 @@ def test_demo_end_to_end_trains_stock_and_nndm_at_equal_steps_and_says_where_out
     assert (work / "compare" / "table.md").is_file() and list((work / "compare" / "figures").glob("case_*.png"))
     assert sorted(p.name for p in (work / "BraTS2021_submission").iterdir())  # BraTS-format predictions
     assert not (work / "predictions_validation_recoseg").exists()  # ReCoSeg only with --all-heads
+
+
+def test_a_logged_run_counts_matching_lines_from_where_an_interrupted_run_stopped(tmp_path, capsys):
+    """run_logged's bar starts at ``initial`` (a resumed training: the epochs its checkpoint finished) and advances
+    once per matching line; the command's output lands in the log."""
+    import sys
+
+    from nnunet_diffusion.environment import run_logged
+    log = tmp_path / "logs" / "run.log"
+    cmd = [sys.executable, "-c", "print('Epoch 3'); print('train_loss 0.5'); print('Epoch 4')"]
+    assert run_logged(cmd, dict(os.environ), log, "resumed", total=5, pattern=r"Epoch \d+$", initial=3) >= 0
+    assert log.read_text().splitlines() == ["Epoch 3", "train_loss 0.5", "Epoch 4"]
+    bar = capsys.readouterr().err
+    assert bar.lstrip("\r").startswith("resumed:  60%") and "5/5" in bar and "0/5" not in bar  # 3 + 2 lines
