@@ -218,12 +218,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _voxels(size) -> str:
+    return " x ".join(str(round(v)) for v in size) + " voxels"
+
+
 def provenance_line(result: dict) -> str:
     p = result["phantoms"]
     return (f"{result['date']}, {result['machine']}; {len(result['heldout_cases'])} held-out phantoms (seed "
             f"{p['heldout_seed']}) never seen in training or in any choice, {p['train_cases']} training phantoms "
             f"(seed {p['seed']}, fold 0 of nnU-Net's 5-fold split), BraTS {p['edition']} layout at {p['spacing']} mm"
-            f"{', shape ' + 'x'.join(map(str, p['shape'])) if p.get('shape') else ''}; every trainer "
+            f"{', shape ' + 'x'.join(map(str, p['shape'])) if p.get('shape') else ''}"
+            + (f" (nnU-Net's plans: median image {_voxels(result['plans']['median_image_size_in_voxels'])}, patch "
+               f"{_voxels(result['plans']['patch_size'])}, batch {result['plans']['batch_size']})"
+               if result.get("plans") else "")
+            + f"; every trainer "
             f"{result['budget_steps']} optimiser steps; "
             + ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
             + f"; `{result['command']}`")
@@ -292,8 +300,8 @@ def section(result: dict, png_name: str) -> list[str]:
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
-                 "predict_from_files (preprocessing, sliding window with mirroring, export), in the same process as "
-                 "the stock row."),
+                 "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
+                 "the files excluded), every row in the same process."),
             markdown(result), "\n".join(map(para, verdict_sentences(result))),
             f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
             para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
@@ -598,9 +606,12 @@ class TableRun:
             if key.startswith("curve "):
                 label = key[len("curve "):].rsplit(" ", 1)[0]
                 curves.setdefault(label, []).append({"steps": rec["steps"], "dice": rec["dice"]})
+        plans = json.loads((self.workdir / "nnUNet_preprocessed" / self.dataset / "nnUNetPlans.json").read_text())
+        plans = {k: plans["configurations"]["3d_fullres"][k]
+                 for k in ("spacing", "median_image_size_in_voxels", "patch_size", "batch_size")}
         return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "versions": versions(),
                 "command": self.args.command,
-                "phantoms": self.state.get("data")["phantoms"], "variant": self.args.variant,
+                "phantoms": self.state.get("data")["phantoms"], "plans": plans, "variant": self.args.variant,
                 "budget_steps": self.budget,
                 "budget": {t: self.state.get(f"train {t}") for t in {m["trainer"] for m in measured}},
                 "regions": regions, "heldout_cases": stock["cases"], "validation_cases": self.val_cases(),

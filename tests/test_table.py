@@ -235,10 +235,13 @@ def test_provenance_line_names_date_machine_data_budget_versions_and_command():
     result = {"date": "2026-12-01 10:00 UTC", "machine": "2 CPU cores (X)", "heldout_cases": ["a", "b"],
               "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
               "budget_steps": 2000, "versions": {"torch": "2.14.1", "nnunetv2": "2.8.1"},
-              "command": "python -m benchmarks.table"}
+              "command": "python -m benchmarks.table",
+              "plans": {"spacing": [4.0] * 3, "median_image_size_in_voxels": [38.0, 45.0, 36.0],
+                        "patch_size": [40, 48, 40], "batch_size": 2}}
     line = table.provenance_line(result)
     for part in ("2026-12-01 10:00 UTC", "2 CPU cores (X)", "2 held-out phantoms (seed 7)", "24 training phantoms",
-                 "at 4.0 mm", "every trainer 2000 optimiser steps", "torch 2.14.1, nnunetv2 2.8.1",
+                 "at 4.0 mm (nnU-Net's plans: median image 38 x 45 x 36 voxels, patch 40 x 48 x 40 voxels, batch 2)",
+                 "every trainer 2000 optimiser steps", "torch 2.14.1, nnunetv2 2.8.1",
                  "`python -m benchmarks.table`"):
         assert part in line, part
 
