@@ -278,6 +278,49 @@ def verdict_sentences(result: dict) -> list[str]:
     return out
 
 
+# issue 20's cost targets: every head's default prediction at most 3x stock nnU-Net's, NNDM's at most 1.3x
+COST_TARGETS = {"nnUNetTrainerNNDM": 1.3}
+COST_TARGET = 3.0
+
+
+def cost_target(trainer: str) -> float:
+    return next((v for k, v in COST_TARGETS.items() if trainer.startswith(k + "_")), COST_TARGET)
+
+
+def target_sentences(result: dict) -> list[str]:
+    """One sentence per head at its chosen default: whether its held-out prediction time is within its target (x
+    stock, :data:`COST_TARGETS`), and where it is not, what the target would cost in accuracy: the best of its
+    steps-accuracy settings whose validation time is within the target x stock's validation time (both the
+    predictor's time on fold 0's validation cases), or that none is."""
+    stock_s = result["rows"][0]["seconds_per_case"]
+    stock_val = result.get("validation_stock_seconds")
+    out = []
+    for row in result["rows"][1:]:
+        d = result["defaults"].get(row["trainer"])
+        if d is None or row["setting"] != d["chosen"]["setting"]:
+            continue  # NNDM's refinement off: its backbone, not a default
+        target, ratio = cost_target(row["trainer"]), row["seconds_per_case"] / stock_s
+        text = f"{row['trainer']} at its default ({row['setting']}): {ratio:.2f}x stock, "
+        if ratio <= target:
+            out.append(text + f"within the target of {target:g}x.")
+            continue
+        best = max(r["dice"] for r in d["rows"])
+        text += f"over the target of {target:g}x; the cheapest setting within {d['tolerance']:g} Dice point of its " \
+                f"best ({best:.1f}, mean of regions) costs that much"
+        if stock_val:
+            under = [r for r in d["rows"] if r["seconds_per_case"] <= target * stock_val]
+            if under:
+                u = max(under, key=lambda r: r["dice"])
+                text += f"; within {target:g}x stock its best setting is {u['setting']} at {u['dice']:.1f} " \
+                        f"({best - u['dice']:.1f} points below its best)"
+            else:
+                fastest = min(d["rows"], key=lambda r: r["seconds_per_case"])
+                text += f"; none of its settings is within {target:g}x stock (the fastest, {fastest['setting']}, " \
+                        f"{fastest['seconds_per_case'] / stock_val:.1f}x on the validation cases)"
+        out.append(text + ".")
+    return out
+
+
 def section(result: dict, png_name: str) -> list[str]:
     """RESULTS.md's blocks (wrapped paragraphs, the table, a list) for one table run, rendered by
     ``python -m benchmarks``."""
@@ -308,7 +351,10 @@ def section(result: dict, png_name: str) -> list[str]:
                  f"within {result['tolerance']:g} Dice point (mean over regions) of the best measured on fold 0's "
                  "validation cases (the papers' own chains " + ("included" if result["paper_chain_measured"] else
                                                                 "not measured in this run") + "):"),
-            "\n".join(defaults)]
+            "\n".join(defaults),
+            para("Cost targets (issue 20: every head's default prediction at most 3x stock, NNDM's at most 1.3x), "
+                 "from the held-out s / case:"),
+            "\n".join("- " + para(x) for x in target_sentences(result))]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -617,6 +663,8 @@ class TableRun:
                 "regions": regions, "heldout_cases": stock["cases"], "validation_cases": self.val_cases(),
                 "curves": curves, "stock_check": stock_check(curves[self.heads[0][1] + "_" + self.args.variant]),
                 "paper_chain_measured": self.paper_chain, "tolerance": self.args.tolerance,
+                "validation_stock_seconds": self.state.get(
+                    f"curve {self.heads[0][1]}_{self.args.variant} checkpoint_final.pth")["seconds_per_case"],
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
                 "rows": rows}
 

@@ -294,3 +294,61 @@ def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv
     again = predict_cases(folder, val, pre, resume=True)
     assert (pre / f"{val[0]}.nii.gz").stat().st_mtime_ns == kept and sorted(finished_cases(pre, val)) == sorted(val)
     assert again == pytest.approx(sum(finished_cases(pre, val).values()) / len(val))
+
+
+def test_target_sentences_say_which_head_misses_its_cost_target_and_what_meeting_it_would_cost():
+    # stock 2.0 s / case held out, 1.5 s on the validation cases; targets: NNDM 1.3x, others 3x
+    def default(chosen, rows):
+        return {"chosen": {"setting": chosen}, "tolerance": 1.0,
+                "rows": [{"setting": s, "seconds_per_case": sec, "dice": d} for s, sec, d in rows]}
+    result = {"validation_stock_seconds": 1.5, "rows": [
+        {"trainer": "nnUNetTrainer_table", "setting": "stock", "seconds_per_case": 2.0},
+        {"trainer": "nnUNetTrainerNNDM_table", "setting": "refinement off (its backbone)", "seconds_per_case": 2.0},
+        {"trainer": "nnUNetTrainerNNDM_table", "setting": "ddim 2 steps x 1 samples", "seconds_per_case": 2.4},
+        {"trainer": "nnUNetTrainerX_table", "setting": "ddim 10 steps x 1 samples", "seconds_per_case": 10.0},
+        {"trainer": "nnUNetTrainerY_table", "setting": "ddim 1 steps x 1 samples", "seconds_per_case": 30.0}],
+        "defaults": {
+            "nnUNetTrainerNNDM_table": default("ddim 2 steps x 1 samples", [("ddim 2 steps x 1 samples", 1.8, 90.0)]),
+            # 3 x 1.5 s = 4.5 s: only the 1-step setting is under it; best 80.5, so 10.5 points below
+            "nnUNetTrainerX_table": default("ddim 10 steps x 1 samples", [
+                ("ddim 1 steps x 1 samples", 1.0, 70.0), ("ddim 10 steps x 1 samples", 5.0, 80.0),
+                ("ddim 100 steps x 1 samples", 40.0, 80.5)]),
+            "nnUNetTrainerY_table": default("ddim 1 steps x 1 samples", [("ddim 1 steps x 1 samples", 15.0, 60.0)])}}
+    nndm, x, y = table.target_sentences(result)  # NNDM's refinement-off row is not a default: no sentence
+    assert nndm == "nnUNetTrainerNNDM_table at its default (ddim 2 steps x 1 samples): 1.20x stock, within the " \
+                   "target of 1.3x."
+    assert x.startswith("nnUNetTrainerX_table at its default (ddim 10 steps x 1 samples): 5.00x stock, over the "
+                        "target of 3x;")
+    assert x.endswith("within 3x stock its best setting is ddim 1 steps x 1 samples at 70.0 (10.5 points below its "
+                      "best).")
+    assert "15.00x stock, over the target of 3x" in y
+    assert y.endswith("none of its settings is within 3x stock (the fastest, ddim 1 steps x 1 samples, 10.0x on the "
+                      "validation cases).")
+
+
+def test_results_section_of_a_made_up_run_has_every_block():
+    """RESULTS.md's section of one run: provenance with the plans' sizes, the budget check, the table, one verdict per
+    head, the curves PNG, the chosen defaults and the cost-target sentences."""
+    stock, head = _made_up_run()
+    rows = [{"trainer": m["trainer"], "setting": m["setting"], "seconds_per_case": m["seconds_per_case"],
+             **table.score_against(m, stock, ["WT"])} for m in (stock, head)]
+    result = {"date": "2026-12-01 10:00 UTC", "machine": "2 CPU cores (X)", "heldout_cases": stock["cases"],
+              "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
+              "plans": {"spacing": [4.0] * 3, "median_image_size_in_voxels": [38, 45, 36], "patch_size": [40, 48, 40],
+                        "batch_size": 2},
+              "budget_steps": 500, "versions": {"torch": "2.14.1"}, "command": "python -m benchmarks --part table",
+              "regions": ["WT"], "rows": rows, "tolerance": 1.0, "paper_chain_measured": True,
+              "validation_stock_seconds": 1.0,
+              "budget": {"nnUNetTrainer_table": {"steps": 500, "seconds": 600.0},
+                         "nnUNetTrainerX_table": {"steps": 500, "seconds": 1200.0}},
+              "stock_check": {"steps": 500, "dice": {"WT": 0.9}, "floor": 0.8, "sane": True, "below_floor": []},
+              "defaults": {"nnUNetTrainerX_table": {"tolerance": 1.0, "chosen": {"setting": head["setting"],
+                                                                                  "dice": 80.0},
+                                                    "rows": [{"setting": head["setting"], "seconds_per_case": 2.5,
+                                                              "dice": 80.0}]}}}
+    text = " ".join("\n".join(table.section(result, "table_curves.png")).split())  # paragraphs are wrapped
+    for part in ("median image 38 x 45 x 36 voxels", "every region reaches the 80 %", "| nnUNetTrainerX_table |",
+                 "nnUNetTrainerX_table (ddim 5 steps x 1 samples): Dice not significantly different from stock in WT.",
+                 "![Dice per region against optimiser steps", "- nnUNetTrainerX_table: ddim 5 steps x 1 samples (80.0",
+                 "2.50x stock, within the target of 3x."):
+        assert part in text, part
