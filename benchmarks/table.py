@@ -37,7 +37,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 # budget accounting lives in the package (the demo uses it too)
-from nnunet_diffusion.budget import Budget, optimizer_steps, training_budget  # noqa: F401
+from nnunet_diffusion.budget import Budget, optimizer_steps, planned_budget, training_budget  # noqa: F401
+from nnunet_diffusion.errors import NNDiffError
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -435,11 +436,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--train-cases must be >= 5 (nnU-Net's 5-fold split) and --heldout-cases >= 2; got "
                          f"{args.train_cases} and {args.heldout_cases}")
     heads = [(h, c) for h, c in HEADS if h == "nnunet" or h in args.heads]
-    budgets = {f"{c}_{args.variant}": optimizer_steps(h, args.variant) for h, c in heads}
-    if len(set(budgets.values())) != 1:
-        raise SystemExit(f"unequal budgets for --variant {args.variant}: {budgets} (optimiser steps of each "
-                         f"trainer's whole schedule); make the [variants.{args.variant}] tables agree")
-    run = TableRun(args, heads, next(iter(budgets.values())))
+    try:
+        budget = planned_budget(args.variant, heads, "the table")
+    except NNDiffError as e:
+        raise SystemExit(str(e)) from None
+    run = TableRun(args, heads, budget)
     run.prepare()
     for head, cls in heads:
         run.train(head, f"{cls}_{args.variant}")

@@ -1,5 +1,5 @@
 """What a training spent: optimiser steps and wall time, read from nnU-Net's checkpoint. Used by the demo (its
-table names every row's budget, and refuses unequal ones) and by the comparison table (benchmarks/table.py).
+table names every row's budget, and both refuse unequal ones before training: :func:`planned_budget`) and by the comparison table (benchmarks/table.py).
 
 One optimiser step is one ``train_step`` call: one batch, one update of every part that trains at that stage
 (NNDM's joint stage updates backbone and refiner in the same step; it counts once). A head with stages counts all
@@ -22,6 +22,18 @@ def optimizer_steps(head: str, variant: str | None) -> int:
     """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch."""
     from nnunet_diffusion import config
     return schedule_steps(config.resolve(head, variant), head)
+
+
+def planned_budget(variant: str, heads, what: str = "the demo") -> int:
+    """The optimiser steps every trainer ``<class>_<variant>`` of ``heads`` ((head, class name) pairs) will take;
+    unequal budgets are an error before any training (``what`` names the comparison in the message)."""
+    from .errors import NNDiffError
+    steps = {f"{cls}_{variant}": optimizer_steps(head, variant) for head, cls in heads}
+    if len(set(steps.values())) != 1:
+        raise NNDiffError(f"--variant {variant}: {what} compares trainers at equal budget, but their schedules take "
+                          f"unequal optimiser steps ({', '.join(f'{t}: {s}' for t, s in steps.items())}); make "
+                          f"their [variants.{variant}] in trainer_configs/ agree")
+    return next(iter(steps.values()))
 
 
 @dataclass(frozen=True)

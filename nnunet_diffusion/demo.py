@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .budget import planned_budget
 from .environment import BIN, run_logged as _run, train_fold, workdir_environment
 from .errors import NNDiffError
 
@@ -41,17 +42,6 @@ DEFAULT_HEADS = ("nnunet", "nndm")
 
 def demo_heads(all_heads: bool) -> tuple[tuple[str, str], ...]:
     return HEADS if all_heads else tuple(h for h in HEADS if h[0] in DEFAULT_HEADS)
-
-
-def planned_budget(variant: str, heads) -> int:
-    """The optimiser steps every demo trainer will take; unequal budgets stop the demo before any training."""
-    from .budget import optimizer_steps
-    steps = {f"{cls}_{variant}": optimizer_steps(head, variant) for head, cls in heads}
-    if len(set(steps.values())) != 1:
-        raise NNDiffError(f"--variant {variant}: the demo compares trainers at equal budget, but their schedules "
-                          f"take unequal optimiser steps ({', '.join(f'{t}: {s}' for t, s in steps.items())}); make "
-                          f"their [variants.{variant}] in trainer_configs/ agree")
-    return next(iter(steps.values()))
 
 
 def fold0(results: Path, trainer: str) -> Path:

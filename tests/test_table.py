@@ -352,3 +352,11 @@ def test_results_section_of_a_made_up_run_has_every_block():
                  "![Dice per region against optimiser steps", "- nnUNetTrainerX_table: ddim 5 steps x 1 samples (80.0",
                  "2.50x stock, within the target of 3x."):
         assert part in text, part
+
+
+def test_the_table_refuses_unequal_budgets_before_making_anything(tmp_path):
+    # the _tiny variants: DDMD trains (1 + 2) x 4 = 12 steps, stock nnU-Net 2 x 4 = 8
+    with pytest.raises(SystemExit, match=r"the table compares trainers at equal budget.*nnUNetTrainer_tiny: 8.*"
+                                         r"nnUNetTrainerDDMD_tiny: 12.*\[variants.tiny\]"):
+        table.main(["--variant", "tiny", "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
