@@ -1,5 +1,7 @@
 """What a training spent: optimiser steps and wall time, read from nnU-Net's checkpoint. Used by the demo (its
-table names every row's budget, and both refuse unequal ones before training: :func:`planned_budget`) and by the comparison table (benchmarks/table.py).
+table names every row's budget) and by the comparison table (benchmarks/table.py); both refuse unequal budgets
+before any training (:func:`planned_budget`) and after it (the demo's ``trained_budgets``, the table's check of each
+finished training).
 
 One optimiser step is one ``train_step`` call: one batch, one update of every part that trains at that stage
 (NNDM's joint stage updates backbone and refiner in the same step; it counts once). A head with stages counts all
