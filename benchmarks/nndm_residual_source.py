@@ -34,22 +34,9 @@ from pathlib import Path
 
 def prepare(workdir: Path) -> None:
     """``nndiff demo``'s steps 1-3 and its stock model (``nnUNetTrainer_demo``), each skipped when done."""
-    from nnunet_diffusion.dataset_conversion.brats import convert_brats
-    from nnunet_diffusion.dataset_conversion.phantoms import make_phantoms
-    from nnunet_diffusion.demo import DATASET, DATASET_ID, PHANTOMS
-    from nnunet_diffusion.environment import BIN, run_logged as _run, workdir_environment
-    env = workdir_environment(workdir)
-    brats = workdir / "BraTS2021_download"
-    if not (brats / "done").is_file():
-        folders = make_phantoms(brats, n=10, n_val=2, overwrite=True, **PHANTOMS)
-        (brats / "done").write_text(json.dumps({k: str(v) for k, v in folders.items()}))
-    folders = json.loads((brats / "done").read_text())
-    if not (workdir / "nnUNet_raw" / DATASET / "dataset.json").is_file():
-        convert_brats([folders["training"], folders["validation"]], "2021", raw_root=env["nnUNet_raw"],
-                      dataset_id=DATASET_ID, overwrite=True)
-    if not (workdir / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").is_file():
-        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1", "-np", "1",
-              "--verify_dataset_integrity"], env, workdir / "logs" / "plan_and_preprocess.log", "plan and preprocess")
+    from nnunet_diffusion.demo import prepare_dataset
+    from nnunet_diffusion.environment import workdir_environment
+    prepare_dataset(workdir, workdir_environment(workdir))
     train(workdir, "nnUNetTrainer_demo")
 
 

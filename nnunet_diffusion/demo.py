@@ -61,23 +61,14 @@ def trained_budgets(results: Path, trainers: dict) -> dict:
     return budgets
 
 
-def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_heads: bool = False) -> int:
-    from . import config
-    from .dataset_conversion.brats import convert_brats, convert_predictions_to_brats
+def prepare_dataset(workdir: Path, env: dict, timings: dict | None = None) -> None:
+    """The demo's steps 1-3 in ``workdir`` (``env``: its :func:`workdir_environment`), each skipped when done:
+    phantoms in the BraTS 2021 layout, ``nndiff convert-brats``, ``nnUNetv2_plan_and_preprocess``. The seconds of
+    the steps that ran go into ``timings``."""
+    from .dataset_conversion.brats import convert_brats
     from .dataset_conversion.phantoms import make_phantoms
-    t_start = time.time()
-    heads = demo_heads(all_heads)
-    steps = planned_budget(variant, heads)  # also: an unknown variant is a clear error now, not after minutes
-    workdir = workdir.resolve()
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    env = workdir_environment(workdir)
-    logs, results = workdir / "logs", Path(env["nnUNet_results"]) / DATASET
+    timings = {} if timings is None else timings
     raw = Path(env["nnUNet_raw"]) / DATASET
-    trainers = {head: f"{cls}_{variant}" for head, cls in heads}
-    timings = {}
-    print(f"nndiff demo in {workdir} (logs in {logs}); {len(trainers)} trainers, {steps} optimiser steps each")
-
     brats = workdir / "BraTS2021_download"
     if not (brats / "done").is_file():
         t0 = time.time()
@@ -94,8 +85,27 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     if not (Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").is_file():
         timings["plan_and_preprocess"] = _run(
             [BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", "1", "-np", "1",
-             "--verify_dataset_integrity"], env, logs / "plan_and_preprocess.log",
+             "--verify_dataset_integrity"], env, workdir / "logs" / "plan_and_preprocess.log",
             "[3/7] nnUNetv2_plan_and_preprocess")
+
+
+def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_heads: bool = False) -> int:
+    from . import config
+    from .dataset_conversion.brats import convert_predictions_to_brats
+    t_start = time.time()
+    heads = demo_heads(all_heads)
+    steps = planned_budget(variant, heads)  # also: an unknown variant is a clear error now, not after minutes
+    workdir = workdir.resolve()
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    env = workdir_environment(workdir)
+    logs, results = workdir / "logs", Path(env["nnUNet_results"]) / DATASET
+    raw = Path(env["nnUNet_raw"]) / DATASET
+    trainers = {head: f"{cls}_{variant}" for head, cls in heads}
+    timings = {}
+    print(f"nndiff demo in {workdir} (logs in {logs}); {len(trainers)} trainers, {steps} optimiser steps each")
+
+    prepare_dataset(workdir, env, timings)
     for head, trainer in trainers.items():
         seconds = train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold0(results, trainer), env,
                              logs / f"train_{trainer}.log", "[4/7]",
