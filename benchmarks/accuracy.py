@@ -89,10 +89,11 @@ def _record_case(out_dir: Path, case: str, seconds: float) -> None:
 
 
 def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=None,
-                  checkpoint: str = "checkpoint_final.pth", resume: bool = False) -> float:
+                  checkpoint: str = "checkpoint_final.pth", resume: bool = False, progress: str = "") -> float:
     """Predict ``cases`` (preprocessed) into ``out_dir`` with the fold-0 model's ``checkpoint``; return seconds per
     case. With ``resume``, the cases :func:`finished_cases` finds are kept (with their seconds) and the others
-    predicted, each recorded as it finishes: an interrupted measurement loses one case, not all."""
+    predicted, each recorded as it finishes: an interrupted measurement loses one case, not all. ``progress``: a
+    line per case starting with it."""
     import numpy as np
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
@@ -121,6 +122,8 @@ def predict_cases(model_folder: Path, cases: list[str], out_dir: Path, sampling=
                                       str(out_dir / case), False)
         if resume:
             _record_case(out_dir, case, seconds[case])
+        if progress:
+            print(f"{progress}: case {len(seconds)}/{len(cases)} {seconds[case]:.1f} s", flush=True)
     return sum(seconds.values()) / len(cases)
 
 
@@ -132,7 +135,7 @@ def predict_raw_cases(p, inputs: dict[str, list[str]], out_dir: Path, progress: 
     seconds = finished_cases(out_dir, list(inputs))
     out_dir.mkdir(parents=True, exist_ok=True)
     reader = p.plans_manager.image_reader_writer_class()
-    for i, (case, files) in enumerate(inputs.items()):
+    for case, files in inputs.items():
         if case in seconds:
             continue
         image, props = reader.read_images(files)
@@ -141,7 +144,7 @@ def predict_raw_cases(p, inputs: dict[str, list[str]], out_dir: Path, progress: 
         seconds[case] = time.perf_counter() - t0
         _record_case(out_dir, case, seconds[case])
         if progress:
-            print(f"{progress}: case {i + 1}/{len(inputs)} {seconds[case]:.1f} s", flush=True)
+            print(f"{progress}: case {len(seconds)}/{len(inputs)} {seconds[case]:.1f} s", flush=True)
     return sum(seconds.values()) / len(inputs)
 
 

@@ -453,6 +453,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def final_validation_env(trainer: str) -> dict:
+    """NNDIFF_* for ``nnUNetv2_train``'s own final validation of a table training: the head's online-validation
+    sampler with one sample instead of its shipped chain. The table measures every setting itself (the steps-accuracy
+    rows include the shipped one); nnU-Net's final validation at the paper chains would add hours (DDMD's DDPM 1000
+    steps x 5 samples: about 20 min per case on 2 CPU cores) and decide nothing. Stock nnU-Net: nothing."""
+    from nnunet_diffusion.trainers import TRAINERS
+    cls = TRAINERS.get(trainer)
+    if cls is None or not hasattr(cls, "sampling_defaults"):
+        return {}
+    o = cls.sampling_defaults(validation=True)
+    return {"NNDIFF_SAMPLER": o.sampler, "NNDIFF_STEPS": str(o.steps), "NNDIFF_SAMPLES": "1"}
+
+
 class TableRun:
     """The run's steps, each recorded in ``<workdir>/state.json`` when it finishes and skipped when found there:
     phantoms and nnU-Net's planning, each training (resumed with nnU-Net's ``--c`` from its last checkpoint), the
@@ -521,7 +534,8 @@ class TableRun:
         fold = self.model_folder(trainer) / "fold_0"
         load = [round(x, 2) for x in os.getloadavg()]
         attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
-        train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold, self.env, self.logs / f"train_{trainer}.{attempt}.log",
+        env = dict(self.env, **final_validation_env(trainer))
+        train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold, env, self.logs / f"train_{trainer}.{attempt}.log",
                    "[table]", config.total_epochs(config.resolve(head, self.args.variant), head), self.args.device)
         b = training_budget(fold / "checkpoint_final.pth")
         if b.steps != self.budget:
@@ -540,7 +554,8 @@ class TableRun:
             return self.state.get(key)
         out = self.workdir / "measure" / key.replace(" ", "_").replace("/", "-")
         sampling = None if change is None else (lambda net: change(net.sampling))
-        seconds = predict_cases(self.model_folder(trainer), cases, out, sampling, checkpoint=checkpoint, resume=True)
+        seconds = predict_cases(self.model_folder(trainer), cases, out, sampling, checkpoint=checkpoint, resume=True,
+                                progress=f"[table] {key}")
         from nnunet_diffusion.evaluation.evaluate import ALL_REGIONS
         dice = {r: m["dice"] for r, m in mean_metrics(evaluate_cases(out, self.raw(), cases)).items()
                 if r != ALL_REGIONS}

@@ -248,7 +248,7 @@ def test_provenance_line_names_date_machine_data_budget_versions_and_command():
 
 @pytest.mark.e2e
 def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv2_predict(trained, nnunet_paths,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capsys):
     """The table's two ways of predicting (raw held-out files, preprocessed validation cases) keep every finished
     case with its seconds; after an interruption (a case's record and segmentation gone) only that case is predicted
     again. The raw path's segmentations are nnUNetv2_predict's (same model, CPU), label for label."""
@@ -280,8 +280,11 @@ def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv
     (out / f"{cases[1]}.seconds").unlink()
     (out / f"{cases[1]}.nii.gz").unlink()
     assert sorted(finished_cases(out, cases)) == cases[:1]
-    predict_raw_cases(_predictor(folder), inputs, out)
+    capsys.readouterr()
+    predict_raw_cases(_predictor(folder), inputs, out, progress="[held out]")
     assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == kept  # not predicted again
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[held out]")]
+    assert len(lines) == 1 and lines[0].startswith("[held out]: case 2/2 ")  # the one case predicted, after the kept
     assert np.array_equal(labels(out / f"{cases[1]}.nii.gz"), labels(ref / f"{cases[1]}.nii.gz"))
 
     val = json.loads((trained.preprocessed / "splits_final.json").read_text())[0]["val"]
@@ -291,7 +294,8 @@ def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv
     assert sorted(recorded) == sorted(val) and first == pytest.approx(sum(recorded.values()) / len(val))
     kept = (pre / f"{val[0]}.nii.gz").stat().st_mtime_ns
     (pre / f"{val[-1]}.seconds").unlink()
-    again = predict_cases(folder, val, pre, resume=True)
+    again = predict_cases(folder, val, pre, resume=True, progress="[val]")
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"[val]: case {len(val)}/{len(val)} ")
     assert (pre / f"{val[0]}.nii.gz").stat().st_mtime_ns == kept and sorted(finished_cases(pre, val)) == sorted(val)
     assert again == pytest.approx(sum(finished_cases(pre, val).values()) / len(val))
 
@@ -360,3 +364,15 @@ def test_the_table_refuses_unequal_budgets_before_making_anything(tmp_path):
                                          r"nnUNetTrainerDDMD_tiny: 12.*\[variants.tiny\]"):
         table.main(["--variant", "tiny", "--workdir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
+
+
+def test_nnunet_final_validation_of_a_table_training_uses_the_heads_validation_sampler():
+    # trainer_configs/medsegdiff.toml [defaults]: val_sampler = "ddim", val_sampling_steps = 10 (its shipped chain:
+    # ddpm 100 steps x 5 samples); stock nnU-Net does not sample
+    import tomllib
+    from pathlib import Path
+    toml = tomllib.loads((Path(__file__).resolve().parents[1] / "trainer_configs" / "medsegdiff.toml").read_text())
+    d = toml["defaults"]
+    assert table.final_validation_env("nnUNetTrainerMedSegDiff_table") == {
+        "NNDIFF_SAMPLER": d["val_sampler"], "NNDIFF_STEPS": str(d["val_sampling_steps"]), "NNDIFF_SAMPLES": "1"}
+    assert table.final_validation_env("nnUNetTrainer_table") == {}
