@@ -86,10 +86,13 @@ def test_missing_t1ce_is_replaced_by_the_synthetic_one(trained_recoseg, tmp_path
 
 
 def test_resume_between_the_stages(trained_recoseg, nnunet_paths):
-    """Stop after the synthesis stage (checkpoint_latest of epoch 0), then `nnUNetv2_train --c` computes the
-    residual maps and trains the segmentation stage."""
+    """Stop after the synthesis stage, then `nnUNetv2_train --c` computes the residual maps and trains the
+    segmentation stage. The checkpoint at the end of the synthesis stage is written even when save_every would not
+    (here 2 instead of the variant's 1); residual maps of another synthesiser (a stale file, no source named) are
+    deleted and computed again."""
     from nnunet_diffusion.trainers.recoseg import nnUNetTrainerReCoSeg_tiny
     t = make_trainer(trained_recoseg, nnUNetTrainerReCoSeg_tiny, 1)
+    t.save_every = 2  # nnU-Net's own rule would save after epochs 2, 4, ...: not after the synthesis stage's one
     t.on_train_start()
     t.on_epoch_start()
     t.on_train_epoch_start()
@@ -102,8 +105,12 @@ def test_resume_between_the_stages(trained_recoseg, nnunet_paths):
     fold = model_folder(trained_recoseg, TRAINER) / "fold_1"
     assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "residuals").exists()
     assert not (fold / "checkpoint_best.pth").exists()  # the synthesis stage cannot segment: no "best" yet
+    assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+    (fold / "residuals").mkdir()
+    np.save(fold / "residuals" / "synth_tr_000.npy", np.zeros((1, 2, 2, 2), np.float16))  # of another synthesiser
 
     proc = train(trained_recoseg.env, TRAINER, 1, "--c")
     assert "ReCoSeg stage 1" not in proc.output and "ReCoSeg stage 2 (segmentation)" in proc.output
+    assert "1 residual map(s) of another synthesiser or sampler deleted" in proc.output
     assert "residual maps of 8 case(s)" in proc.output
     assert (fold / "checkpoint_final.pth").is_file() and len(list((fold / "residuals").glob("*.npy"))) == 8

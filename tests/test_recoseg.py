@@ -352,3 +352,30 @@ def test_synthesis_on_unlabelled_only_needs_a_folder(planned, nnunet_paths):
     from nnunet_diffusion.trainers import recoseg as module
     with pytest.raises(NNDiffConfigError, match="NNDIFF_UNLABELLED"):
         make_trainer(planned, module.nnUNetTrainerReCoSeg_unlabelled_synth, 0)
+
+
+def test_synthesis_fingerprint_changes_with_the_weights_and_the_sampler():
+    from nnunet_diffusion.inference.options import SamplingOptions
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.InstanceNorm3d(4, affine=True))
+    ddim = SamplingOptions(steps=10, sampler="ddim")
+    ddpm = SamplingOptions(steps=1000, sampler="ddpm")
+    same = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.InstanceNorm3d(4, affine=True))
+    same.load_state_dict(net.state_dict())
+    a = recoseg_residuals.synthesis_fingerprint(net, ddim)
+    assert a == recoseg_residuals.synthesis_fingerprint(same, ddim)
+    assert a != recoseg_residuals.synthesis_fingerprint(net, ddpm)
+    with torch.no_grad():
+        same[0].weight[0, 0, 0, 0, 0] += 1e-6  # one weight, barely moved
+    assert a != recoseg_residuals.synthesis_fingerprint(same, ddim)
+
+
+def test_residual_maps_of_another_source_are_deleted_and_those_of_the_same_kept(tmp_path):
+    folder = tmp_path / "residuals"
+    folder.mkdir()
+    np.save(folder / "case_a.npy", np.zeros((1, 2, 2, 2), np.float16))  # written before sources were named
+    assert recoseg_residuals.discard_other_residuals(folder, "A") == 1
+    assert not list(folder.glob("*.npy")) and (folder / "source.txt").read_text() == "A"
+    np.save(folder / "case_a.npy", np.zeros((1, 2, 2, 2), np.float16))
+    assert recoseg_residuals.discard_other_residuals(folder, "A") == 0 and (folder / "case_a.npy").is_file()
+    assert recoseg_residuals.discard_other_residuals(folder, "B") == 1 and not (folder / "case_a.npy").exists()
+    assert (folder / "source.txt").read_text() == "B"

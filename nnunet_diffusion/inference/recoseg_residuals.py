@@ -7,6 +7,7 @@ geometry (``whole_case.revert_to_original_geometry``) and written beside the pre
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..errors import NNDiffConfigError
 from .whole_case import (input_cases, load_model, preprocess_case, revert_to_original_geometry, sitk_array,
                          sliding_window, write_like_input)
@@ -49,6 +50,36 @@ def residual_of_case(network, data: torch.Tensor, patch_size: Sequence[int], ste
 
 def residual_file(folder: os.PathLike, identifier: str) -> Path:
     return Path(folder) / f"{identifier}.npy"
+
+
+SOURCE_FILE = "source.txt"  # in the residuals folder: the fingerprint of the synthesiser and sampler behind the maps
+
+
+def synthesis_fingerprint(synthesizer: torch.nn.Module, sampling) -> str:
+    """SHA-1 of the synthesiser's weights and the sampling options the residual maps are computed with: maps of
+    the same fingerprint are interchangeable, maps of another are not."""
+    h = hashlib.sha1(repr(sampling).encode())
+    for name, tensor in sorted(synthesizer.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def discard_other_residuals(folder: os.PathLike, source: str) -> int:
+    """Keep only residual maps of ``source`` (:func:`synthesis_fingerprint`) in ``folder``: when its
+    ``source.txt`` names another source (or none, while maps are there), every ``<case>.npy`` is deleted and
+    ``source`` written. An interrupted training resumed from a checkpoint before the end of the synthesis stage
+    trains another synthesiser; its maps must not be mixed with the earlier one's. Returns the maps deleted."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    named = folder / SOURCE_FILE
+    if named.is_file() and named.read_text() == source:
+        return 0
+    stale = sorted(folder.glob("*.npy"))
+    for f in stale:
+        f.unlink()
+    write_text_atomic(named, source)
+    return len(stale)
 
 
 def precompute_residuals(network, load_case: Callable[[str], np.ndarray], identifiers: Iterable[str],

@@ -295,6 +295,14 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         net = self.unwrapped_network()
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         mine = sorted(identifiers)[rank::world]
+        if self.local_rank == 0:
+            stale = recoseg_residuals.discard_other_residuals(self.residual_folder, recoseg_residuals.
+                                                               synthesis_fingerprint(net.synthesizer,
+                                                                                     self.sampling_defaults()))
+            if stale:
+                self.print_to_log_file(f"ReCoSeg: {stale} residual map(s) of another synthesiser or sampler deleted")
+        if self.is_ddp:
+            dist.barrier()
         saved_sampling, was_training = net.sampling, net.training
         net.set_sampling(self.sampling_defaults())
         net.eval()
@@ -394,7 +402,16 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     def on_epoch_end(self):
         if self.stage_of(self.current_epoch) == 1:
             self._best_ema = float("inf")  # no checkpoint_best of a model that cannot segment yet
-        super().on_epoch_end()
+        # the last synthesis epoch gets a checkpoint even between save_every's: a training interrupted while the
+        # residual maps are computed resumes with this synthesiser and keeps the maps already written
+        boundary = self.current_epoch + 1 == self.stage_epochs[0] and (self.current_epoch + 1) % self.save_every != 0
+        super().on_epoch_end()  # nnU-Net's: logs, its own checkpoints, then current_epoch += 1
+        if boundary and self.current_epoch < self.num_epochs:
+            self.current_epoch -= 1  # save_checkpoint records current_epoch + 1 epochs done, as nnU-Net's own
+            try:
+                self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+            finally:
+                self.current_epoch += 1
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
