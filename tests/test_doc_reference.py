@@ -36,6 +36,19 @@ def test_committed_readme_blocks_are_current():
     assert new == readme, f"README.md's generated blocks are out of date: {RUN}"
 
 
+def test_the_headline_comes_before_every_other_table_of_the_readme():
+    """Issue 20: the README's first table is the equal-budget table. No markdown table (a line starting with '|')
+    may stand above the headline block; the block itself is the generated one (checked above)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index(reference.marker("headline"))
+    above = [line for line in readme[:start].splitlines() if line.lstrip().startswith("|")]
+    assert not above, f"README.md has a table above its headline block: {above[0]!r}"
+    assert reference.marker("headline") in "\n".join(readme.splitlines()[:40]), \
+        "README.md's headline block starts below its first screen (line 40)"
+    # issue 23: the README is the door; everything else lives in documentation/
+    assert len(readme.splitlines()) <= 200, f"README.md has {len(readme.splitlines())} lines; at most 200"
+
+
 def test_every_nndiff_variable_in_the_code_is_in_the_registry():
     """A NNDIFF_* name read anywhere (package, benchmarks, tests, Makefile) must have a help text."""
     found = {}
