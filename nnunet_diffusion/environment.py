@@ -40,13 +40,15 @@ def environment_with_trainers(env: dict | None = None) -> dict:
 
 def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None,
                initial: int = 0) -> float:
-    """Run ``cmd``, its output into ``log``, a progress bar (starting at ``initial``) advanced on every line matching
+    """Run ``cmd``, its output into ``log`` line by line (``tail -f`` shows what the bar does not, e.g. ReCoSeg's
+    residual maps between two epochs), a progress bar (starting at ``initial``) advanced on every line matching
     ``pattern``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     regex = re.compile(pattern) if pattern else None
-    with open(log, "w") as f, tqdm(total=total, desc=desc, unit="epoch" if total else "it", initial=initial,
-                                   bar_format=None if total else "{desc}: {elapsed}") as bar:
+    with open(log, "w", buffering=1) as f, tqdm(total=total, desc=desc, unit="epoch" if total else "it",
+                                                initial=initial,
+                                                bar_format=None if total else "{desc}: {elapsed}") as bar:
         proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         try:

@@ -132,6 +132,25 @@ def test_demo_end_to_end_trains_stock_and_nndm_at_equal_steps_and_says_where_out
     assert not (work / "predictions_validation_recoseg").exists()  # ReCoSeg only with --all-heads
 
 
+def test_a_logged_runs_log_has_each_line_while_the_command_still_runs(tmp_path):
+    """``tail -f`` on a training's log shows each line as it comes (ReCoSeg's residual maps take 50 min between two
+    epochs): the command prints a line, then waits until that line is in the log before it exits 0 (exit 1 after
+    30 s: the log was buffered)."""
+    import sys
+
+    from nnunet_diffusion.environment import run_logged
+    log = tmp_path / "run.log"
+    child = ("import pathlib, sys, time\n"
+             "print('first', flush=True)\n"
+             "deadline = time.time() + 30\n"
+             f"while 'first' not in pathlib.Path({str(log)!r}).read_text():\n"
+             "    if time.time() > deadline: sys.exit(1)\n"
+             "    time.sleep(0.05)\n"
+             "print('second')\n")
+    run_logged([sys.executable, "-c", child], dict(os.environ), log, "live")
+    assert log.read_text().splitlines() == ["first", "second"]
+
+
 def test_a_logged_run_counts_matching_lines_from_where_an_interrupted_run_stopped(tmp_path, capsys):
     """run_logged's bar starts at ``initial`` (a resumed training: the epochs its checkpoint finished) and advances
     once per matching line; the command's output lands in the log."""
