@@ -117,6 +117,18 @@ def stock_check(curve: Sequence[dict], floor: float = 0.8) -> dict:
     return {"steps": last["steps"], "dice": last["dice"], "floor": floor, "sane": not low, "below_floor": low}
 
 
+LEARNED_FLOOR = 50.0
+"""Mean Dice over regions (percent, fold 0's validation cases) that a head's best measured setting must reach for
+the table to choose its default sampler: below it the model has not learned to segment in the table's budget (a
+diffusion head whose denoiser ignores the image samples random masks, Dice near the foreground fraction), every
+setting is as bad as every other, and the cheapest-within-1-point rule would pick the cheapest on no evidence."""
+
+
+def learned(d: dict, floor: float = LEARNED_FLOOR) -> bool:
+    """Did the head's best steps-accuracy setting (``d``: a ``defaults`` record of table.json) reach ``floor``?"""
+    return max(float(r["dice"]) for r in d["rows"]) >= floor
+
+
 APPLIED = "# [make table]"
 """The first characters of every comment line :func:`set_default_sampler` writes (and replaces on the next run)."""
 
@@ -147,12 +159,20 @@ def set_default_sampler(toml_text: str, sampler: str, steps: int, samples: int, 
 
 def apply_defaults(result: dict, configs: Path) -> list[str]:
     """Write every head's chosen default sampler (``result["defaults"]``, from ``table.json``) into the
-    ``[defaults]`` of its ``configs/<head>.toml``, with the measurement as the comment; returns one line per head."""
+    ``[defaults]`` of its ``configs/<head>.toml``, with the measurement as the comment; returns one line per head.
+    A head whose model did not learn (:func:`learned`) keeps its ``[defaults]``, and its line says why."""
     from nnunet_diffusion.trainers import TRAINERS
     done = []
     for trainer, d in sorted(result["defaults"].items()):
         head = TRAINERS[trainer].head
         c, best = d["chosen"], max(d["rows"], key=lambda r: r["dice"])
+        path = configs / f"{head}.toml"
+        if not learned(d):
+            done.append(f"{path}: [defaults] kept: {trainer}'s best setting ({best['setting']}) scored "
+                        f"{best['dice']:.1f} mean Dice, below the {LEARNED_FLOOR:g} of a model that learned to "
+                        f"segment in {result['budget_steps']} optimiser steps; its steps-accuracy curve says nothing "
+                        "about the sampler a trained model needs")
+            continue
         paper = [r for r in d["rows"] if "paper" in r.get("tags", [])]
         why = [f"shipped sampler, chosen by `make table` ({result['date']}; {result['budget_steps']} optimiser steps "
                f"of {trainer}): the cheapest",
@@ -161,7 +181,6 @@ def apply_defaults(result: dict, configs: Path) -> list[str]:
                f"{c['dice']:.1f} (best: {best['setting']}, {best['dice']:.1f}"
                + (f"; the paper's chain {paper[0]['setting']}, {paper[0]['dice']:.1f}" if paper else
                   "; the paper's chain not measured") + "). The paper's chain: the `_paper` variant."]
-        path = configs / f"{head}.toml"
         path.write_text(set_default_sampler(path.read_text(), c["sampler"], c["steps"], c["samples"], why))
         done.append(f"{path}: [defaults] sampler {c['setting']}")
     return done
@@ -332,6 +351,8 @@ def section(result: dict, png_name: str) -> list[str]:
 
     defaults = [f"- {trainer}: {d['chosen']['setting']} ({d['chosen']['dice']:.1f}; best "
                 f"{max(d['rows'], key=lambda r: r['dice'])['setting']} {max(r['dice'] for r in d['rows']):.1f})"
+                + ("" if learned(d) else f"; below the {LEARNED_FLOOR:g} of a model that learned: not a default, "
+                   "its [defaults] kept (the table's row is this cheapest setting)")
                 for trainer, d in result["defaults"].items()]
     check = result.get("stock_check")
     budget = [] if check is None else [para(

@@ -231,6 +231,21 @@ def test_apply_defaults_writes_the_chosen_setting_and_its_measurement(tmp_path):
     assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in text
 
 
+def test_a_head_that_did_not_learn_keeps_its_defaults(tmp_path):
+    """All settings near the Dice of random masks: the rule would pick the cheapest on no evidence; the TOML stays."""
+    (tmp_path / "medsegdiff.toml").write_text(MADE_UP_TOML)
+    rows = [{"setting": "ddim 1 steps x 1 samples", "dice": 3.1, "tags": []},
+            {"setting": "ddpm 100 steps x 5 samples", "dice": 3.4, "tags": ["shipped", "paper"]}]
+    d = {"rows": rows, "tolerance": 1.0,
+         "chosen": {"setting": "ddim 1 steps x 1 samples", "sampler": "ddim", "steps": 1, "samples": 1, "dice": 3.1}}
+    assert not table.learned(d) and table.learned({"rows": [{"dice": 50.0}]})
+    result = {"date": "2026-12-01 10:00 UTC", "budget_steps": 2000,
+              "defaults": {"nnUNetTrainerMedSegDiff_table": d}}
+    done = table.apply_defaults(result, tmp_path)
+    assert (tmp_path / "medsegdiff.toml").read_text() == MADE_UP_TOML
+    assert len(done) == 1 and "[defaults] kept" in done[0] and "ddpm 100 steps x 5 samples) scored 3.4" in done[0]
+
+
 def test_provenance_line_names_date_machine_data_budget_versions_and_command():
     result = {"date": "2026-12-01 10:00 UTC", "machine": "2 CPU cores (X)", "heldout_cases": ["a", "b"],
               "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
