@@ -295,16 +295,16 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         net = self.unwrapped_network()
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         mine = sorted(identifiers)[rank::world]
+        opts = self.sampling_defaults()
         if self.local_rank == 0:
-            stale = recoseg_residuals.discard_other_residuals(self.residual_folder, recoseg_residuals.
-                                                               synthesis_fingerprint(net.synthesizer,
-                                                                                     self.sampling_defaults()))
+            stale = recoseg_residuals.discard_other_residuals(
+                self.residual_folder, recoseg_residuals.synthesis_fingerprint(net.synthesizer, opts))
             if stale:
                 self.print_to_log_file(f"ReCoSeg: {stale} residual map(s) of another synthesiser or sampler deleted")
         if self.is_ddp:
             dist.barrier()
         saved_sampling, was_training = net.sampling, net.training
-        net.set_sampling(self.sampling_defaults())
+        net.set_sampling(opts)
         net.eval()
         reader = self.dataset_class(self.preprocessed_dataset_folder, list(mine))
         autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
@@ -317,7 +317,6 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
             net.set_sampling(saved_sampling)
             net.train(was_training)
         if done:
-            opts = self.sampling_defaults()
             self.print_to_log_file(f"ReCoSeg: residual maps of {len(done)} case(s) written to {self.residual_folder} "
                                    f"({opts.sampler}, {opts.steps} steps)")
         if self.is_ddp:
