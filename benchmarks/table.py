@@ -341,6 +341,20 @@ def target_sentences(result: dict) -> list[str]:
     return out
 
 
+def timing_runs(result: dict) -> str:
+    """Whether the held-out rows' times were taken in one run of the command (comparable) or, the run interrupted
+    and resumed, in several: rows at different moments, and a row whose cases were begun in an earlier run split."""
+    runs = {r.get("run") for r in result["rows"]}
+    if None in runs:
+        return "the run that measured each row not recorded"
+    split = sum(1 for r in result["rows"] if r.get("resumed_cases"))
+    if len(runs) == 1 and not split:
+        return "every row in the same process"
+    return (f"the rows in several runs of the command (interrupted and resumed: rows finished by {len(runs)} "
+            f"run(s)" + (f", {split} row(s) with cases from an earlier run" if split else "") + "), taken at "
+            "different moments, so x stock also carries the machine's load at each")
+
+
 def section(result: dict, png_name: str) -> list[str]:
     """RESULTS.md's blocks (wrapped paragraphs, the table, a list) for one table run, rendered by
     ``python -m benchmarks``."""
@@ -366,7 +380,7 @@ def section(result: dict, png_name: str) -> list[str]:
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
                  "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
-                 "the files excluded), every row in the same process."),
+                 f"the files excluded), {timing_runs(result)}."),
             markdown(result), "\n".join(map(para, verdict_sentences(result))),
             f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
             para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
@@ -500,6 +514,7 @@ class TableRun:
         self.state = TableState(self.workdir / "state.json")
         self.logs = self.workdir / "logs"
         self.env = workdir_environment(self.workdir)
+        self.run_id = f"{os.uname().nodename} pid {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("nnUNet_")})
         for k in [k for k in os.environ if k.startswith("NNDIFF_")]:
             del os.environ[k]  # predict-time overrides would change what is measured
@@ -655,7 +670,7 @@ class TableRun:
     def heldout(self) -> None:
         """Every setting of :meth:`heldout_settings` on the held-out cases, from their raw files; each case recorded
         as it finishes (an interrupted run resumes at the next case)."""
-        from .accuracy import _predictor, evaluate_cases, predict_raw_cases
+        from .accuracy import _predictor, evaluate_cases, finished_cases, predict_raw_cases
         raw = self.raw(heldout=True)
         cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
         inputs = {c: [str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases}
@@ -667,10 +682,12 @@ class TableRun:
             if change is not None:
                 p.network.set_sampling(change(p.network.sampling))
             out = self.workdir / "heldout_predictions" / key.replace(" ", "_")
+            resumed = len(finished_cases(out, cases))  # cases an interrupted run measured before this one
             seconds = predict_raw_cases(p, inputs, out, progress=f"[table] {key}")
             res = evaluate_cases(out, raw, cases)
             self.state.record(key, {"trainer": trainer, "setting": label, "seconds_per_case": seconds,
-                                    "cases": cases, "dice": per_case(res, "dice"), "hd95": per_case(res, "hd95")})
+                                    "run": self.run_id, "resumed_cases": resumed, "cases": cases,
+                                    "dice": per_case(res, "dice"), "hd95": per_case(res, "hd95")})
             print(f"[table] {key}: {seconds:.2f} s / case", flush=True)
 
     # -------------------------------------------------------------- output
@@ -683,6 +700,7 @@ class TableRun:
         rows = []
         for m in measured:
             rows.append({"trainer": m["trainer"], "setting": m["setting"], "seconds_per_case": m["seconds_per_case"],
+                         "run": m.get("run"), "resumed_cases": m.get("resumed_cases", 0),
                          **score_against(m, stock, regions)})
         curves = {}
         for key, rec in self.state.records.items():

@@ -345,6 +345,16 @@ def test_target_sentences_say_which_head_misses_its_cost_target_and_what_meeting
                       "validation cases).")
 
 
+def test_the_section_says_whether_the_heldout_times_come_from_one_run_of_the_command():
+    one = {"rows": [{"run": "a"}, {"run": "a", "resumed_cases": 0}]}
+    assert table.timing_runs(one) == "every row in the same process"
+    two = table.timing_runs({"rows": [{"run": "a"}, {"run": "b"}]})
+    assert "several runs" in two and "finished by 2 run(s)" in two and "earlier run" not in two
+    split = table.timing_runs({"rows": [{"run": "a"}, {"run": "a", "resumed_cases": 3}]})
+    assert "several runs" in split and "1 row(s) with cases from an earlier run" in split
+    assert table.timing_runs({"rows": [{"setting": "stock"}]}) == "the run that measured each row not recorded"
+
+
 def test_results_section_of_a_made_up_run_has_every_block():
     """RESULTS.md's section of one run: provenance with the plans' sizes, the budget check, the table, one verdict per
     head, the curves PNG, the chosen defaults and the cost-target sentences."""
