@@ -144,6 +144,13 @@ def head_heading(header: list[str], head: str) -> tuple[str, str]:
     return ("nnU-Net" if head == "nnunet" else head), ""
 
 
+def head_name(head: str) -> tuple[str, str]:
+    """(name, paper) of ``head`` from the first comment line of its trainer_configs/<head>.toml
+    (:func:`head_heading`)."""
+    header = toml_annotations((_configs_folder() / f"{head}.toml").read_text(encoding="utf-8"))["header"]
+    return head_heading(header, head)
+
+
 def _resolved(defaults: dict, overrides: dict) -> dict:
     from . import config
     out = dict(config.COMMON_KEYS, **defaults)
@@ -265,8 +272,7 @@ def trainers_page() -> str:
               "the runs they name, with those runs' training budgets (the `_demo` models trained for minutes, the "
               "heads longer than stock nnU-Net); none of them compares a head with nnU-Net at an equal budget: "
               f"that is `{TABLE_COMMAND}` ([costs.md](costs.md)). Heads: " +
-              ", ".join(f"[{head_heading(toml_annotations((_configs_folder() / f'{h}.toml').read_text())['header'], h)[0]}]"
-                        f"(#{_anchor(h)})" for h in heads) + "."),
+              ", ".join(f"[{head_name(h)[0]}](#{_anchor(h)})" for h in heads) + "."),
         *sections]) + "\n"
 
 
@@ -320,8 +326,7 @@ def heads_block(repo: Path = REPO, result: dict | None = None) -> str:
         if head == "nnunet":
             continue
         cfg = config.load(head)
-        notes = toml_annotations((_configs_folder() / f"{head}.toml").read_text(encoding="utf-8"))
-        name, paper = head_heading(notes["header"], head)
+        name, paper = head_name(head)
         prefix, _ = head_trainer_names(head)
         explanation = Path("documentation") / "explanation" / f"{head}.md"
         shown = f"[{name}]({explanation.as_posix()})" if (repo / explanation).is_file() else name
@@ -570,8 +575,7 @@ def equal_budget_paragraph(head: str, result: dict | None) -> str:
     """The ``equal-budget`` block of a head's explanation page: what the equal-budget table (``result``:
     benchmarks/results/table.json, None while absent) measured for the head against stock nnU-Net on the held-out
     cases, per region (means, difference, paired p, verdict), and its prediction time against stock's."""
-    name, _ = head_heading(toml_annotations((_configs_folder() / f"{head}.toml").read_text(encoding="utf-8"))
-                           ["header"], head)
+    name, _ = head_name(head)
     if result is None:
         return _wrap(f"Nothing here shows that {name} beats nnU-Net. The equal-budget comparison is "
                      f"`{TABLE_COMMAND}` (benchmarks/table.py: stock nnU-Net and every head trained for "
@@ -591,9 +595,9 @@ def equal_budget_paragraph(head: str, result: dict | None) -> str:
                  f"{result['budget_steps']} optimiser steps on fold 0, {len(result['heldout_cases'])} held-out "
                  f"phantoms no model or setting was chosen on) measured {name} against stock nnU-Net:"]
     for row in rows:
-        parts = [f"{short_region(reg)} {100 * row['dice'][reg]['mean']:.1f} against {100 * stock['dice'][reg]['mean']:.1f}"
-                 f" ({c['verdict']}, {100 * c['mean_difference']:+.1f} points, p = {c['p_value']:.3f})"
-                 for reg, c in row["against_stock"].items()]
+        parts = [f"{short_region(reg)} {100 * row['dice'][reg]['mean']:.1f} against "
+                 f"{100 * stock['dice'][reg]['mean']:.1f} ({c['verdict']}, {100 * c['mean_difference']:+.1f} points, "
+                 f"p = {c['p_value']:.3f})" for reg, c in row["against_stock"].items()]
         ratio = row["seconds_per_case"] / stock["seconds_per_case"]
         target = "" if row["setting"].startswith("refinement off") else \
             f"; target {table.cost_target(trainer):g}x"
@@ -639,17 +643,16 @@ def run_docs(check: bool = False, repo: Path = REPO) -> int:
         targets[README] = new_readme
     else:
         missing = list(README_BLOCKS)
-    missing = [f"README.md: {name}" for name in missing]
+    missing = [(README, name) for name in missing]
     for page, blocks in explanation_blocks(repo).items():
         new_page, lacking = replace_blocks((repo / page).read_text(encoding="utf-8"), blocks)
         targets[page] = new_page
-        missing += [f"{page.as_posix()}: {name}" for name in lacking]
+        missing += [(page, name) for name in lacking]
     stale = [p for p, text in targets.items()
              if not (repo / p).is_file() or (repo / p).read_text(encoding="utf-8") != text]
-    for where in missing:
-        page, name = where.split(": ")
-        print(f"nndiff docs: {page} has no '{marker(name)}' ... '{END_MARKER}' lines; the {name} block is not "
-              "written", file=sys.stderr)
+    for page, name in missing:
+        print(f"nndiff docs: {page.as_posix()} has no '{marker(name)}' ... '{END_MARKER}' lines; the {name} block "
+              "is not written", file=sys.stderr)
     if check:
         if stale:
             print("nndiff docs --check: out of date: " + ", ".join(p.as_posix() for p in stale) +
