@@ -160,6 +160,7 @@ def test_resume_after_a_kill_continues_in_the_right_stage(planned):
     assert (fold_dir / "checkpoint_latest.pth").exists() and not (fold_dir / "checkpoint_final.pth").exists()
     latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 1 and "refiner_optimizer_state" in latest["nnunet_diffusion"]
+    assert latest["trainer_config"] == TRAINERS["nnUNetTrainerNNDM_tiny"].hparams()  # compared on --c
     resumed = train(planned.env, "nnUNetTrainerNNDM_tiny", 1, "--c")
     assert "Epoch 1" in resumed.output and "Epoch 0" not in resumed.output
     assert "NNDM stage 3 (joint)" in resumed.output
@@ -201,6 +202,44 @@ def test_checkpoint_of_another_trainer_is_refused(trained, nnunet_paths):
     shutil.copy(src, dst)
     with pytest.raises(NNDiffCheckpointError, match=r"written by trainer 'nnUNetTrainer_tiny'.*NNDM_tiny"):
         trainer.load_checkpoint(str(dst))
+
+
+def test_resuming_under_a_changed_training_config_is_refused(trained, nnunet_paths, monkeypatch):
+    """--c after a trainer_configs edit: a key that changes training stops it, naming the key, before the run starts;
+    a predict-time key (the shipped sampler) does not; a checkpoint without a recorded config is let through."""
+    cls = TRAINERS["nnUNetTrainerNNDM_tiny"]
+    ckpt = model_folder(trained, "nnUNetTrainerNNDM_tiny") / "fold_0" / "checkpoint_final.pth"
+    hp = cls.hparams()
+    trainer = make_trainer(trained, cls, fold=0)
+    trainer.load_checkpoint(str(ckpt))
+    trainer.check_resumed_config()
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, sampling_steps=hp["sampling_steps"] + 1)))
+    trainer.check_resumed_config()
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, refiner_lr=hp["refiner_lr"] * 2)))
+    with pytest.raises(NNDiffCheckpointError, match=r"another nndm trainer config \(refiner_lr .* -> .*\).*--c"):
+        trainer.check_resumed_config()
+    with pytest.raises(NNDiffCheckpointError, match="refiner_lr"):
+        trainer.on_train_start()  # nnUNetv2_train --c runs this after loading the checkpoint
+    trainer._resumed_from = (str(ckpt), None)  # a checkpoint of an older version
+    trainer.check_resumed_config()
+
+
+def test_every_key_of_recosegs_residual_sampling_is_a_training_key(monkeypatch):
+    """ReCoSeg's segmenter trains on residual maps drawn with sampling_defaults(): any config key that changes those
+    options changes training, so a resume under another value of it must be refused like any training key."""
+    cls = TRAINERS["nnUNetTrainerReCoSeg_tiny"]
+    hp = cls.hparams()
+    bump = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "_other"}
+    reference, shaping = cls.sampling_defaults(), []
+    for key, value in hp.items():
+        if type(value) not in bump:
+            continue
+        monkeypatch.setattr(cls, "hparams", classmethod(lambda c, k=key, v=value: dict(hp, **{k: bump[type(v)](v)})))
+        if cls.sampling_defaults() != reference:
+            shaping.append(key)
+        monkeypatch.undo()
+    assert {"sampler", "sampling_steps", "num_samples"} <= set(shaping)
+    assert not set(shaping) & cls.predict_only_keys
 
 
 def _sha(path):

@@ -20,6 +20,12 @@ class ConfiguredTrainer(nnUNetTrainer):
 
     head: str = "nnunet"
     variant: Optional[str] = None
+    # trainer_configs keys that change only prediction, online validation or bookkeeping, never the trained weights:
+    # a training resumed (--c) after one of them changed is still one training (see check_resumed_config). A head
+    # whose training reads one of them (ReCoSeg's residual maps use the shipped sampler) takes it out of its set.
+    predict_only_keys = frozenset({"sampler", "sampling_steps", "num_samples", "tta_refine", "fusion", "val_sampler",
+                                   "val_sampling_steps", "num_val_iterations_per_epoch", "save_every", "keep_snapshots",
+                                   "binarize_threshold", "sample_reading", *config.META_KEYS})
 
     @classmethod
     def hparams(cls) -> dict:
@@ -29,6 +35,7 @@ class ConfiguredTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         hp = self.hparams()
+        self._resumed_from: Optional[tuple[str, Optional[dict]]] = None  # (checkpoint, its trainer config)
         for key in config.TRAINING_KEYS:
             if key in hp:
                 setattr(self, key, hp[key])
@@ -69,6 +76,7 @@ class ConfiguredTrainer(nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_diffusion": self.extra_checkpoint_state(),
+            "trainer_config": self.hparams(),  # what check_resumed_config compares on --c
         }
         self._save_atomic(checkpoint, filename)
         if self.hparams()["keep_snapshots"] and os.path.basename(filename) == "checkpoint_latest.pth":
@@ -93,6 +101,34 @@ class ConfiguredTrainer(nnUNetTrainer):
                 f"the trainer that wrote it.")
         super().load_checkpoint(filename_or_checkpoint)
         self.load_extra_checkpoint_state(ckpt.get("nnunet_diffusion", {}))
+        self._resumed_from = (filename_or_checkpoint, ckpt.get("trainer_config"))
+
+    def check_resumed_config(self) -> None:
+        """Refuse to go on training (``nnUNetv2_train --c``) from a checkpoint written under another trainer config:
+        a TOML edited between the two runs would silently make one model of two trainings' settings. Keys in
+        ``predict_only_keys`` may differ (validating with ``--val`` after the shipped sampler changed is fine, and
+        ``--val`` never gets here). A checkpoint written before checkpoints recorded their config is let through with
+        a line in the log."""
+        if self._resumed_from is None:
+            return
+        filename, theirs = self._resumed_from
+        if theirs is None:
+            self.print_to_log_file(f"{filename} does not record its trainer config (written by an older "
+                                   "nnunet_diffusion): resuming without comparing configs")
+            return
+        ours = self.hparams()
+        changed = [f"{k} {theirs.get(k, '(unset)')!r} -> {ours.get(k, '(unset)')!r}"
+                   for k in sorted((set(theirs) | set(ours)) - self.predict_only_keys) if theirs.get(k) != ours.get(k)]
+        if changed:
+            raise NNDiffCheckpointError(
+                f"{filename} was written under another {self.head} trainer config ({'; '.join(changed)}): resuming "
+                f"(--c) would continue one training with another's settings. Restore trainer_configs/{self.head}.toml, "
+                f"or train the new settings from scratch (a [variants.X] of their own, or without --c after moving "
+                f"{os.path.dirname(filename)} away).")
+
+    def on_train_start(self):
+        self.check_resumed_config()  # before anything of the old run is touched
+        super().on_train_start()
 
 
 def resolve_checkpoint(value: Optional[str], trainer: nnUNetTrainer, variable: str, what: str) -> Optional[str]:

@@ -132,6 +132,10 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     2D U-Net (``_light`` is a narrow planned U-Net), so that it compares with nnU-Net on the same plans."""
     head = "recoseg"
     compiled_parts = ("synthesizer", "segmenter")
+    # the segmenter trains on residual maps computed with the shipped sampling (ensure_residuals): for ReCoSeg these
+    # keys change the trained weights, and a resumed training must keep them
+    predict_only_keys = DiffusionTrainer.predict_only_keys - {"sampler", "sampling_steps", "num_samples", "tta_refine",
+                                                              "fusion"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
