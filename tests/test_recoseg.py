@@ -379,3 +379,31 @@ def test_residual_maps_of_another_source_are_deleted_and_those_of_the_same_kept(
     assert recoseg_residuals.discard_other_residuals(folder, "A") == 0 and (folder / "case_a.npy").is_file()
     assert recoseg_residuals.discard_other_residuals(folder, "B") == 1 and not (folder / "case_a.npy").exists()
     assert (folder / "source.txt").read_text() == "B"
+
+
+def test_residual_maps_are_drawn_apart_from_the_inference_sampler_and_their_keys_are_training_keys(monkeypatch):
+    """Stage 2 trains on residual maps drawn with residual_sampling(): every config key that changes it changes the
+    trained weights, so nnUNetv2_train --c must refuse a change of it (not a predict-only key); the inference sampler
+    (what `make table` chooses) must not change it."""
+    from nnunet_diffusion.trainers import TRAINERS
+    cls = TRAINERS["nnUNetTrainerReCoSeg_tiny"]
+    hp = cls.hparams()
+    bump = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "_other"}
+    reference, shaping = cls.residual_sampling(), set()
+    for key, value in hp.items():
+        if type(value) not in bump:
+            continue
+        monkeypatch.setattr(cls, "hparams", classmethod(lambda c, k=key, v=value: dict(hp, **{k: bump[type(v)](v)})))
+        try:
+            if cls.residual_sampling() != reference:
+                shaping.add(key)
+        except NNDiffConfigError:  # an invalid value of a key it reads
+            shaping.add(key)
+        monkeypatch.undo()
+    assert {"residual_sampler", "residual_sampling_steps", "tta_refine"} <= shaping
+    assert not shaping & {"sampler", "sampling_steps", "num_samples"}
+    assert not shaping & cls.predict_only_keys
+    too_many = hp["num_train_timesteps"] + 1
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, residual_sampling_steps=too_many)))
+    with pytest.raises(NNDiffConfigError, match="residual_sampler/_steps: sampling steps must be in 1..1000"):
+        cls.residual_sampling()

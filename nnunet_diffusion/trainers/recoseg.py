@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import zlib
+from dataclasses import replace
 from os.path import isdir, join
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from torch import distributed as dist
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import recoseg
 from ..inference import recoseg_residuals
+from ..inference.options import SamplingOptions
 from ..inference.recoseg_network import ReCoSegNetwork
 from ..nets import TimeConditionedUNet
 from .base import make_variants
@@ -132,10 +134,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     2D U-Net (``_light`` is a narrow planned U-Net), so that it compares with nnU-Net on the same plans."""
     head = "recoseg"
     compiled_parts = ("synthesizer", "segmenter")
-    # the segmenter trains on residual maps computed with the shipped sampling (ensure_residuals): for ReCoSeg these
-    # keys change the trained weights, and a resumed training must keep them
-    predict_only_keys = DiffusionTrainer.predict_only_keys - {"sampler", "sampling_steps", "num_samples", "tta_refine",
-                                                              "fusion"}
+    # the segmenter trains on residual maps drawn with residual_sampling(), which takes tta_refine from the inference
+    # keys: for ReCoSeg that key changes the trained weights, and a resumed training must keep it
+    predict_only_keys = DiffusionTrainer.predict_only_keys - {"tta_refine"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -162,6 +163,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
             raise NNDiffConfigError(f"{self.__class__.__name__}: synthesis_cases = 'unlabelled' trains the "
                                     f"synthesiser on unlabelled images only; name their folder with "
                                     f"{UNLABELLED_ENV} or unlabelled_folder")
+        self.residual_sampling()  # a bad residual_sampler / residual_sampling_steps stops here, not after stage 1
         self.synthesis_optimizer = None
         self._loader_stage = None
         self.logger.local_logger.my_fantastic_logging["recoseg_stage"] = []
@@ -193,6 +195,16 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         clip = float(hp["synthesis_clip"]) or None
         return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
                               num_input_channels, prediction_type=hp["prediction_type"], clip=clip)
+
+    @classmethod
+    def residual_sampling(cls) -> SamplingOptions:
+        """How the training residual maps are drawn: one synthesis per case with the config's ``residual_sampler``
+        and ``residual_sampling_steps``, kept apart from the shipped inference sampler (``sampler``, ...; see
+        trainer_configs/recoseg.toml), so that choosing the inference default never changes what stage 2 trains on."""
+        hp = cls.hparams()
+        opts = replace(cls.sampling_defaults(), sampler=hp["residual_sampler"],
+                       steps=int(hp["residual_sampling_steps"]), samples=1, fusion="mean")
+        return opts.validate(int(hp["num_train_timesteps"]), source=f"{cls.__name__} residual_sampler/_steps")
 
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
@@ -295,11 +307,11 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                 wrapped(self.preprocessed_dataset_folder, dataset_val.identifiers, **kw))
 
     def ensure_residuals(self, identifiers) -> None:
-        """The residual map of every case (each DDP rank computes its share), with the config's sampling."""
+        """The residual map of every case (each DDP rank computes its share), drawn with :meth:`residual_sampling`."""
         net = self.unwrapped_network()
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         mine = sorted(identifiers)[rank::world]
-        opts = self.sampling_defaults()
+        opts = self.residual_sampling()
         if self.local_rank == 0:
             stale = recoseg_residuals.discard_other_residuals(
                 self.residual_folder, recoseg_residuals.synthesis_fingerprint(net.synthesizer, opts))
