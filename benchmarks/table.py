@@ -129,6 +129,44 @@ def learned(d: dict, floor: float = LEARNED_FLOOR) -> bool:
     return max(float(r["dice"]) for r in d["rows"]) >= floor
 
 
+def sweep_passes(grid: Sequence[tuple], named: dict) -> tuple[list[tuple], list[tuple]]:
+    """The steps-accuracy settings ``grid`` ((sampler, steps, samples), plus each ``named`` chain: {name:
+    SamplingOptions}) in two passes. First: every one-sample setting, and a one-sample twin of each named chain that
+    draws several (the paper's DDPM chain at 1 sample). Second: the settings with several samples, the costly ones
+    (MoDiff's paper chain: 250 steps x 16 samples). :meth:`TableRun.choose_default` runs the second only for a model
+    that learned (its first pass's best reaches :data:`LEARNED_FLOOR`): averaging samples of a model that segments at
+    chance says nothing about the sampler a trained one needs, and would cost hours per head on a CPU."""
+    settings = list(grid)
+    for o in named.values():
+        if (o.sampler, o.steps, o.samples) not in settings:
+            settings.append((o.sampler, o.steps, o.samples))
+    first = [g for g in settings if g[2] == 1]
+    for o in named.values():
+        if o.samples > 1 and (o.sampler, o.steps, 1) not in first:
+            first.append((o.sampler, o.steps, 1))
+    return first, [g for g in settings if g[2] > 1]
+
+
+def sweep(first: Sequence[tuple], second: Sequence[tuple], measure, floor: float = LEARNED_FLOOR
+          ) -> tuple[list[dict], list[tuple]]:
+    """Measure the passes of :func:`sweep_passes` (``measure(setting)`` -> a row with ``dice``, mean over regions in
+    percent): the second only when the first's best reaches ``floor``. Returns the rows and the settings skipped."""
+    rows = [measure(g) for g in first]
+    if max(r["dice"] for r in rows) >= floor:
+        return rows + [measure(g) for g in second], []
+    return rows, list(second)
+
+
+def setting_tags(setting: tuple, named: dict) -> list[str]:
+    """The names of the ``named`` chains ``setting`` is, and "<name> at 1 sample" for a one-sample twin."""
+    sampler, steps, samples = setting
+    tags = [n for n, o in named.items() if (o.sampler, o.steps, o.samples) == setting]
+    if samples == 1:
+        tags += [f"{n} at 1 sample" for n, o in named.items() if (o.sampler, o.steps) == (sampler, steps)
+                 and o.samples > 1]
+    return tags
+
+
 APPLIED = "# [make table]"
 """The first characters of every comment line :func:`set_default_sampler` writes (and replaces on the next run)."""
 
@@ -367,6 +405,12 @@ def section(result: dict, png_name: str) -> list[str]:
                 f"{max(d['rows'], key=lambda r: r['dice'])['setting']} {max(r['dice'] for r in d['rows']):.1f})"
                 + ("" if learned(d) else f"; below the {LEARNED_FLOOR:g} of a model that learned: not a default, "
                    "its [defaults] kept (the table's row is this cheapest setting)")
+                + ("" if not d.get("not_measured") else "; the settings with several samples not measured (the "
+                   "one-sample ones showed a model that did not learn): " + ", ".join(
+                       x["setting"] + (f" ({', '.join(x['tags'])})" if x["tags"] else "") for x in d["not_measured"]))
+                + ("" if not d.get("not_measured") else "; not measured, as the one-sample settings showed a model "
+                   "that did not learn: " + ", ".join(x["setting"] + (f" ({', '.join(x['tags'])})" if x["tags"] else "")
+                                                      for x in d["not_measured"]))
                 for trainer, d in result["defaults"].items()]
     check = result.get("stock_check")
     budget = [] if check is None else [para(
@@ -619,7 +663,8 @@ class TableRun:
 
     def choose_default(self, head: str, cls: str, trainer: str) -> None:
         """The steps-accuracy curve of the converged model on fold 0's validation cases, and the default chosen by
-        :func:`cheapest_within` (cost = denoiser passes per window = steps x samples)."""
+        :func:`cheapest_within` (cost = denoiser passes per window = steps x samples). The settings with several
+        samples only for a model that learned (:func:`sweep_passes`, :func:`sweep`); those skipped are recorded."""
         from dataclasses import replace
 
         from nnunet_diffusion.trainers import TRAINERS
@@ -629,24 +674,30 @@ class TableRun:
             return
         a = self.args
         samples = a.samples if _predictor(self.model_folder(trainer)).network.supports_samples else [1]
-        grid = sampling_grid(a.steps, samples, a.samples_steps)
         named = {"shipped": TRAINERS[cls].sampling_defaults()}
         if self.paper_chain:
             named["paper"] = TRAINERS.get(f"{cls}_paper", TRAINERS[cls]).sampling_defaults()
-        for o in named.values():
-            if (o.sampler, o.steps, o.samples) not in grid:
-                grid.append((o.sampler, o.steps, o.samples))
-        rows = []
-        for sampler, k, n in grid:
-            tags = [name for name, o in named.items() if (o.sampler, o.steps, o.samples) == (sampler, k, n)]
+        first, second = sweep_passes(sampling_grid(a.steps, samples, a.samples_steps), named)
+
+        def measure(setting):
+            sampler, k, n = setting
             label = f"{sampler} {k} steps x {n} samples"
             m = self._measure(f"steps {trainer} {label}", trainer, self.val_cases(),
                               lambda o, s=sampler, k=k, n=n: replace(o, sampler=s, steps=k, samples=n))
-            rows.append({"setting": label, "sampler": sampler, "steps": k, "samples": n, "cost": k * n,
-                         "tags": tags, "seconds_per_case": m["seconds_per_case"],
-                         "dice": 100 * float(np.mean(list(m["dice"].values())))})
+            return {"setting": label, "sampler": sampler, "steps": k, "samples": n, "cost": k * n,
+                    "tags": setting_tags(setting, named), "seconds_per_case": m["seconds_per_case"],
+                    "dice": 100 * float(np.mean(list(m["dice"].values())))}
+
+        rows, skipped = sweep(first, second, measure)
+        skipped = [{"setting": f"{s} {k} steps x {n} samples", "tags": setting_tags((s, k, n), named)}
+                   for s, k, n in skipped]
+        if skipped:
+            print(f"[table] {trainer}: best one-sample setting {max(r['dice'] for r in rows):.1f} mean Dice, below "
+                  f"{LEARNED_FLOOR:g} (not learned): the settings with several samples not measured "
+                  f"({', '.join(x['setting'] for x in skipped)})", flush=True)
         chosen = cheapest_within(rows, a.tolerance)
-        self.state.record(f"default {trainer}", {"rows": rows, "chosen": chosen, "tolerance": a.tolerance})
+        self.state.record(f"default {trainer}", {"rows": rows, "chosen": chosen, "tolerance": a.tolerance,
+                                                 "not_measured": skipped})
         print(f"[table] {trainer}: default {chosen['setting']} (mean Dice {chosen['dice']:.1f}; best "
               f"{max(r['dice'] for r in rows):.1f})", flush=True)
 

@@ -246,6 +246,38 @@ def test_a_head_that_did_not_learn_keeps_its_defaults(tmp_path):
     assert len(done) == 1 and "[defaults] kept" in done[0] and "ddpm 100 steps x 5 samples) scored 3.4" in done[0]
 
 
+def test_the_sweep_measures_several_samples_only_for_a_model_that_learned():
+    """MoDiff-like head: steps axis at 1 sample, samples axis at DDIM 10, its paper chain DDPM 250 x 16. The first
+    pass holds every one-sample setting and the chain's one-sample twin; the costly second pass runs only when the
+    first's best reaches the floor, and what it skipped is returned."""
+    from types import SimpleNamespace as O
+    from benchmarks.accuracy import sampling_grid
+    named = {"shipped": O(sampler="ddpm", steps=250, samples=16), "paper": O(sampler="ddpm", steps=250, samples=16)}
+    first, second = table.sweep_passes(sampling_grid([1, 10, 100], [1, 4, 16], 10), named)
+    assert first == [("ddim", 1, 1), ("ddim", 10, 1), ("ddim", 100, 1), ("ddpm", 250, 1)]
+    assert second == [("ddim", 10, 4), ("ddim", 10, 16), ("ddpm", 250, 16)]
+    assert table.setting_tags(("ddpm", 250, 16), named) == ["shipped", "paper"]
+    assert table.setting_tags(("ddpm", 250, 1), named) == ["shipped at 1 sample", "paper at 1 sample"]
+    assert table.setting_tags(("ddim", 10, 4), named) == []
+    # a one-sample chain (NNDM's paper: DDPM 1000 x 1) has no twin and nothing in the second pass
+    first, second = table.sweep_passes([("ddim", 5, 1)], {"paper": O(sampler="ddpm", steps=1000, samples=1)})
+    assert first == [("ddim", 5, 1), ("ddpm", 1000, 1)] and second == []
+
+    measured = []
+
+    def measure_at(dice):
+        def measure(g):
+            measured.append(g)
+            return {"setting": g, "dice": dice(g)}
+        return measure
+    rows, skipped = table.sweep([("ddim", 1, 1), ("ddpm", 250, 1)], [("ddpm", 250, 16)], measure_at(lambda g: 4.0))
+    assert measured == [("ddim", 1, 1), ("ddpm", 250, 1)] and skipped == [("ddpm", 250, 16)] and len(rows) == 2
+    measured.clear()
+    rows, skipped = table.sweep([("ddim", 1, 1), ("ddpm", 250, 1)], [("ddpm", 250, 16)],
+                                measure_at(lambda g: 30.0 + 20.0 * (g[1] > 1)))  # the chain at 1 sample: 50
+    assert measured == [("ddim", 1, 1), ("ddpm", 250, 1), ("ddpm", 250, 16)] and skipped == [] and len(rows) == 3
+
+
 def test_provenance_line_names_date_machine_data_budget_versions_and_command():
     result = {"date": "2026-12-01 10:00 UTC", "machine": "2 CPU cores (X)", "heldout_cases": ["a", "b"],
               "phantoms": {"heldout_seed": 7, "train_cases": 24, "seed": 0, "edition": "2021", "spacing": 4.0},
@@ -374,12 +406,21 @@ def test_results_section_of_a_made_up_run_has_every_block():
               "defaults": {"nnUNetTrainerX_table": {"tolerance": 1.0, "chosen": {"setting": head["setting"],
                                                                                   "dice": 80.0},
                                                     "rows": [{"setting": head["setting"], "seconds_per_case": 2.5,
-                                                              "dice": 80.0}]}}}
+                                                              "dice": 80.0}]},
+                           "nnUNetTrainerY_table": {"tolerance": 1.0, "chosen": {"setting": "ddim 1 steps x 1 samples",
+                                                                                  "dice": 3.0},
+                                                    "rows": [{"setting": "ddim 1 steps x 1 samples",
+                                                              "seconds_per_case": 2.0, "dice": 3.0}],
+                                                    "not_measured": [{"setting": "ddpm 250 steps x 16 samples",
+                                                                      "tags": ["shipped", "paper"]}]}}}
     text = " ".join("\n".join(table.section(result, "table_curves.png")).split())  # paragraphs are wrapped
     for part in ("median image 38 x 45 x 36 voxels", "every region reaches the 80 %", "| nnUNetTrainerX_table |",
                  "nnUNetTrainerX_table (ddim 5 steps x 1 samples): Dice not significantly different from stock in WT.",
                  "![Dice per region against optimiser steps", "- nnUNetTrainerX_table: ddim 5 steps x 1 samples (80.0",
-                 "2.50x stock, within the target of 3x."):
+                 "2.50x stock, within the target of 3x.",
+                 "- nnUNetTrainerY_table: ddim 1 steps x 1 samples (3.0; best ddim 1 steps x 1 samples 3.0); below the "
+                 "50 of a model that learned", "the settings with several samples not measured (the one-sample ones "
+                 "showed a model that did not learn): ddpm 250 steps x 16 samples (shipped, paper)"):
         assert part in text, part
 
 
