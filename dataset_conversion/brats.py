@@ -567,14 +567,6 @@ def _check_target(raw: Path, target: Path, dataset_id: int, overwrite: bool, err
                         "nnU-Net needs unique ids: choose another -d")
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def convert_brats(input_dirs: str | os.PathLike | Sequence[str | os.PathLike], edition: str | Edition,
                   raw_root: str | os.PathLike | None = None, dataset_id: int | None = None,
                   name: str | None = None, num_processes: int = 1, skip_bad: bool = False,
@@ -602,7 +594,7 @@ def convert_brats(input_dirs: str | os.PathLike | Sequence[str | os.PathLike], e
     raw = _raw_root(raw_root)
     target = raw / ed.dataset_folder_name(dataset_id, name)
     for d in input_dirs:
-        if _is_within(raw, d):
+        if raw.resolve().is_relative_to(Path(d).resolve()):
             raise BratsConversionError(f"the nnU-Net raw folder {raw} lies inside the BraTS source folder {d}; "
                                        "the source is never written to: choose another nnUNet_raw")
     _check_target(raw, target, dataset_id, overwrite, BratsConversionError)
@@ -705,7 +697,8 @@ def convert_predictions_to_brats(pred_dir: str | os.PathLike, out_dir: str | os.
                                                f"{_example_case(ed)}.nii.gz, as written by convert-brats)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise BratsConversionError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    if _is_within(out_dir, pred_dir) or _is_within(pred_dir, out_dir):
+    out_abs, pred_abs = out_dir.resolve(), pred_dir.resolve()
+    if out_abs.is_relative_to(pred_abs) or pred_abs.is_relative_to(out_abs):
         raise BratsConversionError("the output folder must not contain, or lie inside, the prediction folder")
     with atomic_folder(out_dir, overwrite=True) as tmp:
         tasks = [(f, tmp, ed) for f in files]

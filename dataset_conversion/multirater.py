@@ -210,7 +210,7 @@ def convert_isbi2015(input_dir: os.PathLike, raw_root: Optional[os.PathLike] = N
     from tqdm import tqdm
     target = _target(raw_root, dataset_id, name, overwrite)
     cases = discover_isbi2015(input_dir)
-    if _is_within(target.parent, Path(input_dir)):
+    if target.parent.resolve().is_relative_to(Path(input_dir).resolve()):
         raise MultiRaterConversionError(f"the nnU-Net raw folder {target.parent} lies inside the source {input_dir}")
     n_tr = sum(bool(c.masks) for c in cases)
     if not n_tr:
@@ -231,14 +231,6 @@ def convert_isbi2015(input_dir: os.PathLike, raw_root: Optional[os.PathLike] = N
                                                    "num_test": len(cases) - n_tr,
                                                    "cases": [c.name for c in cases]}, indent=2))
     return target
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------ LIDC-IDRI

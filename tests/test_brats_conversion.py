@@ -262,6 +262,18 @@ def test_source_folder_is_never_modified(converted, tmp_path):
     assert tree_hash(c["root"] / "src") == c["before"]
 
 
+def test_folders_nested_in_the_wrong_direction_are_refused_before_anything_is_written(converted, tmp_path):
+    c = converted["2021"]
+    with pytest.raises(BratsConversionError, match="lies inside the BraTS source folder"):
+        convert_brats([c["train"]], "2021", raw_root=c["train"] / "raw", progress=False)
+    assert tree_hash(c["root"] / "src") == c["before"]
+    preds = c["res"].dataset_dir / "labelsTr"
+    for out in (preds / "brats", preds.parent):  # inside the predictions, or holding them
+        with pytest.raises(BratsConversionError, match="must not contain, or lie inside"):
+            convert_predictions_to_brats(preds, out, "2021", overwrite=True, num_processes=1, progress=False)
+    assert not (preds / "brats").exists() and (preds.parent / "dataset.json").is_file()
+
+
 def test_phantoms_in_2021_layout_convert_and_pass_nnunet_check(tmp_path, monkeypatch):
     """The demo's road: phantoms in BraTS 2021 layout -> convert -> nnU-Net integrity check -> back-convert."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity

@@ -1,4 +1,4 @@
-"""The staged trainers' poly decay is nnU-Net's own PolyLRScheduler."""
+"""The staged trainers' nnU-Net parts train with nnU-Net's own optimiser and PolyLRScheduler."""
 import pytest
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -17,3 +17,18 @@ def test_poly_lr_follows_nnunets_poly_scheduler_step_by_step(lr0, total):
 
 def test_poly_lr_of_an_empty_stage_is_not_a_division_by_zero():
     assert poly_lr(0.01, 0, 0) == 0.01
+
+
+def test_nnunet_sgd_is_the_optimiser_nnunet_configures():
+    """NNDM's backbone and ReCoSeg's segmenter: nnUNetTrainer.configure_optimizers' SGD, hyper-parameter for
+    hyper-parameter (called unbound on a minimal trainer: it reads network, initial_lr, weight_decay, num_epochs)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_diffusion.trainers.base import ConfiguredTrainer
+    net = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(network=net, initial_lr=3e-3, weight_decay=7e-5, num_epochs=10)
+    stock, _ = nnUNetTrainer.configure_optimizers(trainer)
+    ours = ConfiguredTrainer.nnunet_sgd(trainer, net.parameters())
+    assert type(ours) is type(stock) and ours.defaults == stock.defaults

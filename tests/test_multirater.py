@@ -70,6 +70,13 @@ def test_isbi_existing_output_needs_overwrite(tmp_path):
     convert_isbi2015(src, tmp_path / "raw", overwrite=True, progress=False)
 
 
+def test_isbi_raw_folder_inside_the_source_is_refused(tmp_path):
+    src = make_fake_isbi(tmp_path / "isbi", subjects=1, timepoints=1, shape=(8, 8, 8))
+    with pytest.raises(MultiRaterConversionError, match="lies inside the source"):
+        convert_isbi2015(src, src / "raw", progress=False)
+    assert not (src / "raw").exists() or not list((src / "raw").glob("Dataset*"))
+
+
 def _lidc_entries(n=3, seed=0):
     rng = np.random.default_rng(seed)
     out = {}

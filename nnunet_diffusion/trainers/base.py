@@ -47,6 +47,11 @@ class ConfiguredTrainer(nnUNetTrainer):
         mod = self.network.module if isinstance(self.network, DDP) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
+    def nnunet_sgd(self, params) -> torch.optim.SGD:
+        """nnU-Net's own optimiser (``nnUNetTrainer.configure_optimizers``: SGD with Nesterov momentum 0.99 at
+        ``initial_lr`` and ``weight_decay``) on ``params``, for a head whose nnU-Net part trains as nnU-Net's does."""
+        return torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+
     def extra_checkpoint_state(self) -> dict:
         """Subclasses add their own state (saved under the checkpoint key 'nnunet_diffusion')."""
         return {}

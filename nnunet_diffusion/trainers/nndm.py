@@ -151,8 +151,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
     # ------------------------------------------------------------------ nnU-Net hooks
     def configure_optimizers(self):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
-        optimizer = torch.optim.SGD(net.backbone.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
+        optimizer = self.nnunet_sgd(net.backbone.parameters())
         hp = self.hparams()
         self.refiner_optimizer = torch.optim.AdamW(net.refiner.parameters(), lr=float(hp["refiner_lr"]),
                                                    weight_decay=float(hp["refiner_weight_decay"]))

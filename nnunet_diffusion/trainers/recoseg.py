@@ -222,8 +222,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
 
     def configure_optimizers(self):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
-        optimizer = torch.optim.SGD(net.segmenter.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
+        optimizer = self.nnunet_sgd(net.segmenter.parameters())
         self.synthesis_optimizer = torch.optim.Adam(net.synthesizer.parameters(),
                                                     lr=float(self.hparams()["synthesis_lr"]))
         return optimizer, StagedLR(self)
