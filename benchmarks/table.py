@@ -252,6 +252,31 @@ def _ci(stats: dict, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * stats['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
 
+NOT_LEARNED_MARK = " †"
+
+
+def not_learned(result: dict, trainer: str) -> bool:
+    """Did ``trainer``'s model fail to learn to segment in the table's budget (its best steps-accuracy setting below
+    :data:`LEARNED_FLOOR`)? False for a trainer without a defaults record (stock nnU-Net)."""
+    d = result.get("defaults", {}).get(trainer)
+    return d is not None and not learned(d)
+
+
+def not_learned_sentence(result: dict) -> str:
+    """The footnote of the rows marked :data:`NOT_LEARNED_MARK` ("" when every head learned)."""
+    parts = []
+    for trainer, d in result.get("defaults", {}).items():
+        if not learned(d):
+            best = max(d["rows"], key=lambda r: r["dice"])
+            parts.append(f"{trainer} {best['dice']:.1f} ({best['setting']})")
+    if not parts:
+        return ""
+    return (f"{NOT_LEARNED_MARK.strip()} did not learn to segment in {result['budget_steps']} optimiser steps, the "
+            "budget at which stock nnU-Net has plateaued: the best sampling setting of each scored below "
+            f"{LEARNED_FLOOR:g} mean Dice on fold 0's validation cases ({'; '.join(parts)}). Its row is its cheapest "
+            "measured setting, not a default: its trainer config keeps the sampler of its [defaults].")
+
+
 def markdown(result: dict) -> str:
     """The table of ``table.json``: one row per trainer and setting, Dice (%) and HD95 (mm) per region as mean
     [95 % bootstrap interval], the paired test against stock per region, prediction seconds per case and x stock,
@@ -264,7 +289,8 @@ def markdown(result: dict) -> str:
     stock_s = result["rows"][0]["seconds_per_case"]
     for row in result["rows"]:
         b = result["budget"][row["trainer"]]
-        cells = [row["trainer"], row["setting"], str(b["steps"]), f"{b['seconds'] / 60:.0f} min"]
+        mark = NOT_LEARNED_MARK if not_learned(result, row["trainer"]) else ""
+        cells = [row["trainer"] + mark, row["setting"], str(b["steps"]), f"{b['seconds'] / 60:.0f} min"]
         cells += [_ci(row["dice"][r], 100) for r in regions] + [_ci(row["hd95"][r]) for r in regions]
         if row.get("against_stock"):
             cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, p={c['p_value']:.3f})"
@@ -425,7 +451,8 @@ def section(result: dict, png_name: str) -> list[str]:
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
                  "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
                  f"the files excluded), {timing_runs(result)}."),
-            markdown(result), "\n".join(map(para, verdict_sentences(result))),
+            markdown(result), *([para(not_learned_sentence(result))] if not_learned_sentence(result) else []),
+            "\n".join(map(para, verdict_sentences(result))),
             f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
             para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
                  f"within {result['tolerance']:g} Dice point (mean over regions) of the best measured on fold 0's "

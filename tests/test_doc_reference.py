@@ -256,6 +256,10 @@ def test_heads_status_column_reads_the_verdicts_of_the_equal_budget_table():
     assert equal_budget_status("nnUNetTrainerDDMD_table", result) == "not in the table"
     nndm_row = next(line for line in heads_block(result=result).splitlines() if "`nnUNetTrainerNNDM`" in line)
     assert nndm_row.rstrip(" |").endswith("WT better, TC no difference, ET worse")
+    # a head whose model did not learn (best setting below the floor) says so beside its verdicts
+    result["defaults"] = {"nnUNetTrainerNNDM_table": {"rows": [{"setting": "ddim 1 steps x 1 samples", "dice": 4.0}]}}
+    assert equal_budget_status("nnUNetTrainerNNDM_table", result) == \
+        "WT better, TC no difference, ET worse; did not learn to segment in the budget"
 
 
 def _nndm_result():
@@ -285,6 +289,12 @@ def test_each_explanation_page_ends_with_what_the_equal_budget_table_measured_fo
                  "2.50x stock's time; target 1.3x.", "[measured costs](../reference/costs.md)"):
         assert part in text, part
     assert "not in the equal-budget table" in reference.equal_budget_paragraph("ddmd", _nndm_result())
+    result = _nndm_result()
+    result["defaults"] = {"nnUNetTrainerNNDM_table": {"rows": [{"setting": "ddim 1 steps x 1 samples", "dice": 4.0},
+                                                               {"setting": "ddpm 1000 steps x 1 samples", "dice": 6.5}]}}
+    text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
+    assert "NNDM's model did not learn to segment in these 2000 steps (its best sampling setting scored 6.5 mean " \
+           "Dice on fold 0's validation cases, below 50)" in text
 
 
 def test_an_explanation_page_without_its_markers_is_named(tmp_path, capsys):

@@ -157,6 +157,9 @@ def test_markdown_table_has_a_row_per_setting_with_budget_interval_verdict_and_c
     assert "(the reference)" in lines[2] and lines[2].endswith("| 2.00 | 1.00 |")
     assert "WT: no significant difference (+1.0, p=0.250)" in lines[3] and lines[3].endswith("| 5.00 | 2.50 |")
     assert "| 20 min |" in lines[3]
+    result["defaults"] = {"nnUNetTrainerX_table": {"rows": [{"setting": "ddim 1 steps x 1 samples", "dice": 3.0}]}}
+    lines = table.markdown(result).splitlines()
+    assert lines[3].startswith("| nnUNetTrainerX_table † |") and lines[2].startswith("| nnUNetTrainer_table |")
 
 
 def test_curves_png_is_written(tmp_path):
@@ -420,7 +423,10 @@ def test_results_section_of_a_made_up_run_has_every_block():
                  "2.50x stock, within the target of 3x.",
                  "- nnUNetTrainerY_table: ddim 1 steps x 1 samples (3.0; best ddim 1 steps x 1 samples 3.0); below the "
                  "50 of a model that learned", "the settings with several samples not measured (the one-sample ones "
-                 "showed a model that did not learn): ddpm 250 steps x 16 samples (shipped, paper)"):
+                 "showed a model that did not learn): ddpm 250 steps x 16 samples (shipped, paper)",
+                 "† did not learn to segment in 500 optimiser steps, the budget at which stock nnU-Net has plateaued: "
+                 "the best sampling setting of each scored below 50 mean Dice on fold 0's validation cases "
+                 "(nnUNetTrainerY_table 3.0 (ddim 1 steps x 1 samples))"):
         assert part in text, part
 
 
