@@ -1,6 +1,9 @@
 """benchmarks/: the tables say what was measured, the NNDM defaults are what the speed benchmark times, and a
 broken measurement stops the run instead of producing a table."""
+import json
+
 import pytest
+import torch
 
 from benchmarks import speed
 from benchmarks.__main__ import accuracy_table, main, render, speed_file_name, speed_table
@@ -360,3 +363,20 @@ def test_heldout_budget_sentence_says_whether_the_models_trained_equal_steps():
     assert equal == "Budgets: every model trained 200 optimiser steps (A 200, B 200)."
     unequal = " ".join(budget_sentence([{"trainer": "A", "optimiser_steps": 60}, {"trainer": "B", "optimiser_steps": 400}]))
     assert unequal.startswith("Budgets: unequal (A 60, B 400 optimiser steps)")
+
+
+def test_parameterisation_benchmark_writes_both_curves_and_refuses_points_outside_the_run(tmp_path):
+    from benchmarks import parameterisation
+    images, masks = parameterisation.discs(3, torch.Generator().manual_seed(0))
+    assert images.shape == (3, 4, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
+    disc = masks[0, 0] > 0
+    assert images[0][:, disc].mean() > images[0][:, ~disc].mean() + 0.5  # the image determines the mask
+    assert parameterisation.dice(masks, masks) == pytest.approx(1.0) and parameterisation.dice(masks, 0 * masks) == 0
+    out = tmp_path / "p.json"
+    assert parameterisation.main(["--iterations", "2", "--eval-at", "1", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    steps = {pt: [p["steps"] for p in curve] for pt, curve in result["curves"].items()}
+    assert steps == {"epsilon": [1, 2], "sample": [1, 2]}
+    assert all(0.0 <= p["dice"] <= 1.0 for c in result["curves"].values() for p in c) and "machine" in result
+    with pytest.raises(SystemExit, match=r"--eval-at \[3\]"):
+        parameterisation.main(["--iterations", "2", "--eval-at", "3", "--out", str(out)])
