@@ -362,6 +362,29 @@ def verdict_sentences(result: dict) -> list[str]:
     return out
 
 
+def summary_sentence(result: dict) -> str:
+    """The table's answer in one sentence, for the top of the README: which heads (rows at their default, NNDM's
+    refinement off apart) are better than stock nnU-Net in some region, which are worse in some, which no different
+    in any; "none" said plainly."""
+    groups = {"better": [], "worse": [], "same": []}
+    for row in result["rows"][1:]:
+        verdicts = {r: c["verdict"] for r, c in row["against_stock"].items()}
+        label = row["trainer"] + (" with its refinement off" if row["setting"].startswith("refinement off") else "")
+        better = [r for r, v in verdicts.items() if v == "better"]
+        worse = [r for r, v in verdicts.items() if v == "worse"]
+        if better:
+            groups["better"].append(f"{label} ({', '.join(better)})")
+        if worse:
+            groups["worse"].append(f"{label} ({', '.join(worse)})")
+        if not better and not worse:
+            groups["same"].append(label)
+    return (f"At an equal budget of {result['budget_steps']} optimiser steps, on {len(result['heldout_cases'])} "
+            f"held-out phantoms: better than stock nnU-Net in some region: {'; '.join(groups['better']) or 'none'}. "
+            f"Worse in some region: {'; '.join(groups['worse']) or 'none'}. No significant difference in any region: "
+            f"{'; '.join(groups['same']) or 'none'}. (Dice, paired Wilcoxon test per region: p < 0.05 and a "
+            "bootstrap interval of the difference that excludes 0.)")
+
+
 # issue 20's cost targets: every head's default prediction at most 3x stock nnU-Net's, NNDM's at most 1.3x
 COST_TARGETS = {"nnUNetTrainerNNDM": 1.3}
 COST_TARGET = 3.0
@@ -444,8 +467,9 @@ def section(result: dict, png_name: str) -> list[str]:
         + " / ".join(f"{r} {100 * v:.1f}" for r, v in check["dice"].items()) + " Dice on fold 0's validation cases; "
         + ("every region reaches" if check["sane"] else f"**{', '.join(check['below_floor'])} below**")
         + f" the {100 * check['floor']:.0f} % a plateaued stock model should reach"
-        + ("." if check["sane"] else ": the budget is too small and this table understates what training longer gives."))]
-    return [para(f"Taken {provenance_line(result)}."), *budget,
+        + ("." if check["sane"] else
+           ": the budget is too small and this table understates what training longer gives."))]
+    return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "

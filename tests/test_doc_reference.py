@@ -198,6 +198,9 @@ def test_the_headline_is_the_table_when_measured_and_says_so_when_not():
     measured = reference.headline_block(_fake_table_result())
     assert "nnUNetTrainerFake_table" in measured and "a made-up machine" in measured
     assert "`python -m benchmarks --part table`" in measured and "not measured yet" not in measured
+    text = " ".join(measured.split())
+    assert text.index("better than stock nnU-Net in some region: none.") < text.index("| nnUNetTrainerFake_table")
+    assert "No significant difference in any region: nnUNetTrainerFake_table." in text
 
 
 def test_costs_page_says_what_is_absent_and_renders_what_is_there(tmp_path):
@@ -290,8 +293,9 @@ def test_each_explanation_page_ends_with_what_the_equal_budget_table_measured_fo
         assert part in text, part
     assert "not in the equal-budget table" in reference.equal_budget_paragraph("ddmd", _nndm_result())
     result = _nndm_result()
-    result["defaults"] = {"nnUNetTrainerNNDM_table": {"rows": [{"setting": "ddim 1 steps x 1 samples", "dice": 4.0},
-                                                               {"setting": "ddpm 1000 steps x 1 samples", "dice": 6.5}]}}
+    rows = [{"setting": "ddim 1 steps x 1 samples", "dice": 4.0},
+            {"setting": "ddpm 1000 steps x 1 samples", "dice": 6.5}]
+    result["defaults"] = {"nnUNetTrainerNNDM_table": {"rows": rows}}
     text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
     assert "NNDM's model did not learn to segment in these 2000 steps (its best sampling setting scored 6.5 mean " \
            "Dice on fold 0's validation cases, below 50)" in text

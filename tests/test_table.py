@@ -162,6 +162,26 @@ def test_markdown_table_has_a_row_per_setting_with_budget_interval_verdict_and_c
     assert lines[3].startswith("| nnUNetTrainerX_table † |") and lines[2].startswith("| nnUNetTrainer_table |")
 
 
+def test_the_summary_sentence_names_who_is_better_worse_or_no_different_and_says_none_plainly():
+    def row(trainer, setting, **verdicts):
+        return {"trainer": trainer, "setting": setting,
+                "against_stock": {r: {"verdict": v} for r, v in verdicts.items()}}
+    same, better, worse = "no significant difference", "better", "worse"
+    result = {"budget_steps": 2000, "heldout_cases": list(range(20)), "rows": [
+        row("nnUNetTrainer_table", "stock"),
+        row("nnUNetTrainerNNDM_table", "refinement off (its backbone)", WT=same, TC=same),
+        row("nnUNetTrainerNNDM_table", "ddim 5 steps x 1 samples", WT=better, TC=worse),
+        row("nnUNetTrainerDDMD_table", "ddim 1 steps x 1 samples", WT=worse, TC=worse)]}
+    text = table.summary_sentence(result)
+    assert text.startswith("At an equal budget of 2000 optimiser steps, on 20 held-out phantoms: better than stock "
+                           "nnU-Net in some region: nnUNetTrainerNNDM_table (WT). Worse in some region: "
+                           "nnUNetTrainerNNDM_table (TC); nnUNetTrainerDDMD_table (WT, TC). No significant difference "
+                           "in any region: nnUNetTrainerNNDM_table with its refinement off.")
+    result["rows"] = result["rows"][:2]
+    assert "better than stock nnU-Net in some region: none. Worse in some region: none." in \
+        table.summary_sentence(result)
+
+
 def test_curves_png_is_written(tmp_path):
     result = {"regions": ["WT", "TC"], "curves": {
         "stock": [{"steps": 100, "dice": {"WT": 0.5, "TC": 0.2}}, {"steps": 200, "dice": {"WT": 0.8, "TC": 0.6}}]}}
