@@ -8,8 +8,9 @@ chance after 2000 optimiser steps, where stock nnU-Net has plateaued. Slow learn
 MedSegDiff's denoiser (``nets.medsegdiff.MedSegDiffUNet``, FF-Parser and dynamic conditioning on, T = 1000, the
 linear schedule) from the same seed under both parameterisations of ``heads.medsegdiff.training_loss`` (eq. 7's
 ε, and ours, x_0) on a 2D toy task the image fully determines (a disc of radius 4-7 in a 32 x 32 image, 4 channels of
-noise with the disc brighter by one standard deviation; batch 8, AdamW 2e-4), and measures Dice of DDIM-10 samples
-(``sample_masks``, the shared sampling loop) on 16 fixed unseen images at several points. Both paths use the same
+Gaussian noise of standard deviation 0.5 with the disc brighter by 1, i.e. two standard deviations; batch 8, AdamW
+2e-4), and measures Dice of one DDIM-10 sample per image (``sample_masks``, the shared sampling loop), pooled over 16
+fixed unseen images, at several points. Both paths use the same
 network, schedule, sampler and data; only the regression target differs. About 8 minutes on one CPU thread.
 """
 from __future__ import annotations

@@ -457,9 +457,6 @@ def section(result: dict, png_name: str) -> list[str]:
                 + ("" if not d.get("not_measured") else "; the settings with several samples not measured (the "
                    "one-sample ones showed a model that did not learn): " + ", ".join(
                        x["setting"] + (f" ({', '.join(x['tags'])})" if x["tags"] else "") for x in d["not_measured"]))
-                + ("" if not d.get("not_measured") else "; not measured, as the one-sample settings showed a model "
-                   "that did not learn: " + ", ".join(x["setting"] + (f" ({', '.join(x['tags'])})" if x["tags"] else "")
-                                                      for x in d["not_measured"]))
                 for trainer, d in result["defaults"].items()]
     check = result.get("stock_check")
     budget = [] if check is None else [para(

@@ -206,20 +206,29 @@ def test_checkpoint_of_another_trainer_is_refused(trained, nnunet_paths):
 
 def test_resuming_under_a_changed_training_config_is_refused(trained, nnunet_paths, monkeypatch):
     """--c after a trainer_configs edit: a key that changes training stops it, naming the key, before the run starts;
-    a predict-time key (the shipped sampler) does not; a checkpoint without a recorded config is let through."""
+    a predict-time key (the shipped sampler) does not, nor a key added since (logged), nor a finished training, nor a
+    checkpoint without a recorded config."""
     cls = TRAINERS["nnUNetTrainerNNDM_tiny"]
     ckpt = model_folder(trained, "nnUNetTrainerNNDM_tiny") / "fold_0" / "checkpoint_final.pth"
     hp = cls.hparams()
     trainer = make_trainer(trained, cls, fold=0)
     trainer.load_checkpoint(str(ckpt))
+    trainer.current_epoch = 1  # as if checkpoint_latest.pth of an unfinished run
     trainer.check_resumed_config()
     monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, sampling_steps=hp["sampling_steps"] + 1)))
     trainer.check_resumed_config()
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, a_key_added_since=3)))
+    trainer.check_resumed_config()
+    log = Path(trainer.log_file).read_text()
+    assert "predates the trainer config key(s) ['a_key_added_since']: resuming with their values [3]" in log
     monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, refiner_lr=hp["refiner_lr"] * 2)))
     with pytest.raises(NNDiffCheckpointError, match=r"another nndm trainer config \(refiner_lr .* -> .*\).*--c"):
         trainer.check_resumed_config()
     with pytest.raises(NNDiffCheckpointError, match="refiner_lr"):
         trainer.on_train_start()  # nnUNetv2_train --c runs this after loading the checkpoint
+    trainer.current_epoch = trainer.num_epochs  # --c on a finished training trains nothing
+    trainer.check_resumed_config()
+    trainer.current_epoch = 1
     trainer._resumed_from = (str(ckpt), None)  # a checkpoint of an older version
     trainer.check_resumed_config()
 

@@ -320,6 +320,7 @@ def test_stage1_trains_on_unlabelled_images_and_stage2_on_a_label_fraction(plann
     shutil.copytree(planned.raw / "imagesTs", folder)
     monkeypatch.setenv("NNDIFF_UNLABELLED", str(folder))
     t = make_trainer(planned, module.nnUNetTrainerReCoSeg_labels25, 0)
+    assert t.recorded_config()["unlabelled_folder"] == str(folder)  # a checkpoint records it; --c compares it
     t.initialize()
     tr, val = t.get_tr_and_val_datasets()
     unlabelled = [i for i in tr.identifiers if i.startswith("unlabelled__")]

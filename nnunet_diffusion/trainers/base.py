@@ -81,7 +81,7 @@ class ConfiguredTrainer(nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_diffusion": self.extra_checkpoint_state(),
-            "trainer_config": self.hparams(),  # what check_resumed_config compares on --c
+            "trainer_config": self.recorded_config(),  # what check_resumed_config compares on --c
         }
         self._save_atomic(checkpoint, filename)
         if self.hparams()["keep_snapshots"] and os.path.basename(filename) == "checkpoint_latest.pth":
@@ -108,22 +108,33 @@ class ConfiguredTrainer(nnUNetTrainer):
         self.load_extra_checkpoint_state(ckpt.get("nnunet_diffusion", {}))
         self._resumed_from = (filename_or_checkpoint, ckpt.get("trainer_config"))
 
+    def recorded_config(self) -> dict:
+        """The trainer config a checkpoint records: the resolved TOML, plus what a head reads from elsewhere that
+        changes its training (ReCoSeg: the unlabelled folder NNDIFF_UNLABELLED may name)."""
+        return self.hparams()
+
     def check_resumed_config(self) -> None:
         """Refuse to go on training (``nnUNetv2_train --c``) from a checkpoint written under another trainer config:
         a TOML edited between the two runs would silently make one model of two trainings' settings. Keys in
         ``predict_only_keys`` may differ (validating with ``--val`` after the shipped sampler changed is fine, and
-        ``--val`` never gets here). A checkpoint written before checkpoints recorded their config is let through with
-        a line in the log."""
-        if self._resumed_from is None:
+        ``--val`` never gets here), and so may keys the checkpoint does not know (added to the TOMLs since; a new key's
+        default reproduces the behaviour before it, and the log names them). A finished training (``--c`` on it trains
+        nothing) and a checkpoint written before checkpoints recorded their config are let through, the latter with a
+        line in the log."""
+        if self._resumed_from is None or self.current_epoch >= self.num_epochs:
             return
         filename, theirs = self._resumed_from
         if theirs is None:
             self.print_to_log_file(f"{filename} does not record its trainer config (written by an older "
                                    "nnunet_diffusion): resuming without comparing configs")
             return
-        ours = self.hparams()
-        changed = [f"{k} {theirs.get(k, '(unset)')!r} -> {ours.get(k, '(unset)')!r}"
-                   for k in sorted((set(theirs) | set(ours)) - self.predict_only_keys) if theirs.get(k) != ours.get(k)]
+        ours = self.recorded_config()
+        new = sorted(set(ours) - set(theirs) - self.predict_only_keys)
+        if new:
+            self.print_to_log_file(f"{filename} predates the trainer config key(s) {new}: resuming with their values "
+                                   f"{[ours[k] for k in new]}")
+        changed = [f"{k} {theirs[k]!r} -> {ours.get(k, '(unset)')!r}"
+                   for k in sorted(set(theirs) - self.predict_only_keys) if theirs[k] != ours.get(k)]
         if changed:
             raise NNDiffCheckpointError(
                 f"{filename} was written under another {self.head} trainer config ({'; '.join(changed)}): resuming "

@@ -196,6 +196,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
                               num_input_channels, prediction_type=hp["prediction_type"], clip=clip)
 
+    def recorded_config(self) -> dict:
+        return dict(super().recorded_config(), unlabelled_folder=self.unlabelled_folder)  # NNDIFF_UNLABELLED included
+
     @classmethod
     def residual_sampling(cls) -> SamplingOptions:
         """How the training residual maps are drawn: one synthesis per case with the config's ``residual_sampler``
