@@ -112,9 +112,14 @@ def cheapest_within(rows: Iterable[dict], tolerance: float = 1.0) -> dict:
 def stock_check(curve: Sequence[dict], floor: float = 0.8) -> dict:
     """Is the budget large enough? The stock model's last curve point (fold 0's validation cases, never the
     held-out ones) must reach ``floor`` Dice in every region; ``curve`` is [{steps, dice: {region: value}}]."""
-    last = max(curve, key=lambda q: q["steps"])
+    points = sorted(curve, key=lambda q: q["steps"])
+    last = points[-1]
     low = sorted(r for r, v in last["dice"].items() if v < floor)
-    return {"steps": last["steps"], "dice": last["dice"], "floor": floor, "sane": not low, "below_floor": low}
+    out = {"steps": last["steps"], "dice": last["dice"], "floor": floor, "sane": not low, "below_floor": low}
+    if len(points) > 1:  # still rising? the change since the point before, per region
+        out["since"] = {"steps": points[-2]["steps"],
+                        "change": {r: v - points[-2]["dice"][r] for r, v in last["dice"].items()}}
+    return out
 
 
 LEARNED_FLOOR = 50.0
@@ -465,7 +470,12 @@ def section(result: dict, png_name: str) -> list[str]:
         + ("every region reaches" if check["sane"] else f"**{', '.join(check['below_floor'])} below**")
         + f" the {100 * check['floor']:.0f} % a plateaued stock model should reach"
         + ("." if check["sane"] else
-           ": the budget is too small and this table understates what training longer gives."))]
+           ": the budget is too small and this table understates what training longer gives.")
+        + ("" if "since" not in check else
+           f" Since {check['since']['steps']} steps it changed by "
+           + " / ".join(f"{100 * v:+.1f}" for v in check["since"]["change"].values())
+           + " points: a region still rising by more than a point is not fully plateaued, and the heads' rows are "
+           "as far from their own plateaus as their curves show."))]
     return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "

@@ -201,8 +201,10 @@ def test_stock_check_flags_a_region_below_the_floor_at_the_last_snapshot():
              {"steps": 400, "dice": {"WT": 0.5, "TC": 0.1, "ET": 0.0}}]
     c = table.stock_check(curve)
     assert c["steps"] == 2000 and not c["sane"] and c["below_floor"] == ["ET"]
+    assert c["since"]["steps"] == 400 and c["since"]["change"]["ET"] == pytest.approx(0.772)
     curve[0]["dice"]["ET"] = 0.81
     assert table.stock_check(curve)["sane"]
+    assert "since" not in table.stock_check(curve[:1])
 
 
 MADE_UP_TOML = """# head comment
@@ -436,8 +438,10 @@ def test_results_section_of_a_made_up_run_has_every_block():
                                                               "seconds_per_case": 2.0, "dice": 3.0}],
                                                     "not_measured": [{"setting": "ddpm 250 steps x 16 samples",
                                                                       "tags": ["shipped", "paper"]}]}}}
+    result["stock_check"]["since"] = {"steps": 400, "change": {"WT": 0.016}}
     text = " ".join("\n".join(table.section(result, "table_curves.png")).split())  # paragraphs are wrapped
     for part in ("median image 38 x 45 x 36 voxels", "every region reaches the 80 %", "| nnUNetTrainerX_table |",
+                 "Since 400 steps it changed by +1.6 points: a region still rising",
                  "nnUNetTrainerX_table (ddim 5 steps x 1 samples): Dice not significantly different from stock in WT.",
                  "![Dice per region against optimiser steps", "- nnUNetTrainerX_table: ddim 5 steps x 1 samples (80.0",
                  "2.50x stock, within the target of 3x.",
