@@ -134,6 +134,15 @@ def learned(d: dict, floor: float = LEARNED_FLOOR) -> bool:
     return max(float(r["dice"]) for r in d["rows"]) >= floor
 
 
+def heldout_choice(d: dict) -> dict:
+    """The setting a head is scored at on the held-out cases (``d``: its ``defaults`` record): its chosen default;
+    for a model that did not learn (:func:`learned`), which has no default, its cheapest measured setting (the rule's
+    pick among settings that all segment at chance would cost hours of held-out prediction and show nothing more)."""
+    if learned(d):
+        return d["chosen"]
+    return min(d["rows"], key=lambda r: (float(r["cost"]), -float(r["dice"])))
+
+
 def sweep_passes(grid: Sequence[tuple], named: dict) -> tuple[list[tuple], list[tuple]]:
     """The steps-accuracy settings ``grid`` ((sampler, steps, samples), plus each ``named`` chain: {name:
     SamplingOptions}) in two passes. First: every one-sample setting, and a one-sample twin of each named chain that
@@ -409,6 +418,10 @@ def target_sentences(result: dict) -> list[str]:
     out = []
     for row in result["rows"][1:]:
         d = result["defaults"].get(row["trainer"])
+        if d is not None and not learned(d) and row["setting"] == heldout_choice(d)["setting"]:
+            out.append(f"{row['trainer']}: no default (its model did not learn in the budget), so its cost target "
+                       "is not assessed.")
+            continue
         if d is None or row["setting"] != d["chosen"]["setting"]:
             continue  # NNDM's refinement off: its backbone, not a default
         target, ratio = cost_target(row["trainer"]), row["seconds_per_case"] / stock_s
@@ -458,7 +471,7 @@ def section(result: dict, png_name: str) -> list[str]:
     defaults = [f"- {trainer}: {d['chosen']['setting']} ({d['chosen']['dice']:.1f}; best "
                 f"{max(d['rows'], key=lambda r: r['dice'])['setting']} {max(r['dice'] for r in d['rows']):.1f})"
                 + ("" if learned(d) else f"; below the {LEARNED_FLOOR:g} of a model that learned: not a default, "
-                   "its [defaults] kept (the table's row is this cheapest setting)")
+                   f"its [defaults] kept; its held-out row is its cheapest setting, {heldout_choice(d)['setting']}")
                 + ("" if not d.get("not_measured") else "; the settings with several samples not measured (the "
                    "one-sample ones showed a model that did not learn): " + ", ".join(
                        x["setting"] + (f" ({', '.join(x['tags'])})" if x["tags"] else "") for x in d["not_measured"]))
@@ -769,7 +782,7 @@ class TableRun:
             if head == "nnunet":
                 out.append((trainer, "stock", None))
                 continue
-            c = self.state.get(f"default {trainer}")["chosen"]
+            c = heldout_choice(self.state.get(f"default {trainer}"))
             change = (lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"]))
             if head == "nndm":
                 out.append((trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)))

@@ -434,7 +434,7 @@ def test_results_section_of_a_made_up_run_has_every_block():
                                                               "dice": 80.0}]},
                            "nnUNetTrainerY_table": {"tolerance": 1.0, "chosen": {"setting": "ddim 1 steps x 1 samples",
                                                                                   "dice": 3.0},
-                                                    "rows": [{"setting": "ddim 1 steps x 1 samples",
+                                                    "rows": [{"setting": "ddim 1 steps x 1 samples", "cost": 1,
                                                               "seconds_per_case": 2.0, "dice": 3.0}],
                                                     "not_measured": [{"setting": "ddpm 250 steps x 16 samples",
                                                                       "tags": ["shipped", "paper"]}]}}}
@@ -472,3 +472,17 @@ def test_nnunet_final_validation_of_a_table_training_uses_the_heads_validation_s
     assert table.final_validation_env("nnUNetTrainerMedSegDiff_table") == {
         "NNDIFF_SAMPLER": d["val_sampler"], "NNDIFF_STEPS": str(d["val_sampling_steps"]), "NNDIFF_SAMPLES": "1"}
     assert table.final_validation_env("nnUNetTrainer_table") == {}
+
+
+def test_a_head_that_did_not_learn_is_scored_at_its_cheapest_setting_and_its_cost_target_not_assessed():
+    rows = [{"setting": "ddim 1 steps x 1 samples", "cost": 1, "dice": 3.0},
+            {"setting": "ddpm 1000 steps x 1 samples", "cost": 1000, "dice": 8.9}]
+    d = {"rows": rows, "tolerance": 1.0, "chosen": rows[1]}
+    assert table.heldout_choice(d) == rows[0]
+    learned_rows = [dict(r, dice=r["dice"] + 80) for r in rows]
+    assert table.heldout_choice({"rows": learned_rows, "chosen": learned_rows[1]}) == learned_rows[1]
+    result = {"rows": [{"trainer": "nnUNetTrainer_table", "setting": "stock", "seconds_per_case": 2.0},
+                       {"trainer": "nnUNetTrainerDDMD_table", "setting": rows[0]["setting"], "seconds_per_case": 3.0}],
+              "defaults": {"nnUNetTrainerDDMD_table": d}}
+    assert table.target_sentences(result) == ["nnUNetTrainerDDMD_table: no default (its model did not learn in the "
+                                               "budget), so its cost target is not assessed."]
