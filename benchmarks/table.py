@@ -138,9 +138,7 @@ def heldout_choice(d: dict) -> dict:
     """The setting a head is scored at on the held-out cases (``d``: its ``defaults`` record): its chosen default;
     for a model that did not learn (:func:`learned`), which has no default, its cheapest measured setting (the rule's
     pick among settings that all segment at chance would cost hours of held-out prediction and show nothing more)."""
-    if learned(d):
-        return d["chosen"]
-    return min(d["rows"], key=lambda r: (float(r["cost"]), -float(r["dice"])))
+    return d["chosen"] if learned(d) else cheapest_within(d["rows"], tolerance=math.inf)
 
 
 def sweep_passes(grid: Sequence[tuple], named: dict) -> tuple[list[tuple], list[tuple]]:
@@ -169,6 +167,12 @@ def sweep(first: Sequence[tuple], second: Sequence[tuple], measure, floor: float
     if max(r["dice"] for r in rows) >= floor:
         return rows + [measure(g) for g in second], []
     return rows, list(second)
+
+
+def setting_label(setting: tuple) -> str:
+    """A (sampler, steps, samples) setting as the table names it (state keys, rows, RESULTS.md)."""
+    sampler, steps, samples = setting
+    return f"{sampler} {steps} steps x {samples} samples"
 
 
 def setting_tags(setting: tuple, named: dict) -> list[str]:
@@ -489,13 +493,14 @@ def section(result: dict, png_name: str) -> list[str]:
            + " / ".join(f"{100 * v:+.1f}" for v in check["since"]["change"].values())
            + " points: a region still rising by more than a point is not fully plateaued, and the heads' rows are "
            "as far from their own plateaus as their curves show."))]
+    footnote = not_learned_sentence(result)
     return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
                  "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
                  f"the files excluded), {timing_runs(result)}."),
-            markdown(result), *([para(not_learned_sentence(result))] if not_learned_sentence(result) else []),
+            markdown(result), *([para(footnote)] if footnote else []),
             "\n".join(map(para, verdict_sentences(result))),
             f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
             para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
@@ -752,7 +757,7 @@ class TableRun:
 
         def measure(setting):
             sampler, k, n = setting
-            label = f"{sampler} {k} steps x {n} samples"
+            label = setting_label(setting)
             m = self._measure(f"steps {trainer} {label}", trainer, self.val_cases(),
                               lambda o, s=sampler, k=k, n=n: replace(o, sampler=s, steps=k, samples=n))
             return {"setting": label, "sampler": sampler, "steps": k, "samples": n, "cost": k * n,
@@ -760,8 +765,7 @@ class TableRun:
                     "dice": 100 * float(np.mean(list(m["dice"].values())))}
 
         rows, skipped = sweep(first, second, measure)
-        skipped = [{"setting": f"{s} {k} steps x {n} samples", "tags": setting_tags((s, k, n), named)}
-                   for s, k, n in skipped]
+        skipped = [{"setting": setting_label(g), "tags": setting_tags(g, named)} for g in skipped]
         if skipped:
             print(f"[table] {trainer}: best one-sample setting {max(r['dice'] for r in rows):.1f} mean Dice, below "
                   f"{LEARNED_FLOOR:g} (not learned): the settings with several samples not measured "
