@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,12 +188,14 @@ def setting_tags(setting: tuple, named: dict) -> list[str]:
 
 APPLIED = "# [make table]"
 """The first characters of every comment line :func:`set_default_sampler` writes (and replaces on the next run)."""
+COMMENT_WIDTH = 120
 
 
 def set_default_sampler(toml_text: str, sampler: str, steps: int, samples: int, why: Sequence[str]) -> str:
     """``toml_text`` with the ``sampler``, ``sampling_steps`` and ``num_samples`` of its ``[defaults]`` table set,
-    the lines of ``why`` written above ``sampler`` as comments starting with :data:`APPLIED` (those of an earlier
-    run replaced); every other line, comments included, kept. A [defaults] without the three keys is an error."""
+    the lines of ``why`` written above ``sampler`` as comments starting with :data:`APPLIED` (each wrapped at
+    :data:`COMMENT_WIDTH` columns; those of an earlier run replaced); every other line, comments included, kept.
+    A [defaults] without the three keys is an error."""
     lines = toml_text.split("\n")
     start = next((i for i, line in enumerate(lines) if line.strip() == "[defaults]"), None)
     if start is None:
@@ -209,7 +212,8 @@ def set_default_sampler(toml_text: str, sampler: str, steps: int, samples: int, 
     if seen != set(values):
         raise ValueError(f"[defaults] lacks {sorted(set(values) - seen)}")
     at = next(i for i, line in enumerate(body) if line.split("=", 1)[0].strip() == "sampler")
-    body[at:at] = [f"{APPLIED} {w}" for w in why]
+    width = COMMENT_WIDTH - len(APPLIED) - 1
+    body[at:at] = [f"{APPLIED} {part}" for w in why for part in textwrap.wrap(w, width, break_on_hyphens=False)]
     return "\n".join(lines[:start + 1] + body + lines[end:])
 
 
@@ -231,10 +235,9 @@ def apply_defaults(result: dict, configs: Path) -> list[str]:
             continue
         paper = [r for r in d["rows"] if "paper" in r.get("tags", [])]
         why = [f"shipped sampler, chosen by `make table` ({result['date']}; {result['budget_steps']} optimiser steps "
-               f"of {trainer}): the cheapest",
-               f"setting within {d['tolerance']:g} Dice point (mean over regions, fold 0's validation cases) of the "
-               f"best measured: {c['setting']}",
-               f"{c['dice']:.1f} (best: {best['setting']}, {best['dice']:.1f}"
+               f"of {trainer}): the cheapest setting within {d['tolerance']:g} Dice point (mean over regions, fold "
+               f"0's validation cases) of the best measured: {c['setting']} {c['dice']:.1f} (best: "
+               f"{best['setting']}, {best['dice']:.1f}"
                + (f"; the paper's chain {paper[0]['setting']}, {paper[0]['dice']:.1f}" if paper else
                   "; the paper's chain not measured") + "). The paper's chain: the `_paper` variant."]
         path.write_text(set_default_sampler(path.read_text(), c["sampler"], c["steps"], c["samples"], why))
@@ -268,6 +271,11 @@ class TableState:
 def _ci(stats: dict, scale: float = 1.0, digits: int = 1) -> str:
     lo, hi = stats["interval"]
     return f"{scale * stats['mean']:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def p_text(p: float) -> str:
+    """A p-value as the table prints it: three decimals, or "p<0.001" below that (never "p=0.000")."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 NOT_LEARNED_MARK = " †"
@@ -311,7 +319,7 @@ def markdown(result: dict) -> str:
         cells = [row["trainer"] + mark, row["setting"], str(b["steps"]), f"{b['seconds'] / 60:.0f} min"]
         cells += [_ci(row["dice"][r], 100) for r in regions] + [_ci(row["hd95"][r]) for r in regions]
         if row.get("against_stock"):
-            cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, p={c['p_value']:.3f})"
+            cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, {p_text(c['p_value'])})"
                                    for r, c in row["against_stock"].items()))
         else:
             cells.append("(the reference)")
@@ -382,9 +390,9 @@ def verdict_sentences(result: dict) -> list[str]:
 
 def summary_sentence(result: dict) -> str:
     """The table's answer in one sentence, for the top of the README: which heads (rows at their default, NNDM's
-    refinement off apart) are better than stock nnU-Net in some region, which are worse in some, which no different
-    in any; "none" said plainly."""
-    groups = {"better": [], "worse": [], "same": []}
+    refinement off apart) are better than stock nnU-Net in some region, which are worse in every region or in some,
+    which no different in any; "none" said plainly."""
+    groups = {"better": [], "worse everywhere": [], "worse": [], "same": []}
     for row in result["rows"][1:]:
         verdicts = {r: c["verdict"] for r, c in row["against_stock"].items()}
         label = row["trainer"] + (" with its refinement off" if row["setting"].startswith("refinement off") else "")
@@ -392,15 +400,21 @@ def summary_sentence(result: dict) -> str:
         worse = [r for r, v in verdicts.items() if v == "worse"]
         if better:
             groups["better"].append(f"{label} ({', '.join(better)})")
-        if worse:
+        if worse and len(worse) == len(verdicts):
+            groups["worse everywhere"].append(label)
+        elif worse:
             groups["worse"].append(f"{label} ({', '.join(worse)})")
         if not better and not worse:
             groups["same"].append(label)
-    return (f"At an equal budget of {result['budget_steps']} optimiser steps, on {len(result['heldout_cases'])} "
-            f"held-out phantoms: better than stock nnU-Net in some region: {'; '.join(groups['better']) or 'none'}. "
-            f"Worse in some region: {'; '.join(groups['worse']) or 'none'}. No significant difference in any region: "
-            f"{'; '.join(groups['same']) or 'none'}. (Dice, paired Wilcoxon test per region: p < 0.05 and a "
-            "bootstrap interval of the difference that excludes 0.)")
+    worse = ([f"Worse in every region: {'; '.join(groups['worse everywhere'])}."] if groups["worse everywhere"] else
+             []) + ([f"Worse in some region: {'; '.join(groups['worse'])}."] if groups["worse"] else [])
+    return " ".join([f"At an equal budget of {result['budget_steps']} optimiser steps, on "
+                     f"{len(result['heldout_cases'])} held-out phantoms: better than stock nnU-Net in some region: "
+                     f"{'; '.join(groups['better']) or 'none'}.",
+                     *(worse or ["Worse in some region: none."]),
+                     f"No significant difference in any region: {'; '.join(groups['same']) or 'none'}.",
+                     "(Dice, paired Wilcoxon test per region: p < 0.05 and a bootstrap interval of the difference "
+                     "that excludes 0.)"])
 
 
 # issue 20's cost targets: every head's default prediction at most 3x stock nnU-Net's, NNDM's at most 1.3x
@@ -410,6 +424,22 @@ COST_TARGET = 3.0
 
 def cost_target(trainer: str) -> float:
     return next((v for k, v in COST_TARGETS.items() if trainer.startswith(k + "_")), COST_TARGET)
+
+
+def _shipped_cost(d: dict, stock_val: float | None, target: float) -> str:
+    """For a head that did not learn: what its shipped [defaults] chain costs, from the one-sample run of that chain on
+    fold 0's validation cases ("" when it was not measured)."""
+    one = next((r for r in d["rows"] if {"shipped", "shipped at 1 sample"} & set(r.get("tags", []))), None)
+    if one is None or not stock_val:
+        return ""
+    ratio = one["seconds_per_case"] / stock_val
+    full = next((r["setting"] for r in d.get("not_measured", []) if "shipped" in r.get("tags", [])), one["setting"])
+    measured = (f"{one['setting']} took {one['seconds_per_case']:.0f} s / case on fold 0's validation cases, "
+                f"{ratio:.0f}x stock's there")
+    if ratio > target:
+        return (f"; its shipped sampler, {full}, is over the target of {target:g}x by "
+                + ("its first sample alone: " if full != one["setting"] else "itself: ") + measured)
+    return f"; its shipped sampler, {full}: {measured}"
 
 
 def target_sentences(result: dict) -> list[str]:
@@ -423,8 +453,9 @@ def target_sentences(result: dict) -> list[str]:
     for row in result["rows"][1:]:
         d = result["defaults"].get(row["trainer"])
         if d is not None and not learned(d) and row["setting"] == heldout_choice(d)["setting"]:
-            out.append(f"{row['trainer']}: no default (its model did not learn in the budget), so its cost target "
-                       "is not assessed.")
+            out.append(f"{row['trainer']}: no default chosen (its model did not learn in the budget, so no cheaper "
+                       "setting can be shown to keep a trained model's accuracy): its cost target is not assessed"
+                       + _shipped_cost(d, stock_val, cost_target(row["trainer"])) + ".")
             continue
         if d is None or row["setting"] != d["chosen"]["setting"]:
             continue  # NNDM's refinement off: its backbone, not a default

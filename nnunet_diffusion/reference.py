@@ -54,14 +54,14 @@ def _escape(text: str) -> str:
 def _wrap(text: str) -> str:
     """One markdown paragraph, escaped, wrapped at 116 columns; no line starts with what markdown would read as a
     list item, heading or quote."""
-    lines = textwrap.wrap(_escape(text), 116, break_long_words=False, break_on_hyphens=False)
-    out = []
-    for line in lines:
-        if out and _BLOCK_START.match(line):
-            out[-1] += " " + line
-        else:
-            out.append(line)
-    return "\n".join(out)
+    lines = [line.split(" ") for line in
+             textwrap.wrap(_escape(text), 116, break_long_words=False, break_on_hyphens=False)]
+    for before, line in zip(lines, lines[1:]):
+        # a line that markdown would read as a block ("20261129) never ...": an ordered list) takes the last word
+        # of the line before it, so it starts with a word that cannot
+        while len(before) > 1 and _BLOCK_START.match(" ".join(line[:2])):
+            line.insert(0, before.pop())
+    return "\n".join(" ".join(line) for line in lines)
 
 
 def _cell(text: str) -> str:
@@ -96,6 +96,14 @@ def _split_inline_comment(rest: str) -> tuple[str, str]:
     return rest.strip(), ""
 
 
+def _join_comment(lines: list[str]) -> str:
+    """A block of comment lines as one text; a run of lines that ``make table`` wrote (each starting with its
+    ``[make table]`` tag, benchmarks.table.APPLIED) keeps the tag once, at its start."""
+    tag = "[make table] "
+    return " ".join(line[len(tag):] if line.startswith(tag) and i and lines[i - 1].startswith(tag) else line
+                    for i, line in enumerate(lines))
+
+
 def toml_annotations(text: str) -> dict:
     """The comments and the value texts of a trainer config, as written: ``{"header": [comment lines before the
     first table], "sections": {table name: {"note": comment above the table's first key (a variant's rationale,
@@ -124,7 +132,7 @@ def toml_annotations(text: str) -> dict:
         if m and section is not None:
             value, inline = _split_inline_comment(m.group(2))
             key = m.group(1)
-            above = " ".join(pending)
+            above = _join_comment(pending)
             if key == "description" and section.startswith("variants."):
                 sections[section]["note"] = above
                 above = ""
@@ -287,8 +295,9 @@ def _anchor(head: str) -> str:
 def _sampling(hp: dict) -> str:
     if "sampler" not in hp:
         return "(no sampling)"
-    n = int(hp.get("num_samples", 1))
-    text = f"{str(hp['sampler']).upper()}, {hp.get('sampling_steps')} steps, {n} sample{'s' if n != 1 else ''}"
+    n, steps = int(hp.get("num_samples", 1)), hp.get("sampling_steps")
+    text = (f"{str(hp['sampler']).upper()}, {steps} step{'s' if steps != 1 else ''}, "
+            f"{n} sample{'s' if n != 1 else ''}")
     if n > 1 and hp.get("fusion"):
         text += f" fused by {hp['fusion']}"
     return text
@@ -601,7 +610,7 @@ def equal_budget_paragraph(head: str, result: dict | None) -> str:
     for row in rows:
         parts = [f"{short_region(reg)} {100 * row['dice'][reg]['mean']:.1f} against "
                  f"{100 * stock['dice'][reg]['mean']:.1f} ({c['verdict']}, {100 * c['mean_difference']:+.1f} points, "
-                 f"p = {c['p_value']:.3f})" for reg, c in row["against_stock"].items()]
+                 f"{table.p_text(c['p_value'])})" for reg, c in row["against_stock"].items()]
         ratio = row["seconds_per_case"] / stock["seconds_per_case"]
         target = "" if row["setting"].startswith("refinement off") else \
             f"; target {table.cost_target(trainer):g}x"

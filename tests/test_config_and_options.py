@@ -17,9 +17,10 @@ def test_nndm_defaults_are_the_papers_values_except_the_documented_fast_sampling
     # §4.2 epsilon-prediction, §4.3 T steps of the DDPM reverse process: the `_paper` variant
     assert (paper["prediction_type"], paper["sampler"], paper["sampling_steps"]) == ("epsilon", "ddpm", 1000)
     # the defaults: few deterministic steps on a residual-predicting refiner (issue 10's cost target), once per
-    # window; the demo (the phantom benchmark's model) samples and is built exactly as the defaults
+    # window, the step count chosen by `make table` (1: every setting scored within 0.1 Dice point of the best);
+    # the demo (the phantom benchmark's model) samples and is built exactly as the defaults
     assert (hp["prediction_type"], hp["sampler"], hp["sampling_steps"], hp["num_samples"], hp["tta_refine"]) == \
-        ("sample", "ddim", 5, 1, "window")
+        ("sample", "ddim", 1, 1, "window")
     demo = config.resolve("nndm", "demo")
     keys = ("prediction_type", "sampler", "sampling_steps", "num_samples", "tta_refine", "refiner_channels",
             "refiner_res_blocks", "num_train_timesteps")

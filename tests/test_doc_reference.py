@@ -287,8 +287,8 @@ def test_each_explanation_page_ends_with_what_the_equal_budget_table_measured_fo
     text = " ".join(reference.equal_budget_paragraph("nndm", _nndm_result()).split())
     for part in ("2026-12-01 10:00 UTC", "2000 optimiser steps", "20 held-out phantoms",
                  "refinement off (its backbone): Dice WT 89.0 against 90.0 (no significant difference, -1.0 points, "
-                 "p = 0.500); prediction 1.00x stock's time.",
-                 "ddim 5 steps x 1 samples: Dice WT 85.0 against 90.0 (worse, -5.0 points, p = 0.001); prediction "
+                 "p=0.500); prediction 1.00x stock's time.",
+                 "ddim 5 steps x 1 samples: Dice WT 85.0 against 90.0 (worse, -5.0 points, p=0.001); prediction "
                  "2.50x stock's time; target 1.3x.", "[measured costs](../reference/costs.md)"):
         assert part in text, part
     assert "not in the equal-budget table" in reference.equal_budget_paragraph("ddmd", _nndm_result())
@@ -315,3 +315,27 @@ def test_an_explanation_page_without_its_markers_is_named(tmp_path, capsys):
     assert reference.run_docs(repo=tmp_path) == 0
     written = page.read_text()
     assert "Nothing here shows that NNDM beats nnU-Net." in written and written.endswith("\n\nafter\n")
+
+
+@pytest.mark.parametrize("marker", ["20261129)", "3.", "-", "#", ">"])
+def test_wrapped_paragraph_never_starts_a_line_with_a_markdown_block_marker(marker):
+    """A word that would open a list, heading or quote at the start of a wrapped line goes with the word before it."""
+    words = ["word"] * 22 + [marker, "never", "seen"] + ["word"] * 30
+    for shift in range(6):   # the marker lands at the start of a line for one of these
+        text = " ".join(["x"] * shift + words)
+        lines = reference._wrap(text).split("\n")
+        assert " ".join(lines).split() == text.split()
+        assert max(map(len, lines)) <= 116 + len(" word")   # one word moved, not a line joined to another
+        assert len(lines) > 1 and not any(re.match(r"([-+*]|\d+[.)]|#+|>|=+)( |$)", line) for line in lines[1:])
+
+
+def test_the_make_table_comment_of_a_default_keeps_its_tag_once_on_the_trainers_page():
+    """`python -m benchmarks.table --apply-defaults` writes its reason over several `# [make table]` lines."""
+    from benchmarks import table
+    fake = FAKE_TOML.replace('sampler = "ddim"\n', 'sampler = "ddim"\nsampling_steps = 5\nnum_samples = 1\n', 1)
+    toml = table.set_default_sampler(fake, "ddim", 2, 1, ["chosen by the rule, " + "because " * 30 + "measured"])
+    assert toml.count("# [make table]") > 1
+    text = reference.head_section("fakehead", toml, "nnUNetTrainerFake")
+    row = next(line for line in text.splitlines() if line.startswith("| `sampler` |"))
+    assert row.count("[make table]") == 1
+    assert ("why this sampler: made-up reason [make table] chosen by the rule, " + "because " * 30 + "measured |") in row

@@ -174,12 +174,16 @@ def test_the_summary_sentence_names_who_is_better_worse_or_no_different_and_says
         row("nnUNetTrainerDDMD_table", "ddim 1 steps x 1 samples", WT=worse, TC=worse)]}
     text = table.summary_sentence(result)
     assert text.startswith("At an equal budget of 2000 optimiser steps, on 20 held-out phantoms: better than stock "
-                           "nnU-Net in some region: nnUNetTrainerNNDM_table (WT). Worse in some region: "
-                           "nnUNetTrainerNNDM_table (TC); nnUNetTrainerDDMD_table (WT, TC). No significant difference "
-                           "in any region: nnUNetTrainerNNDM_table with its refinement off.")
+                           "nnU-Net in some region: nnUNetTrainerNNDM_table (WT). Worse in every region: "
+                           "nnUNetTrainerDDMD_table. Worse in some region: nnUNetTrainerNNDM_table (TC). No "
+                           "significant difference in any region: nnUNetTrainerNNDM_table with its refinement off.")
     result["rows"] = result["rows"][:2]
-    assert "better than stock nnU-Net in some region: none. Worse in some region: none." in \
+    assert "better than stock nnU-Net in some region: none. Worse in some region: none. No significant" in \
         table.summary_sentence(result)
+
+
+def test_p_values_below_a_thousandth_are_not_printed_as_zero():
+    assert (table.p_text(0.0000191), table.p_text(0.001), table.p_text(0.0432)) == ("p<0.001", "p=0.001", "p=0.043")
 
 
 def test_curves_png_is_written(tmp_path):
@@ -234,6 +238,11 @@ def test_set_default_sampler_rewrites_only_the_defaults_keys_and_replaces_its_ow
     # the variant's keys are untouched
     assert once.endswith('[variants.tiny]\nsampler = "ddim"\nsampling_steps = 3\nnum_samples = 1\n')
     # a second run replaces the first run's comment instead of adding another
+    # a reason longer than a line is wrapped, every line marked and within COMMENT_WIDTH columns
+    long = table.set_default_sampler(MADE_UP_TOML, "ddim", 10, 1, ["word " * 60])
+    marked = [line for line in long.splitlines() if line.startswith("# [make table]")]
+    assert len(marked) == 3 and all(len(line) <= table.COMMENT_WIDTH for line in marked)
+    assert " ".join(line.removeprefix("# [make table] ") for line in marked) == ("word " * 60).strip()
     twice = table.set_default_sampler(once, "ddim", 5, 1, ["new reason"])
     assert twice.count("# [make table]") == 1 and "sampling_steps = 5" in twice
     with pytest.raises(ValueError, match="lacks"):
@@ -253,7 +262,9 @@ def test_apply_defaults_writes_the_chosen_setting_and_its_measurement(tmp_path):
     text = (tmp_path / "ddmd.toml").read_text()
     assert done == [f"{tmp_path / 'ddmd.toml'}: [defaults] sampler ddim 10 steps x 1 samples"]
     assert 'sampler = "ddim"\nsampling_steps = 10\nnum_samples = 1' in text
-    assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in text
+    comment = " ".join(line.removeprefix("# [make table] ") for line in text.splitlines()
+                       if line.startswith("# [make table]"))
+    assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in comment
 
 
 def test_a_head_that_did_not_learn_keeps_its_defaults(tmp_path):
@@ -484,5 +495,13 @@ def test_a_head_that_did_not_learn_is_scored_at_its_cheapest_setting_and_its_cos
     result = {"rows": [{"trainer": "nnUNetTrainer_table", "setting": "stock", "seconds_per_case": 2.0},
                        {"trainer": "nnUNetTrainerDDMD_table", "setting": rows[0]["setting"], "seconds_per_case": 3.0}],
               "defaults": {"nnUNetTrainerDDMD_table": d}}
-    assert table.target_sentences(result) == ["nnUNetTrainerDDMD_table: no default (its model did not learn in the "
-                                               "budget), so its cost target is not assessed."]
+    not_assessed = ("nnUNetTrainerDDMD_table: no default chosen (its model did not learn in the budget, so no "
+                    "cheaper setting can be shown to keep a trained model's accuracy): its cost target is not assessed")
+    assert table.target_sentences(result) == [not_assessed + "."]
+    # with the one-sample run of its shipped chain measured, the sentence says what that chain costs against stock
+    rows[1]["tags"], rows[1]["seconds_per_case"] = ["shipped at 1 sample", "paper at 1 sample"], 300.0
+    d["not_measured"] = [{"setting": "ddpm 1000 steps x 5 samples", "tags": ["shipped", "paper"]}]
+    result["validation_stock_seconds"] = 2.0
+    assert table.target_sentences(result) == [
+        not_assessed + "; its shipped sampler, ddpm 1000 steps x 5 samples, is over the target of 3x by its first "
+        "sample alone: ddpm 1000 steps x 1 samples took 300 s / case on fold 0's validation cases, 150x stock's there."]
