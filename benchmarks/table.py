@@ -426,7 +426,7 @@ def cost_target(trainer: str) -> float:
     return next((v for k, v in COST_TARGETS.items() if trainer.startswith(k + "_")), COST_TARGET)
 
 
-def _shipped_cost(d: dict, stock_val: float | None, target: float) -> str:
+def shipped_cost(d: dict, stock_val: float | None, target: float) -> str:
     """For a head that did not learn: what its shipped [defaults] chain costs, from the one-sample run of that chain on
     fold 0's validation cases ("" when it was not measured)."""
     one = next((r for r in d["rows"] if {"shipped", "shipped at 1 sample"} & set(r.get("tags", []))), None)
@@ -455,7 +455,7 @@ def target_sentences(result: dict) -> list[str]:
         if d is not None and not learned(d) and row["setting"] == heldout_choice(d)["setting"]:
             out.append(f"{row['trainer']}: no default chosen (its model did not learn in the budget, so no cheaper "
                        "setting can be shown to keep a trained model's accuracy): its cost target is not assessed"
-                       + _shipped_cost(d, stock_val, cost_target(row["trainer"])) + ".")
+                       + shipped_cost(d, stock_val, cost_target(row["trainer"])) + ".")
             continue
         if d is None or row["setting"] != d["chosen"]["setting"]:
             continue  # NNDM's refinement off: its backbone, not a default

@@ -299,6 +299,13 @@ def test_each_explanation_page_ends_with_what_the_equal_budget_table_measured_fo
     text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
     assert "NNDM's model did not learn to segment in these 2000 steps (its best sampling setting scored 6.5 mean " \
            "Dice on fold 0's validation cases, below 50)" in text
+    assert "target" not in text   # its row is not a default: no cost target is claimed for it
+    # the one-sample run of its shipped chain measured: the paragraph says what that chain costs
+    rows[1].update(tags=["shipped at 1 sample"], seconds_per_case=40.0)
+    result["validation_stock_seconds"] = 2.0
+    text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
+    assert "its shipped sampler, ddpm 1000 steps x 1 samples, is over the target of 1.3x by itself: ddpm 1000 " \
+           "steps x 1 samples took 40 s / case on fold 0's validation cases, 20x stock's there." in text
 
 
 def test_an_explanation_page_without_its_markers_is_named(tmp_path, capsys):
