@@ -40,6 +40,7 @@ import numpy as np
 # budget accounting lives in the package (the demo uses it too)
 from nnunet_diffusion.budget import Budget, optimizer_steps, planned_budget, training_budget  # noqa: F401
 from nnunet_diffusion.errors import NNDiffError
+from nnunet_diffusion.reference import APPLIED_TAG
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -186,7 +187,7 @@ def setting_tags(setting: tuple, named: dict) -> list[str]:
     return tags
 
 
-APPLIED = "# [make table]"
+APPLIED = f"# {APPLIED_TAG}"
 """The first characters of every comment line :func:`set_default_sampler` writes (and replaces on the next run)."""
 COMMENT_WIDTH = 120
 
@@ -406,12 +407,13 @@ def summary_sentence(result: dict) -> str:
             groups["worse"].append(f"{label} ({', '.join(worse)})")
         if not better and not worse:
             groups["same"].append(label)
-    worse = ([f"Worse in every region: {'; '.join(groups['worse everywhere'])}."] if groups["worse everywhere"] else
-             []) + ([f"Worse in some region: {'; '.join(groups['worse'])}."] if groups["worse"] else [])
+    worse_clauses = ([f"Worse in every region: {'; '.join(groups['worse everywhere'])}."]
+                     if groups["worse everywhere"] else []) \
+        + ([f"Worse in some region: {'; '.join(groups['worse'])}."] if groups["worse"] else [])
     return " ".join([f"At an equal budget of {result['budget_steps']} optimiser steps, on "
                      f"{len(result['heldout_cases'])} held-out phantoms: better than stock nnU-Net in some region: "
                      f"{'; '.join(groups['better']) or 'none'}.",
-                     *(worse or ["Worse in some region: none."]),
+                     *(worse_clauses or ["Worse in some region: none."]),
                      f"No significant difference in any region: {'; '.join(groups['same']) or 'none'}.",
                      "(Dice, paired Wilcoxon test per region: p < 0.05 and a bootstrap interval of the difference "
                      "that excludes 0.)"])

@@ -96,10 +96,14 @@ def _split_inline_comment(rest: str) -> tuple[str, str]:
     return rest.strip(), ""
 
 
+APPLIED_TAG = "[make table]"
+"""The tag of the comment lines ``python -m benchmarks.table --apply-defaults`` writes into a TOML (after ``# ``)."""
+
+
 def _join_comment(lines: list[str]) -> str:
-    """A block of comment lines as one text; a run of lines that ``make table`` wrote (each starting with its
-    ``[make table]`` tag, benchmarks.table.APPLIED) keeps the tag once, at its start."""
-    tag = "[make table] "
+    """A block of comment lines as one text; a run of lines that ``make table`` wrote (each starting with
+    :data:`APPLIED_TAG`) keeps the tag once, at its start."""
+    tag = APPLIED_TAG + " "
     return " ".join(line[len(tag):] if line.startswith(tag) and i and lines[i - 1].startswith(tag) else line
                     for i, line in enumerate(lines))
 
