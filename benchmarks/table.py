@@ -602,6 +602,8 @@ def parser():
     ap.add_argument("--apply-defaults", action="store_true", help="measure nothing: write each head's chosen default "
                     "sampler from the finished run's table.json into trainer_configs/<head>.toml [defaults], with the "
                     "measurement as a comment")
+    ap.add_argument("--stock-folds-only", action="store_true", help="prepare the data and train stock nnU-Net's "
+                    "five folds (resumable), nothing else: the trainings no head's code touches")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/table.json (table_cuda.json "
                     "on a GPU)")
     return ap
@@ -630,6 +632,12 @@ def main(argv=None) -> int:
         raise SystemExit(str(e)) from None
     run = TableRun(args, heads, budget)
     run.prepare()
+    stock = f"{HEADS[0][1]}_{args.variant}"
+    for fold in range(5):  # stock nnU-Net's 5-fold CV: fold 0 is the reference row, all five feed the refiner
+        run.train("nnunet", stock, fold)
+    if args.stock_folds_only:
+        print(f"[table] --stock-folds-only: {stock}'s five folds are trained", flush=True)
+        return 0
     for head, cls in heads:
         run.train(head, f"{cls}_{args.variant}")
     for head, cls in heads:
@@ -714,19 +722,24 @@ class TableRun:
             self.state.record("plan", {"seconds": seconds})
 
     # -------------------------------------------------------------- training
-    def train(self, head: str, trainer: str) -> None:
+    def train(self, head: str, trainer: str, fold: int = 0) -> None:
+        """One training of ``trainer`` on ``fold`` (state key "train <trainer>", "train <trainer> fold <f>" beyond
+        fold 0). Stock nnU-Net trains with ``--npz``: its folds' validation outputs are the out-of-fold predictions
+        a refiner trains on (issue 32)."""
         from nnunet_diffusion import config
         from nnunet_diffusion.environment import train_fold
-        key = f"train {trainer}"
+        key = f"train {trainer}" + (f" fold {fold}" if fold else "")
         if self.state.done(key):
             return
-        fold = self.model_folder(trainer) / "fold_0"
+        fold_dir = self.model_folder(trainer) / f"fold_{fold}"
         load = [round(x, 2) for x in os.getloadavg()]
-        attempt = len(list(self.logs.glob(f"train_{trainer}*.log")))
+        name = f"train_{trainer}" + (f"_fold{fold}" if fold else "")
+        attempt = len(list(self.logs.glob(f"{name}.*.log")))
         env = dict(self.env, **final_validation_env(trainer))
-        train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold, env, self.logs / f"train_{trainer}.{attempt}.log",
-                   "[table]", config.total_epochs(config.resolve(head, self.args.variant), head), self.args.device)
-        b = training_budget(fold / "checkpoint_final.pth")
+        train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log",
+                   "[table]", config.total_epochs(config.resolve(head, self.args.variant), head), self.args.device,
+                   npz=head == "nnunet")
+        b = training_budget(fold_dir / "checkpoint_final.pth")
         if b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
         # the machine's load average (1, 5, 15 min) before and after: wall times taken beside other work say so

@@ -80,10 +80,11 @@ def workdir_environment(workdir: Path) -> dict:
 
 
 def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Path, env: dict, log: Path, label: str,
-               epochs: int, device: str = "cpu") -> float | None:
+               epochs: int, device: str = "cpu", npz: bool = False) -> float | None:
     """``nnUNetv2_train`` of one fold with a progress bar per epoch, resumed (``--c``) from its
     checkpoint_latest.pth if an earlier run was interrupted; nothing (None) when ``fold_dir`` already holds
-    checkpoint_final.pth. Returns the run's seconds."""
+    checkpoint_final.pth. ``npz``: nnU-Net's ``--npz`` (the final validation also keeps each case's probabilities,
+    what a second stage trained on out-of-fold predictions reads). Returns the run's seconds."""
     if (fold_dir / "checkpoint_final.pth").is_file():
         return None
     latest = fold_dir / "checkpoint_latest.pth"
@@ -92,6 +93,6 @@ def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Pat
         import torch
         done = int(torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"])
     return run_logged([BIN / "nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", device,
-                       *(["--c"] if latest.is_file() else [])], env, log,
+                       *(["--npz"] if npz else []), *(["--c"] if latest.is_file() else [])], env, log,
                       f"{label} nnUNetv2_train -tr {trainer}{' --c (resumed)' if latest.is_file() else ''}", epochs,
                       r"Epoch \d+$", initial=done)
