@@ -1,6 +1,7 @@
 """``nndiff grid``: bad input (one line, nothing submitted), the SLURM submission submitit would send (checked with
-a fake ``sbatch``), resuming, and one cheap end-to-end grid on this machine through submitit's local executor
-followed by nnU-Net's own model selection and ensembling.
+a fake ``sbatch``), resuming, the typed job model (``grid.json`` round trip, bad values refused, dependency order,
+the one head-specific branch, the selection step), and one cheap end-to-end grid on this machine through submitit's
+local executor followed by nnU-Net's own model selection and ensembling.
 
 The SLURM boundary is faked only where the cluster starts: ``sbatch`` is a 5-line script that records its argument
 (the sbatch file submitit wrote) and prints a job id; ``srun`` only has to exist, because submitit's SlurmExecutor
@@ -25,6 +26,9 @@ import pytest
 from nnunet_diffusion import grid as G
 from nnunet_diffusion.cli import main
 from nnunet_diffusion.environment import ext_trainer_dir
+from nnunet_diffusion.errors import NNDiffError
+from nnunet_diffusion.grid import local as L
+from nnunet_diffusion.grid.jobs import FoldJob, FoldRef, SelectionStep, head_specific_job, ordered
 
 from conftest import BIN, DATASET, DATASET_ID, DEVICE, run
 
@@ -155,8 +159,9 @@ def test_slurm_submission_array_dependencies_gpus_environment(fake_dataset, fake
     with open(folder / "slurm" / "1003_1" / "1003_1_submitted.pkl", "rb") as f:
         delayed = pickle.load(f)
     job = delayed.function
-    assert isinstance(job, G.TrainJob) and job.job["trainer"] == "nnUNetTrainerNNDM" and job.job["fold"] == 1
-    assert job.job["after"] == ["nnUNetTrainer", 1] and job.job["env"] == {"NNDIFF_BASELINE": "nnUNetTrainer"}
+    assert isinstance(job, G.TrainJob) and job.job.trainer == "nnUNetTrainerNNDM" and job.job.fold == 1
+    assert job.job.after == FoldRef("nnUNetTrainer", 1)
+    assert job.job.environment() == {"NNDIFF_BASELINE": "nnUNetTrainer"}
     assert job.environment()["NNDIFF_BASELINE"] == "nnUNetTrainer"
     grid = G.Grid(folder, state)
     assert "--c" not in job.command(grid) and "--npz" in job.command(grid)
@@ -197,7 +202,7 @@ def test_resume_flags_and_done(tmp_path):
     spec = {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans", "device": "cpu", "npz": True,
             "env": env, "jobs": {}}
     grid = G.Grid(tmp_path / "g", spec)
-    job = G.TrainJob(str(grid.folder), spec, {"trainer": "nnUNetTrainer", "fold": 3})
+    job = G.TrainJob(str(grid.folder), spec, FoldJob("nnUNetTrainer", 3))
     fold = grid.fold_folder("nnUNetTrainer", 3)
     assert fold == tmp_path / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_3"
     assert job.command(grid)[-2:] == ["cpu", "--npz"]
@@ -213,16 +218,17 @@ def test_resume_flags_and_done(tmp_path):
     assert grid.is_done("nnUNetTrainer", 3)
     spec["jobs"] = {G.job_name("nnUNetTrainer", f): {"trainer": "nnUNetTrainer", "fold": f, "after": None}
                     for f in (2, 3)}
-    assert [j["fold"] for j in G.pending_jobs(grid, ["nnUNetTrainer"], [2, 3])] == [2]
+    assert [j.fold for j in G.pending_jobs(grid, ["nnUNetTrainer"], [2, 3])] == [2]
 
 
 REQUEUE_IN_SIGNAL_HANDLER = """
 import signal, sys, time
 from nnunet_diffusion import grid as G
-G.nnunet_script = lambda name: sys.argv[2]
+from nnunet_diffusion.grid import tasks
+tasks.nnunet_script = lambda name: sys.argv[2]
 spec = {"dataset": "D", "configuration": "3d_fullres", "plans": "nnUNetPlans", "device": "cpu", "npz": True,
         "env": {"nnUNet_results": sys.argv[1]}, "jobs": {}}
-job = G.TrainJob(sys.argv[1] + "/grid", spec, {"trainer": "nnUNetTrainer", "fold": 0})
+job = G.TrainJob(sys.argv[1] + "/grid", spec, G.FoldJob("nnUNetTrainer", 0))
 out = {}
 def handler(signum, frame):            # what submitit's handler does: checkpoint(), requeue, exit
     out["resubmitted"] = job.checkpoint()
@@ -264,7 +270,7 @@ class FakeLocalJob:
         if self in self.executor.running:
             self.executor.running.remove(self)
             grid = G.Grid(Path(self.fn.grid_folder), self.fn.spec)
-            fold = grid.fold_folder(self.fn.job["trainer"], self.fn.job["fold"])
+            fold = grid.fold_folder(self.fn.job.trainer, self.fn.job.fold)
             (fold / "validation").mkdir(parents=True, exist_ok=True)
             for f in ("checkpoint_final.pth", "validation/summary.json", "validation/c.npz"):
                 (fold / f).write_text("{}")
@@ -283,10 +289,10 @@ class FakeLocalExecutor:
 
     def submit(self, fn):
         job = FakeLocalJob(self, fn, dict(self.params))
-        after = fn.job.get("after")
-        self.log.append((fn.job["trainer"], fn.job["fold"], job.params["visible_gpus"],
+        after = fn.job.after
+        self.log.append((fn.job.trainer, fn.job.fold, job.params["visible_gpus"],
                          [tuple(j.params["visible_gpus"]) for j in self.running],
-                         bool(after) and G.Grid(Path(fn.grid_folder), fn.spec).is_done(*after)))
+                         bool(after) and G.Grid(Path(fn.grid_folder), fn.spec).is_done(after.trainer, after.fold)))
         self.submitted.append(job)
         self.running.append(job)
         return job
@@ -296,8 +302,8 @@ def test_local_scheduling_gpus_timeout_and_order(fake_dataset, monkeypatch, caps
     """submitit's local executor's traps: every job gets its own GPU (visible_gpus) and the grid's timeout (its
     default is 2 minutes); never more jobs than GPUs or --max-parallel; NNDM starts only after its baseline's fold."""
     made = []
-    monkeypatch.setattr(G.submitit, "LocalExecutor", lambda folder: made.append(FakeLocalExecutor(folder)) or made[-1])
-    monkeypatch.setattr(G, "_visible_gpus", lambda: [0, 1])
+    monkeypatch.setattr(L.submitit, "LocalExecutor", lambda folder: made.append(FakeLocalExecutor(folder)) or made[-1])
+    monkeypatch.setattr(L, "_visible_gpus", lambda: [0, 1])
     monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
     pre = fake_dataset / "preprocessed" / DATASET
     (pre / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 5))
@@ -315,6 +321,160 @@ def test_local_scheduling_gpus_timeout_and_order(fake_dataset, monkeypatch, caps
         assert len(gpus) == 1 and tuple(gpus) not in busy and len(busy) < 2     # own GPU, at most 2 at a time
         assert baseline_done == (trainer == "nnUNetTrainerNNDM")
     assert [(t, f) for t, f, *_ in ex.log][:2] == [("nnUNetTrainer", 0), ("nnUNetTrainer", 1)]
+
+
+# ---------------------------------------------------------------------------------------------- the typed job model
+def test_job_round_trip_through_grid_json(tmp_path):
+    """A job is written to grid.json as {"trainer", "fold", "after": [trainer, fold] or null, "env", "job_id" (once
+    submitted)} and read back as the same typed job; the environment is kept sorted whatever order it was given in."""
+    jobs = [FoldJob("nnUNetTrainer", 0),
+            FoldJob("nnUNetTrainerNNDM", "all", FoldRef("nnUNetTrainer", "all"), {"B": "2", "A": "1"}, "1003_1")]
+    assert jobs[0].to_json() == {"trainer": "nnUNetTrainer", "fold": 0, "after": None, "env": {}}
+    assert jobs[1].to_json() == {"trainer": "nnUNetTrainerNNDM", "fold": "all", "after": ["nnUNetTrainer", "all"],
+                                 "env": {"A": "1", "B": "2"}, "job_id": "1003_1"}
+    assert jobs[1].env == (("A", "1"), ("B", "2")) and jobs[1].name == "nnUNetTrainerNNDM__fold_all"
+    grid = G.Grid(tmp_path, {"jobs": {}})
+    for job in jobs:
+        grid.add_job(job)
+    grid.save()
+    loaded = G.Grid.load(tmp_path)
+    assert sorted(loaded.jobs(), key=lambda j: j.name) == sorted(jobs, key=lambda j: j.name)  # grid.json sorts keys
+    assert loaded.job("nnUNetTrainer__fold_1") is None
+    loaded.set_job_id("nnUNetTrainer__fold_0", "local:7")
+    assert loaded.job("nnUNetTrainer__fold_0").job_id == "local:7"
+    assert FoldJob.from_json({"trainer": "t", "fold": 2}) == FoldJob("t", 2)   # after, env, job_id may be missing
+    assert pickle.loads(pickle.dumps(jobs[1])) == jobs[1]
+
+
+BAD_JOBS = [
+    ({"trainer": "t", "fold": "x"}, "fold 'x' of t is not a fold (0, 1, ... or 'all')"),
+    ({"trainer": "t", "fold": -1}, "fold -1 of t is not a fold"),
+    ({"trainer": "t", "fold": True}, "fold True of t is not a fold"),
+    ({"trainer": "", "fold": 0}, "trainer '' is not a trainer name"),
+    ({"fold": 0}, "key(s) 'trainer' missing"),
+    ({"trainer": "t", "fold": 0, "folds": [1]}, "unknown key(s) 'folds' (a job has trainer, fold, after, env, job_id)"),
+    ({"trainer": "t", "fold": 0, "after": "b"}, "after: 'b' is not a [trainer, fold] pair"),
+    ({"trainer": "t", "fold": 0, "after": ["b", "1"]}, "after: fold '1' of b is not a fold"),
+    ({"trainer": "t", "fold": 0, "after": ["t", 0]}, "t__fold_0: a job cannot wait for itself"),
+    ({"trainer": "t", "fold": 0, "env": {"A": 1}}, "t__fold_0: env 'A'=1: names and values must be strings"),
+    ({"trainer": "t", "fold": 0, "env": ["A"]}, "t__fold_0: 'env' must map variable names to values"),
+    ({"trainer": "t", "fold": 0, "job_id": 12}, "t__fold_0: job_id 12 is not a job id"),
+]
+
+
+@pytest.mark.parametrize("value,message", BAD_JOBS)
+def test_bad_job_refused_naming_file_job_and_key(tmp_path, value, message):
+    """A bad value in grid.json's jobs is refused in one line naming the file, the job, the key and the value."""
+    (tmp_path / "grid.json").write_text(json.dumps({"jobs": {"j": value}}))
+    with pytest.raises(NNDiffError) as e:
+        G.Grid.load(tmp_path).job("j")
+    assert str(e.value).startswith(f"{tmp_path / 'grid.json'}: job j: {message}"), str(e.value)
+
+
+def test_job_under_another_name_refused(tmp_path):
+    grid = G.Grid(tmp_path, {"jobs": {"a__fold_0": FoldJob("b", 0).to_json()}})
+    with pytest.raises(NNDiffError, match=r"grid.json: job a__fold_0 holds the job of b__fold_0"):
+        grid.job("a__fold_0")
+
+
+def test_dependency_order_and_done_dependencies_dropped(tmp_path):
+    """The jobs another job waits for first, then the other independent ones, then the dependent ones (each group in
+    the given order); a dependency that is already done is dropped, so its job runs with the independent ones."""
+    b0, b1, b2 = (FoldJob("base", f) for f in (0, 1, 2))
+    r0, r2 = (FoldJob("refiner", f, FoldRef("base", f)) for f in (0, 2))
+    other = FoldJob("other", 0)
+    assert ordered([other, r2, b0, b1, r0, b2]) == [b0, b2, other, b1, r2, r0]
+
+    spec = {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans", "npz": False,
+            "env": {"nnUNet_results": str(tmp_path)}, "jobs": {}}
+    grid = G.Grid(tmp_path / "g", spec)
+    for job in (b0, b1, r0, FoldJob("refiner", 1, FoldRef("base", 1))):
+        grid.add_job(job)
+    done = grid.fold_folder("base", 0)
+    (done / "validation").mkdir(parents=True)
+    (done / "checkpoint_final.pth").write_text("")
+    (done / "validation" / "summary.json").write_text("{}")
+    pending = G.pending_jobs(grid, ["base", "refiner"], [0, 1])
+    assert [(j.name, j.after) for j in pending] == [("base__fold_1", None), ("refiner__fold_0", None),
+                                                    ("refiner__fold_1", FoldRef("base", 1))]
+    assert grid.job("refiner__fold_0").after == FoldRef("base", 0)    # grid.json itself keeps the dependency
+
+
+def test_head_specific_job_nndm_waits_for_its_baseline(tmp_path):
+    """The grid's one head-specific branch: an NNDM job started with NNDIFF_BASELINE gets it in its environment and
+    waits for that fold of the baseline when the baseline is in the grid; other jobs are left as they are."""
+    grid = G.Grid(tmp_path, {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans",
+                             "env": {"nnUNet_results": str(tmp_path)}, "jobs": {}})
+    nndm, stock = FoldJob("nnUNetTrainerNNDM", 1), FoldJob("nnUNetTrainer", 1)
+    trainers = ["nnUNetTrainer", "nnUNetTrainerNNDM"]
+    assert head_specific_job(nndm, "", trainers, grid) == nndm
+    assert head_specific_job(stock, "nnUNetTrainer", trainers, grid) == stock
+    assert head_specific_job(nndm, "nnUNetTrainer", trainers, grid) == FoldJob(
+        "nnUNetTrainerNNDM", 1, FoldRef("nnUNetTrainer", 1), {"NNDIFF_BASELINE": "nnUNetTrainer"})
+    checkpoint = str(tmp_path / "some" / "checkpoint_final.pth")          # a path: nothing to wait for
+    assert head_specific_job(nndm, checkpoint, trainers, grid) == FoldJob(
+        "nnUNetTrainerNNDM", 1, env={"NNDIFF_BASELINE": checkpoint})
+    with pytest.raises(NNDiffError, match="fold 1 of nnUNetTrainer_tiny is neither in this grid"):
+        head_specific_job(nndm, "nnUNetTrainer_tiny", trainers, grid)
+
+
+def test_selection_step(tmp_path):
+    """nnUNetv2_find_best_configuration over the trainers whose cross-validation folds are all done; ensembling only
+    with the .npz files and two trainers or more."""
+    spec = {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans", "npz": True,
+            "env": {"nnUNet_results": str(tmp_path), "nnUNet_def_n_proc": "2"}, "trainers": ["a", "b"],
+            "folds": [0, 1, "all"], "jobs": {}}
+    grid = G.Grid(tmp_path / "g", spec)
+    with pytest.raises(NNDiffError, match=r"no trainer has all folds \[0, 1\] done \(missing: a__fold_0, a__fold_1, "
+                                          r"b__fold_0, b__fold_1\); nothing selected"):
+        SelectionStep.of(grid)
+    for t, f in (("a", 0), ("a", 1), ("b", 0)):
+        d = grid.fold_folder(t, f)
+        (d / "validation").mkdir(parents=True)
+        for name in ("checkpoint_final.pth", "validation/summary.json", "validation/c.npz"):
+            (d / name).write_text("")
+    step = SelectionStep.of(grid)
+    assert step == SelectionStep(DATASET, "3d_fullres", "nnUNetPlans", ("a",), (0, 1), "2", False)
+    assert step.command("find") == ["find", DATASET, "-c", "3d_fullres", "-p", "nnUNetPlans", "-tr", "a", "-f", "0",
+                                    "1", "-np", "2", "--disable_ensembling"]
+    spec["folds"] = ["all"]
+    with pytest.raises(NNDiffError, match="model selection needs cross-validation folds"):
+        SelectionStep.of(grid)
+
+
+def test_train_job_pickled_before_typed_jobs_still_loads():
+    """A SLURM job requeued across the upgrade: its pickle holds the job as grid.json's dict; it loads as a FoldJob."""
+    job = G.TrainJob("/g", {"jobs": {}}, FoldJob("nnUNetTrainerNNDM", 1, FoldRef("nnUNetTrainer", 1)))
+    job.job = job.job.to_json()
+    loaded = pickle.loads(pickle.dumps(job))
+    assert loaded.job == FoldJob("nnUNetTrainerNNDM", 1, FoldRef("nnUNetTrainer", 1)) and loaded.resume is False
+
+
+def test_grid_modules_import_no_circle():
+    """The grid package's modules import each other without a circle, and the job model imports none of them."""
+    import ast
+    folder = Path(G.__file__).parent
+    edges = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        edges[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert edges["jobs"] == set() and edges["process"] == set()
+    done, visiting = set(), []
+
+    def visit(module):
+        assert module not in visiting, f"import circle: {' -> '.join(visiting + [module])}"
+        if module not in done:
+            visiting.append(module)
+            for other in edges[module]:
+                visit(other)
+            visiting.pop()
+            done.add(module)
+
+    for module in edges:
+        if module != "__init__":
+            visit(module)
+    assert all("__init__" not in e for e in edges.values())
 
 
 # ---------------------------------------------------------------------------------------------- end to end (local)
