@@ -1,9 +1,9 @@
 # The two commands a newcomer types: `make test` and `make demo`. Both create/refresh .venv first.
 #
 # torch: nnU-Net's trainer lookup imports timm -> torchvision, so torch and torchvision must be a matching
-# pair. We pin torch 2.14.1 + torchvision 0.29.1 (PyPI's default builds, CUDA 13 inside, they run on CPU
-# too). On this project's machines pip takes both, and the nvidia-* wheels, from a local wheel mirror (about
-# 1 min, no download); elsewhere they come from PyPI. Override for another CUDA build, e.g.
+# pair. We pin torch 2.14.1 + torchvision 0.29.1, PyPI's default builds (CUDA 13 inside, they run on CPU
+# too); pip downloads both, and their nvidia-* wheels, from PyPI. For another build (a CUDA version your driver
+# supports, or CPU only), name the pair and PyTorch's index for it (cu126, cu128, ..., cpu; see pytorch.org), e.g.
 #   make test TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench table clean
+.PHONY: install test demo docs bench table clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: install
 
 demo: install
 	$(VENV)/bin/nndiff demo
+
+# documentation/reference/ and the generated blocks of the README and the explanation pages, from the code
+# (devtools/docs.py); DOCS_ARGS=--check writes nothing and fails naming every page that is out of date
+DOCS_ARGS ?=
+docs: install
+	$(PY) -m devtools.docs $(DOCS_ARGS)
 
 # speed of every head against nnU-Net and steps-accuracy curves -> benchmarks/results/*.json -> benchmarks/RESULTS.md
 # (~1 h 35 min on 2 CPU cores). BENCH_ARGS=--quick: the default sampling settings are extrapolated instead of run;

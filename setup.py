@@ -1,7 +1,7 @@
 """nnunet_diffusion: diffusion heads for brain-tumour segmentation on nnU-Net v2's own pipeline.
 
-Layout note: ``trainer_configs/`` and ``dataset_conversion/`` sit at the top of the repository (see
-DESIGN.md) and are installed as the sub-packages ``nnunet_diffusion.trainer_configs`` and
+Layout note: ``trainer_configs/`` and ``dataset_conversion/`` sit at the top of the repository, beside the
+package (``package_dir`` below), and are installed as the sub-packages ``nnunet_diffusion.trainer_configs`` and
 ``nnunet_diffusion.dataset_conversion``. ``nnunet_diffusion/nnunet_ext/`` is deliberately *not* a
 package: it is the folder nnU-Net's ``nnUNet_extTrainer`` points at (see documentation/getting_started.md, "Let nnU-Net find the trainers").
 """
@@ -15,6 +15,7 @@ PACKAGES = [
     "nnunet_diffusion.trainers",
     "nnunet_diffusion.inference",
     "nnunet_diffusion.evaluation",
+    "nnunet_diffusion.grid",
     "nnunet_diffusion.trainer_configs",
     "nnunet_diffusion.dataset_conversion",
 ]

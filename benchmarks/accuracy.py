@@ -44,7 +44,7 @@ def fast_options(head: str):
     from nnunet_diffusion.inference.options import options_from_env
     from nnunet_diffusion.trainers import TRAINERS
     base = TRAINERS[HEADS[head]]
-    return options_from_env(base.sampling_defaults(), int(base.hparams()["num_train_timesteps"]), FAST[head])
+    return options_from_env(base.sampling_defaults(), base.hparams().num_train_timesteps, FAST[head])
 
 
 def use_demo_workdir(workdir: Path) -> None:

@@ -63,7 +63,7 @@ def load_cases(raw: Path) -> dict:
 
 def _config() -> dict:
     from nnunet_diffusion import config
-    return config.resolve("modiff")
+    return config.spec("modiff")
 
 
 def train(cases: dict, iterations: int, seed: int, progress: bool = False):
@@ -73,16 +73,16 @@ def train(cases: dict, iterations: int, seed: int, progress: bool = False):
     images = torch.from_numpy(np.concatenate([c[0].transpose(1, 0, 2, 3) for c in cases.values()]))
     votes = torch.from_numpy(np.concatenate([c[1] for c in cases.values()]))[:, None]
     y = modiff.probability_label_map(modiff.vote_counts_to_probability(votes, RATERS), RATERS + 1)
-    schedule = NoiseSchedule(ScheduleConfig(int(hp["num_train_timesteps"]), hp["beta_schedule"],
-                                            float(hp["beta_start"]), float(hp["beta_end"])))
+    schedule = NoiseSchedule(ScheduleConfig(int(hp.num_train_timesteps), hp.beta_schedule,
+                                            float(hp.beta_start), float(hp.beta_end)))
     den = MoDiffDenoiser(2, 4, RATERS + 1, images.shape[2:], [16, 32, 32], [(2, 2), (2, 2)], embed_dim=16,
-                         model_dim=32, heads=int(hp["heads"]), cond_channels=8, max_tokens=int(hp["max_tokens"]))
+                         model_dim=32, heads=int(hp.heads), cond_channels=8, max_tokens=int(hp.max_tokens))
     opt = torch.optim.Adam(den.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     for it in range(iterations):
         idx = torch.randint(0, images.shape[0], (16,), generator=gen)
         losses = modiff.training_losses(den, schedule, images[idx], y[idx], generator=gen, prediction_type="sample",
-                                        lambda_ldf=float(hp["lambda_ldf"]), lambda_mca=float(hp["lambda_mca"]))
+                                        lambda_ldf=float(hp.lambda_ldf), lambda_mca=float(hp.lambda_mca))
         opt.zero_grad()
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)

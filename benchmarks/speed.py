@@ -38,6 +38,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from nnunet_diffusion import registry
+
 DATASET_ID = 990
 DATASET = "Dataset990_NNDiffSynthetic"
 ONE_PASS = "predict cost of one denoiser pass per window (from 1 and 5 DDIM steps)"
@@ -158,8 +160,7 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
-TRAINERS = {"nndm": "nnUNetTrainerNNDM", "medsegdiff": "nnUNetTrainerMedSegDiff", "recoseg": "nnUNetTrainerReCoSeg",
-            "modiff": "nnUNetTrainerMoDiff", "ddmd": "nnUNetTrainerDDMD"}
+TRAINERS = {h.name: h.trainer for h in registry.DIFFUSION_HEADS}
 # the documented faster prediction setting (NNDIFF_* values) of each head whose default costs more than 5x the
 # stock prediction, see documentation/how_to/measure_cost.md. NNDM has none: its default is the fast one (nnUNetTrainerNNDM_paper is not).
 FAST = {"medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"},

@@ -39,8 +39,8 @@ import numpy as np
 
 # budget accounting lives in the package (the demo uses it too)
 from nnunet_diffusion.budget import Budget, optimizer_steps, planned_budget, training_budget  # noqa: F401
+from nnunet_diffusion import registry
 from nnunet_diffusion.errors import NNDiffError
-from nnunet_diffusion.reference import APPLIED_TAG
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -187,6 +187,9 @@ def setting_tags(setting: tuple, named: dict) -> list[str]:
     return tags
 
 
+APPLIED_TAG = "[make table]"
+"""The tag of the comment lines :func:`set_default_sampler` writes into a TOML (after ``# ``); the documentation
+generator (devtools/docs.py) reads it to keep a run of such lines' tag once."""
 APPLIED = f"# {APPLIED_TAG}"
 """The first characters of every comment line :func:`set_default_sampler` writes (and replaces on the next run)."""
 COMMENT_WIDTH = 120
@@ -571,8 +574,7 @@ def score_against(rows: dict, stock: dict, regions: Sequence[str]) -> dict:
 
 
 DATASET_ID = 503
-HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
-         ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
+HEADS = tuple((h.name, h.trainer) for h in registry.HEADS)  # stock nnU-Net first: the reference row
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -620,7 +622,7 @@ def main(argv=None) -> int:
         configs = Path(__file__).resolve().parents[1] / "trainer_configs"
         for line in apply_defaults(json.loads(out.read_text()), configs):
             print(line)
-        print("now run `nndiff docs` (the reference pages and the README show the defaults) and commit both")
+        print("now run `make docs` (the reference pages and the README show the defaults) and commit both")
         return 0
     if args.train_cases < 5 or args.heldout_cases < 2:
         raise SystemExit(f"--train-cases must be >= 5 (nnU-Net's 5-fold split) and --heldout-cases >= 2; got "
@@ -737,7 +739,7 @@ class TableRun:
         attempt = len(list(self.logs.glob(f"{name}.*.log")))
         env = dict(self.env, **final_validation_env(trainer))
         train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log",
-                   "[table]", config.total_epochs(config.resolve(head, self.args.variant), head), self.args.device,
+                   "[table]", config.spec(head, self.args.variant).total_epochs, self.args.device,
                    npz=head == "nnunet")
         b = training_budget(fold_dir / "checkpoint_final.pth")
         if b.steps != self.budget:

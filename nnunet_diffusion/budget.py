@@ -13,17 +13,10 @@ import os
 from dataclasses import dataclass
 
 
-def schedule_steps(hp: dict, head: str) -> int:
-    """Optimiser steps of a resolved config ``hp`` of ``head`` from scratch: its whole schedule's epochs x
-    ``num_iterations_per_epoch``."""
-    from nnunet_diffusion import config
-    return config.total_epochs(hp, head) * int(hp["num_iterations_per_epoch"])
-
-
 def optimizer_steps(head: str, variant: str | None) -> int:
     """Optimiser steps (``train_step`` calls) the trainer ``head``/``variant`` takes from scratch."""
     from nnunet_diffusion import config
-    return schedule_steps(config.resolve(head, variant), head)
+    return config.spec(head, variant).optimizer_steps
 
 
 def planned_budget(variant: str, heads, what: str = "the demo") -> int:
@@ -58,7 +51,7 @@ def training_budget(checkpoint: str | os.PathLike) -> Budget:
     if name not in TRAINERS:
         raise ValueError(f"{checkpoint}: written by {name!r}, not a trainer of this package; its steps per epoch "
                          f"are unknown")
-    steps = int(ckpt["current_epoch"]) * int(TRAINERS[name].hparams()["num_iterations_per_epoch"])
+    steps = int(ckpt["current_epoch"]) * TRAINERS[name].hparams().num_iterations_per_epoch
     log = ckpt["logging"]
     seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
     seed = (ckpt.get("nnunet_diffusion") or {}).get("nndm_baseline")

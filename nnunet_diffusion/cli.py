@@ -22,12 +22,12 @@ def cmd_env(args) -> int:
 
 
 def cmd_trainers(args) -> int:
-    from . import config
+    from .spec import description
     from .trainers import TRAINERS
     for name, cls in sorted(TRAINERS.items()):
         desc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         if cls.variant:
-            desc = config.load(cls.head)["variants"][cls.variant].get("description", "")
+            desc = description(cls.head, cls.variant)
         print(f"{name:32s} {desc}")
     return 0
 
@@ -78,18 +78,35 @@ def _second_pass(rest: list[str], write, what: str, folder: str, **kwargs) -> No
     print(f"{what}: {len(written)} files in {Path(a.o) / folder}")
 
 
-def cmd_predict(args, rest: list[str]) -> int:
-    """Set the NNDIFF_* variables from the flags, then run nnU-Net's own nnUNetv2_predict entry point."""
-    from .inference.options import SamplingOptions, options_from_env
-    env = environment_with_trainers()
+def predict_overrides(args) -> "Overrides":
+    """The prediction settings ``nndiff predict``'s flags set, as one value (checked now, before nnU-Net starts)."""
+    from .inference.options import FIELDS_OF_VARS, Overrides, SamplingOptions, overrides_from_env
+    env = {}
     for flag, var in PREDICT_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             env[var] = str(value)
     if args.no_refine:
         env["NNDIFF_REFINE"] = "0"
-    options_from_env(SamplingOptions(), 10 ** 9, env)  # check the values before nnU-Net starts
-    os.environ.update(env)
+    flags = {var: flag for flag, var in PREDICT_FLAGS} | {"NNDIFF_REFINE": "--no-refine"}
+    parsed = overrides_from_env(env)  # the flags' values through the variables' parser: one set of rules
+    by_var = {FIELDS_OF_VARS[v]: v for v in env}
+    ov = Overrides(tuple((f, v, f"nndiff predict {flags[by_var[f]]}") for f, v, _ in parsed.items))
+    ov.apply(SamplingOptions(), 10 ** 9)
+    return ov
+
+
+def cmd_predict(args, rest: list[str]) -> int:
+    """Run nnU-Net's own nnUNetv2_predict entry point with the flags' prediction settings laid over each
+    checkpoint's recorded ones (and over NNDIFF_* variables), passed to the network as one value."""
+    from .inference.options import prediction_overrides
+    overrides = predict_overrides(args)
+    os.environ["nnUNet_extTrainer"] = environment_with_trainers()["nnUNet_extTrainer"]  # nnU-Net's trainer lookup
+    with prediction_overrides(overrides):
+        return _predict(args, rest)
+
+
+def _predict(args, rest: list[str]) -> int:
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     keep_probabilities = "--save_probabilities" in rest
     if args.uncertainty and not keep_probabilities:
@@ -106,7 +123,8 @@ def cmd_predict(args, rest: list[str]) -> int:
         _second_pass(rest, write_residual_maps, "residual maps", "residuals")
     if args.discrepancy:
         from .inference.ddmd_maps import write_discrepancy_maps
-        _second_pass(rest, write_discrepancy_maps, "discrepancy maps", "discrepancy")
+        from .trainers import TRAINERS
+        _second_pass(rest, write_discrepancy_maps, "discrepancy maps", "discrepancy", trainers=TRAINERS)
     if args.samples_out:
         from .inference.modiff_samples import SAMPLES_FOLDER, write_samples
         _second_pass(rest, write_samples, "samples", SAMPLES_FOLDER, threshold=args.threshold)
@@ -119,11 +137,6 @@ def cmd_evaluate_samples(args) -> int:
     mean = result["mean"]
     print(", ".join(f"{k} {v:.4f}" for k, v in mean.items() if isinstance(v, float)) + f" (written to {args.o})")
     return 0
-
-
-def cmd_docs(args) -> int:
-    from .reference import run_docs
-    return run_docs(check=args.check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,12 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="CSV to write (a .json with the same stem is written beside it)")
     p.add_argument("-n", type=int, help="use the first n samples of each case (default: all)")
     p.set_defaults(func=cmd_evaluate_samples)
-
-    p = sub.add_parser("docs", help="write documentation/reference/ and the README's generated blocks from the code "
-                                    "(trainer configs, variables, this parser, benchmarks/results/)")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming every page that is out of "
-                                                        "date (for CI)")
-    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("predict", help="nnUNetv2_predict with diffusion options as flags; every other argument "
                                        "goes to nnUNetv2_predict unchanged",

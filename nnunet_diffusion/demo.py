@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from . import registry
 from .budget import planned_budget
 from .environment import BIN, run_logged as _run, train_fold, workdir_environment
 from .errors import NNDiffError
@@ -35,13 +36,11 @@ DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_BraTS2021"
 # the phantoms the demo trains on (10 training + 2 validation cases); benchmarks.heldout draws more like them
 PHANTOMS = {"edition": "2021", "seed": 0, "spacing": 4, "crop": "brain"}
-HEADS = (("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM"), ("medsegdiff", "nnUNetTrainerMedSegDiff"),
-         ("recoseg", "nnUNetTrainerReCoSeg"), ("modiff", "nnUNetTrainerMoDiff"), ("ddmd", "nnUNetTrainerDDMD"))
-DEFAULT_HEADS = ("nnunet", "nndm")
 
 
 def demo_heads(all_heads: bool) -> tuple[tuple[str, str], ...]:
-    return HEADS if all_heads else tuple(h for h in HEADS if h[0] in DEFAULT_HEADS)
+    """(head, trainer class) of every head the demo trains: the registry's ``demo_default`` ones, or all."""
+    return tuple((h.name, h.trainer) for h in registry.HEADS if all_heads or h.demo_default)
 
 
 def fold0(results: Path, trainer: str) -> Path:
@@ -109,7 +108,7 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     for head, trainer in trainers.items():
         seconds = train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold0(results, trainer), env,
                              logs / f"train_{trainer}.log", "[4/7]",
-                             config.total_epochs(config.resolve(head, variant), head))
+                             config.spec(head, variant).total_epochs)
         if seconds is not None:
             timings[f"train {trainer}"] = seconds
     budgets = trained_budgets(results, trainers)
@@ -117,10 +116,18 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     # more "methods" for the table, predicted on the same validation cases: NNDM with its refinement off, ReCoSeg
     # with a modality missing (channel 1 = T1ce, 3 = FLAIR in nnU-Net's BraTS order)
     split = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())[0]
-    extra_methods = {f"{trainers['nndm']}_refine_off": (trainers["nndm"], {"NNDIFF_REFINE": "0"})}
-    if "recoseg" in trainers:
-        extra_methods.update({f"{trainers['recoseg']}_missing_T1ce": (trainers["recoseg"], {"NNDIFF_MISSING": "1"}),
-                              f"{trainers['recoseg']}_missing_FLAIR": (trainers["recoseg"], {"NNDIFF_MISSING": "3"})})
+    entries = [registry.head(h) for h in trainers]
+    extra_methods = {}
+    for h in entries:
+        t = trainers[h.name]
+        if h.refinement_toggle:
+            extra_methods[f"{t}_refine_off"] = (t, {"NNDIFF_REFINE": "0"})
+        if h.missing_channels:
+            extra_methods.update({f"{t}_missing_T1ce": (t, {"NNDIFF_MISSING": "1"}),
+                                  f"{t}_missing_FLAIR": (t, {"NNDIFF_MISSING": "3"})})
+    submitting = next(h for h in entries if h.demo_submission)
+    submitter = trainers[submitting.name]
+    residual_maps = [trainers[h.name] for h in entries if h.residual_maps]
 
     def up_to_date(path: Path, trainer: str) -> bool:
         """``path`` exists and was written after ``trainer``'s final checkpoint (a retrained model redoes it)."""
@@ -153,20 +160,22 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
 
     submission = workdir / "BraTS2021_submission"
     pred = workdir / "predictions_validation"
-    if not up_to_date(submission, trainers["nndm"]):
+    if not up_to_date(submission, submitter):
         shutil.rmtree(submission, ignore_errors=True)
         shutil.rmtree(pred, ignore_errors=True)
         timings["predict BraTS validation"] = _run(
             [BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", pred, "-d", DATASET_ID, "-c", "3d_fullres",
-             "-f", "0", "-tr", trainers["nndm"], "-device", "cpu", "-npp", "1", "-nps", "1"], env,
-            logs / "predict_validation.log", "[7/7] nnUNetv2_predict NNDM (BraTS validation cases)")
+             "-f", "0", "-tr", submitter, "-device", "cpu", "-npp", "1", "-nps", "1"], env,
+            logs / "predict_validation.log", f"[7/7] nnUNetv2_predict {submitting.title} (BraTS validation cases)")
         convert_predictions_to_brats(pred, submission, "2021", progress=False)
     recoseg_pred = workdir / "predictions_validation_recoseg"
-    if "recoseg" in trainers and not up_to_date(recoseg_pred / "residuals", trainers["recoseg"]):
+    for t in residual_maps:
+        if up_to_date(recoseg_pred / "residuals", t):
+            continue
         shutil.rmtree(recoseg_pred, ignore_errors=True)
         timings["predict BraTS validation, ReCoSeg with residual maps"] = _run(
             [BIN / "nndiff", "predict", "--residuals", "-i", raw / "imagesTs", "-o", recoseg_pred, "-d", DATASET_ID,
-             "-c", "3d_fullres", "-f", "0", "-tr", trainers["recoseg"], "-device", "cpu", "-npp", "1", "-nps", "1"],
+             "-c", "3d_fullres", "-f", "0", "-tr", t, "-device", "cpu", "-npp", "1", "-nps", "1"],
             env, logs / "predict_validation_recoseg.log",
             "[7/7] nndiff predict --residuals ReCoSeg (BraTS validation cases)")
 
@@ -188,9 +197,9 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     print(f"  box plots and per-case/per-lesion CSVs: {compare_dir}")
     print(f"  NIfTI predictions of fold 0's validation cases: {results}/<trainer>__nnUNetPlans__3d_fullres/fold_0/"
           "validation")
-    print(f"  NNDM's predictions of the BraTS validation cases (nnU-Net labels): {pred}")
+    print(f"  {submitting.title}'s predictions of the BraTS validation cases (nnU-Net labels): {pred}")
     print(f"  the same in BraTS format (labels 1, 2, 4, BraTS names), ready to submit: {submission}")
-    if "recoseg" in trainers:
+    if residual_maps:
         print(f"  ReCoSeg residual maps |synthetic T1ce - T1ce| (NIfTI and PNG): {recoseg_pred / 'residuals'}")
     print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS; "
           "the equal-budget comparison on held-out cases is `make table`.")

@@ -1,5 +1,5 @@
 """Every environment variable this package reads, with its help text: one registry, which the code that reads a
-variable takes the name from and ``nndiff docs`` renders into documentation/reference/environment.md.
+variable takes the name from and ``make docs`` (devtools/docs.py) renders into documentation/reference/environment.md.
 
 - predict-time (``NNDIFF_STEPS``, ...): ``inference/options.py``'s ``ENV_VARS`` (read when ``nnUNetv2_predict``
   builds the network; ``nndiff predict`` sets them from flags);

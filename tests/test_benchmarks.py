@@ -47,8 +47,8 @@ def test_accuracy_table_shows_dice_in_percent_and_hd95_per_region():
 
 def test_every_head_with_an_expensive_default_has_a_faster_setting_and_nndm_needs_none():
     assert set(speed.FAST) | {"nndm"} == set(speed.TRAINERS)
-    hp = config.resolve("nndm")
-    assert hp["sampler"] == "ddim" and hp["sampling_steps"] * hp["num_samples"] <= 10
+    hp = config.spec("nndm")
+    assert hp.sampler == "ddim" and hp.sampling_steps * hp.num_samples <= 10
 
 
 def test_a_failing_head_measurement_raises(tmp_path):

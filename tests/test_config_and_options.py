@@ -10,21 +10,21 @@ from nnunet_diffusion.trainers import TRAINERS, nndm
 
 
 def test_nndm_defaults_are_the_papers_values_except_the_documented_fast_sampling():
-    hp, paper = config.resolve("nndm"), config.resolve("nndm", "paper")
+    hp, paper = config.spec("nndm"), config.spec("nndm", "paper")
     for h in (hp, paper):
-        assert (h["num_train_timesteps"], h["beta_start"], h["beta_end"]) == (1000, 1e-4, 0.02)  # NNDM §5.1
-        assert h["beta_schedule"] == "linear_beta" and h["refiner_lr"] == 1e-4                     # NNDM §5.1
+        assert (h.num_train_timesteps, h.beta_start, h.beta_end) == (1000, 1e-4, 0.02)  # NNDM §5.1
+        assert h.beta_schedule == "linear_beta" and h.refiner_lr == 1e-4                  # NNDM §5.1
     # §4.2 epsilon-prediction, §4.3 T steps of the DDPM reverse process: the `_paper` variant
-    assert (paper["prediction_type"], paper["sampler"], paper["sampling_steps"]) == ("epsilon", "ddpm", 1000)
+    assert (paper.prediction_type, paper.sampler, paper.sampling_steps) == ("epsilon", "ddpm", 1000)
     # the defaults: few deterministic steps on a residual-predicting refiner (issue 10's cost target), once per
     # window, the step count chosen by `make table` (1: every setting scored within 0.1 Dice point of the best);
     # the demo (the phantom benchmark's model) samples and is built exactly as the defaults
-    assert (hp["prediction_type"], hp["sampler"], hp["sampling_steps"], hp["num_samples"], hp["tta_refine"]) == \
+    assert (hp.prediction_type, hp.sampler, hp.sampling_steps, hp.num_samples, hp.tta_refine) == \
         ("sample", "ddim", 1, 1, "window")
-    demo = config.resolve("nndm", "demo")
+    demo = config.spec("nndm", "demo")
     keys = ("prediction_type", "sampler", "sampling_steps", "num_samples", "tta_refine", "refiner_channels",
             "refiner_res_blocks", "num_train_timesteps")
-    assert {k: demo[k] for k in keys} == {k: hp[k] for k in keys}
+    assert {k: getattr(demo, k) for k in keys} == {k: getattr(hp, k) for k in keys}
 
 
 def test_every_variant_is_a_generated_subclass_registered_once():
@@ -41,30 +41,17 @@ def test_every_variant_is_a_generated_subclass_registered_once():
 def test_tiny_variants_are_short():
     for name in ("nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny"):
         hp = TRAINERS[name].hparams()
-        epochs = hp.get("num_epochs") or hp["stage1_epochs"] + hp["stage2_epochs"] + hp["stage3_epochs"]
-        assert epochs <= 2 and hp["num_iterations_per_epoch"] <= 5
+        assert hp.total_epochs <= 2 and hp.num_iterations_per_epoch <= 5
 
 
 def test_a_variant_overrides_only_its_keys():
-    base, tiny = config.resolve("nndm"), config.resolve("nndm", "tiny")
-    assert tiny["sampling_steps"] == 3 and tiny["beta_end"] == base["beta_end"]
+    base, tiny = config.spec("nndm"), config.spec("nndm", "tiny")
+    assert tiny.sampling_steps == 3 and tiny.beta_end == base.beta_end
 
 
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(NNDiffConfigError, match=r"unknown nndm variant 'tinny'.*tiny"):
         config.resolve("nndm", "tinny")
-
-
-def test_a_typo_in_a_variant_key_is_reported_with_the_file(monkeypatch, tmp_path):
-    bad = tmp_path / "nndm.toml"
-    bad.write_text("[defaults]\nsampling_steps = 3\n[variants.x]\nsampling_step = 4\n")
-    monkeypatch.setattr(config, "_config_file", lambda head: bad)
-    config.load.cache_clear()
-    try:
-        with pytest.raises(NNDiffConfigError, match=r"\[x\] sets unknown key\(s\) \['sampling_step'\]"):
-            config.load("nndm")
-    finally:
-        config.load.cache_clear()
 
 
 DEFAULTS = SamplingOptions(True, 1000, "ddpm", 1, 0, "window")

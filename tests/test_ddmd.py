@@ -182,18 +182,18 @@ def test_variant_switches_change_the_denoisers_input_channels(variant, extra):
 
 
 def test_defaults_are_the_papers_values():
-    hp = config.resolve("ddmd")
-    assert hp["ensemble_size"] == 3 and hp["ae_lr"] == 1e-4 and hp["ae_epochs"] == 200           # §4.3
-    assert (hp["num_train_timesteps"], hp["beta_schedule"], hp["lr"]) == (1000, "linear_beta", 1e-4)  # §4.3
-    assert (hp["num_samples"], hp["sampler"], hp["sampling_steps"]) == (5, "ddpm", 1000)          # §5.1, Alg. 2
-    assert hp["diffusion_epochs"] * hp["num_iterations_per_epoch"] == 120_000                      # §4.3
-    assert hp["inter_discrepancy"] and hp["intra_discrepancy"] and hp["normal_max_tumour_fraction"] == 0
-    assert hp["ae2_normal"] == "patch" and hp["ae1_balanced"] is True                             # §4.1
-    light, mini = config.resolve("ddmd", "light"), config.resolve("ddmd", "mini")
-    assert light["inter_discrepancy"] and not light["intra_discrepancy"]
-    assert not mini["inter_discrepancy"] and not mini["intra_discrepancy"]
+    hp = config.spec("ddmd")
+    assert hp.ensemble_size == 3 and hp.ae_lr == 1e-4 and hp.ae_epochs == 200           # §4.3
+    assert (hp.num_train_timesteps, hp.beta_schedule, hp.lr) == (1000, "linear_beta", 1e-4)  # §4.3
+    assert (hp.num_samples, hp.sampler, hp.sampling_steps) == (5, "ddpm", 1000)          # §5.1, Alg. 2
+    assert hp.diffusion_epochs * hp.num_iterations_per_epoch == 120_000                      # §4.3
+    assert hp.inter_discrepancy and hp.intra_discrepancy and hp.normal_max_tumour_fraction == 0
+    assert hp.ae2_normal == "patch" and hp.ae1_balanced is True                             # §4.1
+    light, mini = config.spec("ddmd", "light"), config.spec("ddmd", "mini")
+    assert light.inter_discrepancy and not light.intra_discrepancy
+    assert not mini.inter_discrepancy and not mini.intra_discrepancy
     tiny = TRAINERS["nnUNetTrainerDDMD_tiny"].hparams()
-    assert tiny["ae_epochs"] + tiny["diffusion_epochs"] <= 3 and tiny["num_iterations_per_epoch"] <= 5
+    assert tiny.ae_epochs + tiny.diffusion_epochs <= 3 and tiny.num_iterations_per_epoch <= 5
     for v in config.variant_names("ddmd"):
         cls = TRAINERS[f"nnUNetTrainerDDMD_{v}"]
         assert issubclass(cls, nnUNetTrainerDDMD) and cls.variant == v

@@ -129,7 +129,7 @@ def _all_diffusion_configs():
     heads = sorted(f.name[:-5] for f in resources.files("nnunet_diffusion.trainer_configs").iterdir()
                    if f.name.endswith(".toml"))
     assert {"nndm", "medsegdiff", "recoseg", "modiff", "ddmd"} <= set(heads)
-    return [(h, v) for h in heads if "num_train_timesteps" in config.resolve(h)
+    return [(h, v) for h in heads if hasattr(config.spec(h), "num_train_timesteps")
             for v in [None, *config.variant_names(h)]]
 
 

@@ -1,4 +1,4 @@
-"""documentation/reference/ and the README's generated blocks (``nndiff docs``, nnunet_diffusion/reference.py):
+"""documentation/reference/ and the README's generated blocks (``make docs``, devtools/docs.py):
 the committed pages are what the code generates now, and the generator shows what it is given (made-up trainer
 configs, variables, options and benchmark results)."""
 import argparse
@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_diffusion import reference, variables
+from devtools import docs
+from nnunet_diffusion import variables
 from nnunet_diffusion.inference import options
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "run `nndiff docs` and commit the pages it writes"
+RUN = "run `make docs` (python -m devtools.docs) and commit the pages it writes"
 
 
 @pytest.fixture(scope="module")
 def generated():
-    return reference.pages(REPO)
+    return docs.pages(REPO)
 
 
 # ---------------------------------------------------------------------------------------------- committed = code
@@ -30,19 +31,19 @@ def test_committed_reference_pages_are_current(generated):
 
 def test_committed_readme_blocks_are_current():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    new, missing = reference.replace_blocks(readme, reference.readme_blocks(REPO))
+    new, missing = docs.replace_blocks(readme, docs.readme_blocks(REPO))
     assert not missing, f"README.md lacks the marker lines of the generated block(s) {missing}: " \
-                        f"'{reference.marker(missing[0])}' ... '{reference.END_MARKER}'"
+                        f"'{docs.marker(missing[0])}' ... '{docs.END_MARKER}'"
     assert new == readme, f"README.md's generated blocks are out of date: {RUN}"
 
 
 def test_committed_explanation_blocks_are_current():
-    blocks = reference.explanation_blocks(REPO)
+    blocks = docs.explanation_blocks(REPO)
     assert len(blocks) == 5, sorted(blocks)
     for page, named in blocks.items():
         text = (REPO / page).read_text(encoding="utf-8")
-        new, missing = reference.replace_blocks(text, named)
-        assert not missing, f"{page} lacks '{reference.marker(missing[0])}' ... '{reference.END_MARKER}'"
+        new, missing = docs.replace_blocks(text, named)
+        assert not missing, f"{page} lacks '{docs.marker(missing[0])}' ... '{docs.END_MARKER}'"
         assert new == text, f"{page}'s equal-budget block is out of date: {RUN}"
 
 
@@ -50,10 +51,10 @@ def test_the_headline_comes_before_every_other_table_of_the_readme():
     """Issue 20: the README's first table is the equal-budget table. No markdown table (a line starting with '|')
     may stand above the headline block; the block itself is the generated one (checked above)."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    start = readme.index(reference.marker("headline"))
+    start = readme.index(docs.marker("headline"))
     above = [line for line in readme[:start].splitlines() if line.lstrip().startswith("|")]
     assert not above, f"README.md has a table above its headline block: {above[0]!r}"
-    assert reference.marker("headline") in "\n".join(readme.splitlines()[:40]), \
+    assert docs.marker("headline") in "\n".join(readme.splitlines()[:40]), \
         "README.md's headline block starts below its first screen (line 40)"
     # issue 23: the README is the door; everything else lives in documentation/
     assert len(readme.splitlines()) <= 200, f"README.md has {len(readme.splitlines())} lines; at most 200"
@@ -63,7 +64,8 @@ def test_every_nndiff_variable_in_the_code_is_in_the_registry():
     """A NNDIFF_* name read anywhere (package, benchmarks, tests, Makefile) must have a help text."""
     found = {}
     sources = [*REPO.glob("nnunet_diffusion/**/*.py"), *REPO.glob("dataset_conversion/**/*.py"),
-               *REPO.glob("benchmarks/**/*.py"), *REPO.glob("tests/**/*.py"), REPO / "Makefile"]
+               *REPO.glob("benchmarks/**/*.py"), *REPO.glob("devtools/**/*.py"), *REPO.glob("tests/**/*.py"),
+               REPO / "Makefile"]
     for path in sources:
         if path.name == Path(__file__).name or not path.is_file():
             continue
@@ -86,22 +88,24 @@ def test_trainer_constants_take_their_names_from_the_registry():
 def test_every_trainer_class_is_on_the_trainers_page(generated):
     """Names from the classes nnU-Net finds, not from the configs the page is generated from."""
     from nnunet_diffusion.trainers import TRAINERS
-    page = generated[reference.REFERENCE / "trainers.md"]
+    page = generated[docs.REFERENCE / "trainers.md"]
     missing = [n for n in TRAINERS if f"`{n}`" not in page]
     assert not missing and "`nnUNetTrainerNNDM_paper`" in page and "`nnUNetTrainer_tiny`" in page, missing
 
 
 def test_every_subcommand_and_predict_flag_is_on_the_nndiff_page(generated):
-    page = generated[reference.REFERENCE / "nndiff.md"]
-    for cmd in ("env", "trainers", "predict", "grid", "docs", "convert-brats", "evaluate", "demo"):
+    page = generated[docs.REFERENCE / "nndiff.md"]
+    for cmd in ("env", "trainers", "predict", "grid", "convert-brats", "evaluate", "demo"):
         assert f"## nndiff {cmd}\n" in page, cmd
-    for flag in ("--steps", "--samples", "--no-refine", "--missing", "--check"):
+    for flag in ("--steps", "--samples", "--no-refine", "--missing", "--uncertainty"):
         assert f"`{flag}" in page, flag
+    # the generator is a development tool above the package (make docs), not a subcommand of the installed nndiff
+    assert "## nndiff docs" not in page
 
 
 # ---------------------------------------------------------------------------------------------- the generator
 FAKE_TOML = """\
-# Fakehead (Doe 2030; ../shared/papers/Fake.md) on nnU-Net's pipeline: a made-up head.
+# Fakehead (Doe 2030; arXiv:0000.00000) on nnU-Net's pipeline: a made-up head.
 
 [defaults]
 num_epochs = 10                 # ten epochs, ours
@@ -119,7 +123,7 @@ sampler = "ddpm"                # the paper's chain
 
 
 def test_a_made_up_config_appears_with_its_values_comments_and_variants():
-    text = reference.head_section("fakehead", FAKE_TOML, "nnUNetTrainerFake")
+    text = docs.head_section("fakehead", FAKE_TOML, "nnUNetTrainerFake")
     assert text.startswith("## Fakehead (Doe 2030)\n")
     assert "| `num_epochs` | `10` | ten epochs, ours |" in text
     assert "| `sampler` | `\"ddim\"` | why this sampler: made-up reason |" in text
@@ -134,14 +138,14 @@ def test_a_made_up_config_appears_with_its_values_comments_and_variants():
 
 def test_a_variant_removed_from_the_config_disappears():
     without = FAKE_TOML.split("[variants.quick]")[0]
-    text = reference.head_section("fakehead", without, "nnUNetTrainerFake")
+    text = docs.head_section("fakehead", without, "nnUNetTrainerFake")
     assert "nnUNetTrainerFake_quick" not in text and "No variants." in text
 
 
 def test_made_up_variables_appear_on_the_environment_page(monkeypatch):
     monkeypatch.setitem(variables.TRAINING_VARIABLES, "NNDIFF_MADE_UP", "a made-up training switch")
     monkeypatch.setitem(options.ENV_VARS, "NNDIFF_INVENTED", "an invented predict <option>")
-    page = reference.environment_page()
+    page = docs.environment_page()
     assert "| `NNDIFF_MADE_UP` | a made-up training switch |" in page
     assert "| `NNDIFF_INVENTED` |  | an invented predict &lt;option> |" in page
     assert "| `NNDIFF_STEPS` | `--steps` |" in page and "| `NNDIFF_REFINE` | `--no-refine` |" in page
@@ -160,21 +164,21 @@ def _parser(with_beta: bool) -> argparse.ArgumentParser:
 
 
 def test_options_appear_and_a_removed_option_disappears():
-    page = reference.nndiff_page(_parser(with_beta=True))
+    page = docs.nndiff_page(_parser(with_beta=True))
     assert "| [`nndiff alpha`](#nndiff-alpha) | the alpha command |" in page
     assert "| `--beta BETA` | `3` | beta value (3 unless given) |" in page
     assert "| `--gamma Z Y X` | `1 2 3` |  |" in page
     assert "| `target` | required | what to alpha |" in page
     assert "nndiff alpha [-h] [--beta BETA] [--gamma Z Y X] target" in page
     assert "--hidden" not in page  # suppressed options are not documented
-    assert "--beta" not in reference.nndiff_page(_parser(with_beta=False))
+    assert "--beta" not in docs.nndiff_page(_parser(with_beta=False))
 
 
 def test_the_nndiff_page_does_not_depend_on_the_terminal_width(monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
-    wide = reference.nndiff_page()
+    wide = docs.nndiff_page()
     monkeypatch.setenv("COLUMNS", "40")
-    assert reference.nndiff_page() == wide
+    assert docs.nndiff_page() == wide
 
 
 def _fake_table_result() -> dict:
@@ -193,9 +197,9 @@ def _fake_table_result() -> dict:
 
 
 def test_the_headline_is_the_table_when_measured_and_says_so_when_not():
-    absent = reference.headline_block(None)
+    absent = docs.headline_block(None)
     assert "not measured yet" in absent and "`make table`" in absent and "in progress" in absent
-    measured = reference.headline_block(_fake_table_result())
+    measured = docs.headline_block(_fake_table_result())
     assert "nnUNetTrainerFake_table" in measured and "a made-up machine" in measured
     assert "`python -m benchmarks --part table`" in measured and "not measured yet" not in measured
     text = " ".join(measured.split())
@@ -204,49 +208,67 @@ def test_the_headline_is_the_table_when_measured_and_says_so_when_not():
 
 
 def test_costs_page_says_what_is_absent_and_renders_what_is_there(tmp_path):
-    page = reference.costs_page(tmp_path)
+    page = docs.costs_page(tmp_path)
     assert "table.json does not exist" in page and "`make table`" in page
     assert "speed.json does not exist" in page
     speed = json.loads((REPO / "benchmarks" / "results" / "speed.json").read_text())
     speed["meta"]["command"] = "python -m benchmarks --part speed --made-up-flag"
     (tmp_path / "speed.json").write_text(json.dumps(speed))
     (tmp_path / "ddmd_auc.json").write_text("{}")
-    page = reference.costs_page(tmp_path)
+    page = docs.costs_page(tmp_path)
     assert "Measured by `python -m benchmarks --part speed --made-up-flag`" in page
     assert "speed.json does not exist" not in page
     assert "- ddmd_auc.json: `python -m benchmarks.ddmd_auc`" in page
 
 
 def test_replace_blocks_keeps_everything_outside_the_markers():
-    text = f"intro\n{reference.marker('heads')}\nold\nlines\n{reference.END_MARKER}\nafter\n"
-    new, missing = reference.replace_blocks(text, {"heads": "NEW", "headline": "H"})
-    assert new == f"intro\n{reference.marker('heads')}\nNEW\n{reference.END_MARKER}\nafter\n"
+    text = f"intro\n{docs.marker('heads')}\nold\nlines\n{docs.END_MARKER}\nafter\n"
+    new, missing = docs.replace_blocks(text, {"heads": "NEW", "headline": "H"})
+    assert new == f"intro\n{docs.marker('heads')}\nNEW\n{docs.END_MARKER}\nafter\n"
     assert missing == ["headline"]
 
 
-def test_nndiff_docs_check_names_each_stale_page_and_writing_fixes_it(tmp_path, capsys):
+def test_make_docs_runs_the_generator_and_names_an_invalid_config_in_one_line(monkeypatch, capsys):
+    """``make docs`` is ``python -m devtools.docs`` (``--check`` through DOCS_ARGS); an invalid trainer config stops it
+    with exit 2 and the config's own one-line message, not a traceback."""
+    from nnunet_diffusion.errors import NNDiffConfigError
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "\ndocs: install\n\t$(PY) -m devtools.docs $(DOCS_ARGS)\n" in makefile
+    calls = []
+    monkeypatch.setattr(docs, "run_docs", lambda check=False: calls.append(check) or 0)
+    assert docs.main(["--check"]) == 0 and docs.main([]) == 0 and calls == [True, False]
+
+    def invalid(check=False):
+        raise NNDiffConfigError("trainer_configs/nndm.toml [defaults]: a made-up problem")
+    monkeypatch.setattr(docs, "run_docs", invalid)
+    assert docs.main([]) == 2
+    assert capsys.readouterr().err == \
+        "python -m devtools.docs: error: trainer_configs/nndm.toml [defaults]: a made-up problem\n"
+
+
+def test_docs_check_names_each_stale_page_and_writing_fixes_it(tmp_path, capsys):
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "README.md").write_text(f"# x\n{reference.marker('headline')}\n{reference.END_MARKER}\n"
-                                        f"{reference.marker('heads')}\n{reference.END_MARKER}\n")
-    assert reference.run_docs(check=True, repo=tmp_path) == 1
+    (tmp_path / "README.md").write_text(f"# x\n{docs.marker('headline')}\n{docs.END_MARKER}\n"
+                                        f"{docs.marker('heads')}\n{docs.END_MARKER}\n")
+    assert docs.run_docs(check=True, repo=tmp_path) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "documentation/reference/trainers.md" in err and "README.md" in err
     assert not (tmp_path / "documentation").exists()  # --check writes nothing
-    assert reference.run_docs(repo=tmp_path) == 0
-    assert reference.run_docs(check=True, repo=tmp_path) == 0
+    assert docs.run_docs(repo=tmp_path) == 0
+    assert docs.run_docs(check=True, repo=tmp_path) == 0
     page = tmp_path / "documentation" / "reference" / "environment.md"
     page.write_text(page.read_text() + "hand edit\n")
     capsys.readouterr()
-    assert reference.run_docs(check=True, repo=tmp_path) == 1
+    assert docs.run_docs(check=True, repo=tmp_path) == 1
     err = capsys.readouterr().err
     assert "documentation/reference/environment.md" in err and "trainers.md" not in err
     (tmp_path / "README.md").write_text("# no markers\n")
-    assert reference.run_docs(repo=tmp_path) == 1
-    assert "README.md has no '<!-- generated by nndiff docs: headline -->'" in capsys.readouterr().err
+    assert docs.run_docs(repo=tmp_path) == 1
+    assert "README.md has no '<!-- generated by make docs: headline -->'" in capsys.readouterr().err
 
 
 def test_heads_status_column_reads_the_verdicts_of_the_equal_budget_table():
-    from nnunet_diffusion.reference import equal_budget_status, heads_block
+    from devtools.docs import equal_budget_status, heads_block
     assert equal_budget_status("nnUNetTrainerNNDM_table", None) == "not measured yet (`make table`)"
     verdicts = {"whole tumor": {"verdict": "better"}, "tumor core": {"verdict": "no significant difference"},
                 "enhancing tumor": {"verdict": "worse"}}
@@ -282,28 +304,28 @@ def _nndm_result():
 
 
 def test_each_explanation_page_ends_with_what_the_equal_budget_table_measured_for_its_head():
-    absent = reference.equal_budget_paragraph("nndm", None)
+    absent = docs.equal_budget_paragraph("nndm", None)
     assert absent.startswith("Nothing here shows that NNDM beats nnU-Net.") and "not measured yet" in absent
-    text = " ".join(reference.equal_budget_paragraph("nndm", _nndm_result()).split())
+    text = " ".join(docs.equal_budget_paragraph("nndm", _nndm_result()).split())
     for part in ("2026-12-01 10:00 UTC", "2000 optimiser steps", "20 held-out phantoms",
                  "refinement off (its backbone): Dice WT 89.0 against 90.0 (no significant difference, -1.0 points, "
                  "p=0.500); prediction 1.00x stock's time.",
                  "ddim 5 steps x 1 samples: Dice WT 85.0 against 90.0 (worse, -5.0 points, p=0.001); prediction "
                  "2.50x stock's time; target 1.3x.", "[measured costs](../reference/costs.md)"):
         assert part in text, part
-    assert "not in the equal-budget table" in reference.equal_budget_paragraph("ddmd", _nndm_result())
+    assert "not in the equal-budget table" in docs.equal_budget_paragraph("ddmd", _nndm_result())
     result = _nndm_result()
     rows = [{"setting": "ddim 1 steps x 1 samples", "dice": 4.0},
             {"setting": "ddpm 1000 steps x 1 samples", "dice": 6.5}]
     result["defaults"] = {"nnUNetTrainerNNDM_table": {"rows": rows}}
-    text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
+    text = " ".join(docs.equal_budget_paragraph("nndm", result).split())
     assert "NNDM's model did not learn to segment in these 2000 steps (its best sampling setting scored 6.5 mean " \
            "Dice on fold 0's validation cases, below 50)" in text
     assert "target" not in text   # its row is not a default: no cost target is claimed for it
     # the one-sample run of its shipped chain measured: the paragraph says what that chain costs
     rows[1].update(tags=["shipped at 1 sample"], seconds_per_case=40.0)
     result["validation_stock_seconds"] = 2.0
-    text = " ".join(reference.equal_budget_paragraph("nndm", result).split())
+    text = " ".join(docs.equal_budget_paragraph("nndm", result).split())
     assert "its shipped sampler, ddpm 1000 steps x 1 samples, is over the target of 1.3x by itself: ddpm 1000 " \
            "steps x 1 samples took 40 s / case on fold 0's validation cases, 20x stock's there." in text
 
@@ -313,13 +335,13 @@ def test_an_explanation_page_without_its_markers_is_named(tmp_path, capsys):
     page.parent.mkdir(parents=True)
     page.write_text("# NNDM\n\nno markers\n")
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "README.md").write_text(f"# x\n{reference.marker('headline')}\n{reference.END_MARKER}\n"
-                                        f"{reference.marker('heads')}\n{reference.END_MARKER}\n")
-    assert reference.run_docs(repo=tmp_path) == 1
+    (tmp_path / "README.md").write_text(f"# x\n{docs.marker('headline')}\n{docs.END_MARKER}\n"
+                                        f"{docs.marker('heads')}\n{docs.END_MARKER}\n")
+    assert docs.run_docs(repo=tmp_path) == 1
     err = capsys.readouterr().err
-    assert "documentation/explanation/nndm.md has no '<!-- generated by nndiff docs: equal-budget -->'" in err
-    page.write_text(f"# NNDM\n\n{reference.marker('equal-budget')}\n{reference.END_MARKER}\n\nafter\n")
-    assert reference.run_docs(repo=tmp_path) == 0
+    assert "documentation/explanation/nndm.md has no '<!-- generated by make docs: equal-budget -->'" in err
+    page.write_text(f"# NNDM\n\n{docs.marker('equal-budget')}\n{docs.END_MARKER}\n\nafter\n")
+    assert docs.run_docs(repo=tmp_path) == 0
     written = page.read_text()
     assert "Nothing here shows that NNDM beats nnU-Net." in written and written.endswith("\n\nafter\n")
 
@@ -330,7 +352,7 @@ def test_wrapped_paragraph_never_starts_a_line_with_a_markdown_block_marker(mark
     words = ["word"] * 22 + [marker, "never", "seen"] + ["word"] * 30
     for shift in range(6):   # the marker lands at the start of a line for one of these
         text = " ".join(["x"] * shift + words)
-        lines = reference._wrap(text).split("\n")
+        lines = docs._wrap(text).split("\n")
         assert " ".join(lines).split() == text.split()
         assert max(map(len, lines)) <= 116 + len(" word")   # one word moved, not a line joined to another
         assert len(lines) > 1 and not any(re.match(r"([-+*]|\d+[.)]|#+|>|=+)( |$)", line) for line in lines[1:])
@@ -342,7 +364,7 @@ def test_the_make_table_comment_of_a_default_keeps_its_tag_once_on_the_trainers_
     fake = FAKE_TOML.replace('sampler = "ddim"\n', 'sampler = "ddim"\nsampling_steps = 5\nnum_samples = 1\n', 1)
     toml = table.set_default_sampler(fake, "ddim", 2, 1, ["chosen by the rule, " + "because " * 30 + "measured"])
     assert toml.count("# [make table]") > 1
-    text = reference.head_section("fakehead", toml, "nnUNetTrainerFake")
+    text = docs.head_section("fakehead", toml, "nnUNetTrainerFake")
     row = next(line for line in text.splitlines() if line.startswith("| `sampler` |"))
     assert row.count("[make table]") == 1
     assert ("why this sampler: made-up reason [make table] chosen by the rule, " + "because " * 30 + "measured |") in row

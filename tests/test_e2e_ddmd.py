@@ -1,6 +1,7 @@
 """DDMD end to end through nnU-Net's console scripts on the tiny synthetic dataset: the fast variant is trained
 once (killed after the autoencoder stage's checkpoint, resumed with --c into the diffusion stage), then predicted
 with nnUNetv2_predict; discrepancy maps and scores come back in the input images' geometry."""
+import dataclasses
 import csv
 import shutil
 import subprocess
@@ -96,7 +97,8 @@ def test_discrepancy_maps_have_the_input_geometry_and_scores_are_written(trained
     from nnunet_diffusion.inference.ddmd_maps import write_discrepancy_maps
     images = trained_ddmd.raw / "imagesTs"
     written = write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), images,
-                                     tmp_path, intra_maps=True, progress=False)  # folds: found as nnU-Net does
+                                     tmp_path, intra_maps=True, progress=False,  # folds: found as nnU-Net does
+                                     trainers=TRAINERS)
     out = tmp_path / "discrepancy"
     cases = ["synth_ts_000", "synth_ts_001"]
     assert sorted(p.name for p in written) == sorted([f"{c}_{m}.nii.gz" for c in cases for m in "XY"] +
@@ -128,19 +130,17 @@ def test_discrepancy_maps_have_the_input_geometry_and_scores_are_written(trained
         assert np.isclose(float(r["inter"]), np.mean(inter_c), rtol=1e-4)  # eq. 12: X is the mean over modalities
     with pytest.raises(NNDiffError, match="no images for case"):
         write_discrepancy_maps(model_folder(trained_ddmd, TRAINER), images, tmp_path, [0], "checkpoint_final.pth",
-                               cases=["nope"], progress=False)
+                               cases=["nope"], progress=False, trainers=TRAINERS)
 
 
 def test_bad_config_and_untrained_ae2_are_explained(planned, nnunet_paths, monkeypatch):
     cls = TRAINERS[TRAINER]
     hp = cls.hparams()
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae2_normal": "slice"}))
     with pytest.raises(NNDiffConfigError, match="ae2_normal must be one of patch, voxel; got 'slice'"):
-        make_trainer(planned, cls, 0)
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae1_balanced": "yes"}))
+        dataclasses.replace(hp, ae2_normal="slice")  # DDMDSpec refuses it: no trainer ever sees it
     with pytest.raises(NNDiffConfigError, match="ae1_balanced must be true or false; got 'yes'"):
-        make_trainer(planned, cls, 0)
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae2_normal": "patch"}))
+        dataclasses.replace(hp, ae1_balanced="yes")
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, ae2_normal="patch")))
     trainer = make_trainer(planned, cls, 0)
     trainer.initialize()
     trainer.unwrapped_network().ae1.updates.fill_(4)  # AE-1 trained, AE-2 never saw a normal patch
@@ -153,7 +153,7 @@ def test_patch_mode_steps_ae2_only_for_batches_with_a_normal_patch(planned, nnun
     patch without tumour; AE-1 (eq. 9) every time."""
     cls = TRAINERS[TRAINER]
     hp = cls.hparams()
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: {**hp, "ae2_normal": "patch"}))
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, ae2_normal="patch")))
     trainer = make_trainer(planned, cls, 0)
     trainer.initialize()
     net = trainer.unwrapped_network()
@@ -193,11 +193,11 @@ def test_autoencoders_from_another_run_skip_stage_1(trained_ddmd, nnunet_paths, 
     source = torch.load(ckpt_file, map_location="cpu", weights_only=False)["network_weights"]
     light = TRAINERS["nnUNetTrainerDDMD_light"]
     hp = TRAINERS[TRAINER].hparams()  # the tiny autoencoders' sizes, DDMD-light's conditioning (X only)
-    monkeypatch.setattr(light, "hparams", classmethod(lambda c: {**hp, "intra_discrepancy": False}))
+    monkeypatch.setattr(light, "hparams", classmethod(lambda c: dataclasses.replace(hp, intra_discrepancy=False)))
     monkeypatch.setenv("NNDIFF_DDMD_AES", TRAINER)  # a trainer name, found in $nnUNet_results
     trainer_ctx = trained_ddmd
     trainer = make_trainer(trainer_ctx, light, 0)
-    assert trainer.stage_epochs == [0, hp["diffusion_epochs"]] and trainer.ae_checkpoint == str(ckpt_file)
+    assert trainer.stage_epochs == [0, hp.diffusion_epochs] and trainer.ae_checkpoint == str(ckpt_file)
     trainer.initialize()
     trainer._load_autoencoders()
     own = trainer.unwrapped_network().state_dict()
@@ -219,7 +219,7 @@ def test_the_papers_2d_regime_trains_and_predicts_on_the_2d_configuration(planne
     AE-1's batches balanced), trained and predicted through the console scripts."""
     run([BIN / "nnUNetv2_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", "1"], planned.env)
     trainer = "nnUNetTrainerDDMD_tiny2d"
-    assert TRAINERS[trainer].hparams()["ae2_normal"] == "patch" and TRAINERS[trainer].hparams()["ae1_balanced"]
+    assert TRAINERS[trainer].hparams().ae2_normal == "patch" and TRAINERS[trainer].hparams().ae1_balanced
     run([BIN / "nnUNetv2_train", DATASET_ID, "2d", 0, "-tr", trainer, "-device", DEVICE], planned.env)
     ckpt = torch.load(model_folder(planned, trainer).with_name(f"{trainer}__nnUNetPlans__2d") / "fold_0" /
                       "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -1,6 +1,7 @@
 """NNDM end to end through nnU-Net's own, unpatched console scripts on a tiny synthetic dataset:
 plan/preprocess → train (baseline and NNDM, same split) → predict with and without refinement, plus
 resume (--c), --val, -f all, starting from a trained baseline, and the bad inputs of the Foundation issue."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -215,13 +216,14 @@ def test_resuming_under_a_changed_training_config_is_refused(trained, nnunet_pat
     trainer.load_checkpoint(str(ckpt))
     trainer.current_epoch = 1  # as if checkpoint_latest.pth of an unfinished run
     trainer.check_resumed_config()
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, sampling_steps=hp["sampling_steps"] + 1)))
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, sampling_steps=hp.sampling_steps + 1)))
     trainer.check_resumed_config()
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, a_key_added_since=3)))
+    monkeypatch.setattr(cls, "recorded_config", lambda self: dict(hp.as_dict(), a_key_added_since=3))
     trainer.check_resumed_config()
+    monkeypatch.undo()
     log = Path(trainer.log_file).read_text()
     assert "predates the trainer config key(s) ['a_key_added_since']: resuming with their values [3]" in log
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, refiner_lr=hp["refiner_lr"] * 2)))
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, refiner_lr=hp.refiner_lr * 2)))
     with pytest.raises(NNDiffCheckpointError, match=r"another nndm trainer config \(refiner_lr .* -> .*\).*--c"):
         trainer.check_resumed_config()
     with pytest.raises(NNDiffCheckpointError, match="refiner_lr"):
@@ -276,3 +278,40 @@ def test_trainer_checkpoint_save_load_round_trip(trained, nnunet_paths, tmp_path
     assert b.current_epoch == a.current_epoch + 1  # nnU-Net's convention: a checkpoint stores current_epoch + 1
     np.testing.assert_equal(b.logger.get_value("nndm_train_diff_losses", None),  # NaN in stage 1: equal here
                             a.logger.get_value("nndm_train_diff_losses", None))
+
+
+def test_a_checkpoint_predicts_with_its_recorded_settings_after_the_toml_changed(trained, nnunet_paths, monkeypatch,
+                                                                                capfd):
+    """The sampler a model was trained with travels in its checkpoint: a later edit of trainer_configs/ (here the
+    tiny variant's DDIM 3 steps turned into DDPM 7) does not change what nnU-Net's predictor samples; NNDIFF_* and
+    ``nndiff predict``'s flags still override it, and a line says which settings came from where."""
+    import dataclasses
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_diffusion import registry
+    from nnunet_diffusion.inference.options import Overrides, prediction_overrides
+    real = registry.settings
+
+    def edited(name, variant=None):
+        s = real(name, variant)
+        return dataclasses.replace(s, sampler="ddpm", sampling_steps=7) if name == "nndm" else s
+    monkeypatch.setattr(registry, "settings", edited)
+    folder = str(model_folder(trained, "nnUNetTrainerNNDM_tiny"))
+
+    def network():
+        p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+        p.initialize_from_trained_model_folder(folder, (0,))
+        return p.network
+
+    net = network()
+    assert (net.recorded.sampler, net.recorded.steps) == ("ddim", 3) and net.recorded_from == "checkpoint"
+    assert (net.sampling.sampler, net.sampling.steps) == ("ddim", 3)
+    assert "sampler='ddim' (checkpoint)" in capfd.readouterr().out
+    monkeypatch.setenv("NNDIFF_STEPS", "2")
+    net = network()
+    assert (net.sampling.sampler, net.sampling.steps) == ("ddim", 2)
+    assert "steps=2 (environment (NNDIFF_STEPS))" in capfd.readouterr().out
+    with prediction_overrides(Overrides((("steps", 1, "nndiff predict --steps"),))):
+        net = network()
+    assert net.sampling.steps == 1  # the flag wins over the variable

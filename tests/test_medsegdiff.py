@@ -195,12 +195,9 @@ def test_ff_parser_placement_comes_from_the_trainer_config():
     assert TRAINERS["nnUNetTrainerMedSegDiff_ffSkip"].build_network_architecture(None, cm, 4, 3) \
         .denoiser.ff_parser_on == "skip"
 
-    class Bad(msd_trainers.nnUNetTrainerMedSegDiff):
-        @classmethod
-        def hparams(cls):
-            return {**super().hparams(), "ff_parser_on": "decoder"}
-    with pytest.raises(NNDiffConfigError, match="ff_parser_on"):
-        Bad.build_network_architecture(None, cm, 4, 3)
+    from dataclasses import replace
+    with pytest.raises(NNDiffConfigError, match="ff_parser_on must be one of mask, skip; got 'decoder'"):
+        replace(msd_trainers.nnUNetTrainerMedSegDiff.hparams(), ff_parser_on="decoder")  # MedSegDiffSpec refuses it
     with pytest.raises(ValueError, match="ff_parser_on"):
         _unet(2, ff_parser_on="decoder")
 

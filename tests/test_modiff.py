@@ -219,12 +219,12 @@ def test_raters_key_is_checked_against_the_labels():
 
 def test_paper_defaults_and_variants():
     from nnunet_diffusion import config
-    hp = config.resolve("modiff")
-    assert (hp["num_train_timesteps"], hp["lr"], hp["plateau_factor"], hp["plateau_patience"]) == (250, 1e-4, 0.2, 10)
-    assert (hp["lambda_ldf"], hp["lambda_mca"], hp["heads"], hp["binarize_threshold"]) == (0.5, 0.5, 4, 0.9)
-    assert hp["num_samples"] == 16 and config.resolve("modiff", "n32")["num_samples"] == 32
-    assert not config.resolve("modiff", "MCAonly")["use_ldf"] and not config.resolve("modiff", "LDFonly")["use_mca"]
-    assert hp["sample_reading"] == "raters" and config.resolve("modiff", "threshold09")["sample_reading"] == "threshold"
+    hp = config.spec("modiff")
+    assert (hp.num_train_timesteps, hp.lr, hp.plateau_factor, hp.plateau_patience) == (250, 1e-4, 0.2, 10)
+    assert (hp.lambda_ldf, hp.lambda_mca, hp.heads, hp.binarize_threshold) == (0.5, 0.5, 4, 0.9)
+    assert hp.num_samples == 16 and config.spec("modiff", "n32").num_samples == 32
+    assert not config.spec("modiff", "MCAonly").use_ldf and not config.spec("modiff", "LDFonly").use_mca
+    assert hp.sample_reading == "raters" and config.spec("modiff", "threshold09").sample_reading == "threshold"
 
 
 @pytest.mark.parametrize("dim,size,embed,max_tokens", [(2, (128, 128), 16, 4096), (2, (32, 32), 16, 4096),
@@ -256,7 +256,7 @@ def test_mca_positions_are_physical_a_query_is_nearest_the_key_patch_that_contai
 def test_paper_patch_sizes_on_a_128_crop():
     """Issue 19 item 3: the default max_tokens gives the paper's 2×2 query and 4×4 key patches on 128² crops."""
     from nnunet_diffusion import config
-    mca = MCA(2, 1, 2, (128, 128), max_tokens=int(config.resolve("modiff")["max_tokens"]))
+    mca = MCA(2, 1, 2, (128, 128), max_tokens=int(config.spec("modiff").max_tokens))
     assert (mca.q_patch, mca.k_patch) == ((2, 2), (4, 4))
 
 

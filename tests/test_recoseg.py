@@ -1,5 +1,6 @@
 """ReCoSeg pieces: target-channel lookup, the synthesis DDPM loss, residual maps over whole cases (tiling,
 geometry), the residual channel in nnU-Net's data loading, missing modalities, the network nnU-Net builds."""
+import dataclasses
 import json
 
 import numpy as np
@@ -389,12 +390,18 @@ def test_residual_maps_are_drawn_apart_from_the_inference_sampler_and_their_keys
     from nnunet_diffusion.trainers import TRAINERS
     cls = TRAINERS["nnUNetTrainerReCoSeg_tiny"]
     hp = cls.hparams()
-    bump = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "_other"}
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(hp)}
+    bump = {bool: lambda v, k: not v, int: lambda v, k: v + 1, float: lambda v, k: v + 0.5,
+            str: lambda v, k: next(c for c in choices[k] if c != v) if choices[k] else v + "_other"}
     reference, shaping = cls.residual_sampling(), set()
-    for key, value in hp.items():
+    for key, value in hp.as_dict().items():
         if type(value) not in bump:
             continue
-        monkeypatch.setattr(cls, "hparams", classmethod(lambda c, k=key, v=value: dict(hp, **{k: bump[type(v)](v)})))
+        try:
+            changed = dataclasses.replace(hp, **{key: bump[type(value)](value, key)})
+        except NNDiffConfigError:  # a value ReCoSegSpec refuses cannot reach a training
+            continue
+        monkeypatch.setattr(cls, "hparams", classmethod(lambda c, s=changed: s))
         try:
             if cls.residual_sampling() != reference:
                 shaping.add(key)
@@ -403,8 +410,7 @@ def test_residual_maps_are_drawn_apart_from_the_inference_sampler_and_their_keys
         monkeypatch.undo()
     assert {"residual_sampler", "residual_sampling_steps", "tta_refine"} <= shaping
     assert not shaping & {"sampler", "sampling_steps", "num_samples"}
-    assert not shaping & cls.predict_only_keys
-    too_many = hp["num_train_timesteps"] + 1
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dict(hp, residual_sampling_steps=too_many)))
-    with pytest.raises(NNDiffConfigError, match="residual_sampler/_steps: sampling steps must be in 1..1000"):
-        cls.residual_sampling()
+    assert not shaping & hp.PREDICT_ONLY
+    too_many = hp.num_train_timesteps + 1
+    with pytest.raises(NNDiffConfigError, match="residual_sampling_steps: must be in 1..num_train_timesteps"):
+        dataclasses.replace(hp, residual_sampling_steps=too_many)

@@ -9,16 +9,21 @@ from benchmarks import table
 
 
 def test_total_epochs_counts_every_stage_of_a_staged_head_and_num_epochs_otherwise():
-    from nnunet_diffusion.config import total_epochs
-    hp = {"stage1_epochs": 3, "stage2_epochs": 4, "stage3_epochs": 5, "ae_epochs": 7, "diffusion_epochs": 11,
-          "num_epochs": 99}
-    assert total_epochs(hp, "nndm") == 3 + 4 + 5       # NNDM's baseline stage counts too
-    assert total_epochs(hp, "nndm", from_baseline=True) == 4 + 5   # started from a trained nnU-Net
-    assert total_epochs(hp, "recoseg") == 3 + 4
-    assert total_epochs(hp, "recoseg", from_baseline=True) == 3 + 4
-    assert total_epochs(hp, "ddmd") == 7 + 11
-    assert total_epochs(hp, "medsegdiff") == 99
-    assert total_epochs(hp, "nnunet") == 99
+    from dataclasses import replace
+
+    from nnunet_diffusion.config import spec, total_epochs
+    stages = {"nndm": dict(stage1_epochs=3, stage2_epochs=4, stage3_epochs=5), "recoseg": dict(stage1_epochs=3,
+              stage2_epochs=4), "ddmd": dict(ae_epochs=7, diffusion_epochs=11), "medsegdiff": dict(num_epochs=99),
+              "nnunet": dict(num_epochs=99)}
+    hp = {head: replace(spec(head), **values) for head, values in stages.items()}
+    assert total_epochs(hp["nndm"]) == 3 + 4 + 5       # NNDM's baseline stage counts too
+    assert total_epochs(hp["nndm"], from_baseline=True) == 4 + 5   # started from a trained nnU-Net
+    assert total_epochs(hp["recoseg"]) == 3 + 4
+    assert total_epochs(hp["recoseg"], from_baseline=True) == 3 + 4
+    assert total_epochs(hp["ddmd"]) == 7 + 11
+    assert total_epochs(hp["medsegdiff"]) == 99
+    assert total_epochs(hp["nnunet"]) == 99
+    assert hp["nndm"].optimizer_steps == 12 * hp["nndm"].num_iterations_per_epoch
 
 
 def test_optimizer_steps_of_the_demo_variants():

@@ -1,4 +1,4 @@
-"""DDMD (Fan, Cai, Niranjan; ../shared/papers/DDMD.md) as plain torch: no nnU-Net imports.
+"""DDMD (Fan, Cai, Niranjan, arXiv 2405.04974) as plain torch: no nnU-Net imports.
 
 Discrepancy features (§3.2):
 - image-level labels from the ground truth: normal (no tumour) / abnormal               (``image_labels``)
@@ -21,11 +21,13 @@ predict the mask x_b itself, which learns from far fewer iterations (the short t
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+from ..spec import DiffusionSpec, key
 from .medsegdiff import mask_to_x0, x0_to_probabilities
 
 NORMAL_MODES = ("patch", "voxel")
@@ -147,3 +149,27 @@ def sample_masks(denoiser, schedule: NoiseSchedule, cond: torch.Tensor, mask_cha
                     generator=gen, device=cond.device, clip=1.0, prediction_type=prediction_type)
         draws.append(x0_to_probabilities(x0))
     return torch.stack(draws)
+
+
+# ------------------------------------------------------------------------------------------------ trainer config
+@dataclass(frozen=True, kw_only=True)
+class DDMDSpec(DiffusionSpec):
+    """trainer_configs/ddmd.toml: the autoencoder ensembles (stage 1) and the diffusion model (stage 2)."""
+    HEAD: ClassVar[str] = "ddmd"
+    STAGE_KEYS: ClassVar[tuple] = ("ae_epochs", "diffusion_epochs")
+    inter_discrepancy: bool = key()
+    intra_discrepancy: bool = key()
+    ensemble_size: int = key(min=1)
+    ae_channels: tuple[int, ...] = key(item_min=1)
+    ae_fc: tuple[int, ...] = key(item_min=1)
+    ae_lr: float = key(min=0, min_open=True)
+    ae_epochs: int = key(min=0)
+    ae2_normal: str = key(choices=NORMAL_MODES)
+    normal_max_tumour_fraction: float = key(min=0, max=1, max_open=True)
+    ae1_balanced: bool = key()
+    diffusion_epochs: int = key(min=1)
+    lr: float = key(min=0, min_open=True)
+    grad_clip: float = key(min=0, min_open=True)
+    denoiser_width: float = key(min=0, min_open=True)
+    denoiser_levels: int = key(min=1)
+    denoiser_res_blocks: int = key(min=0)

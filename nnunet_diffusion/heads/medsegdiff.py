@@ -1,4 +1,4 @@
-"""MedSegDiff (Wu et al., ../shared/papers/MedSegDiff.md) as plain torch: no nnU-Net imports.
+"""MedSegDiff (Wu et al., MIDL 2023, arXiv 2211.00611) as plain torch: no nnU-Net imports.
 
 The segmentation mask itself is the diffused variable x_0 (one channel per BraTS region, or one-hot over
 the classes of a label dataset), scaled to [−1, 1]. The denoiser ε_θ(x_t, I, t) is
@@ -14,14 +14,16 @@ with the loss ||x_0 − x̂_0||², which learns from far fewer iterations (used 
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
 from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+from ..nets.medsegdiff import FF_PARSER_PLACEMENTS
+from ..spec import FUSIONS, DiffusionSpec, key
 
-FUSIONS = ("mean", "staple")
 
 
 def mask_to_x0(y: torch.Tensor) -> torch.Tensor:
@@ -99,3 +101,24 @@ def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """H(p) = −p log₂ p − (1−p) log₂(1−p) ∈ [0, 1] per voxel and channel."""
     p = p.float().clamp(eps, 1 - eps)
     return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+
+
+# ------------------------------------------------------------------------------------------------ trainer config
+# MedSegDiff §III-B: "UNet with 4x, 5x, 6x, 6x downsamples" for S, B, L, ++
+DOWNSAMPLINGS = {"S": 4, "B": 5, "L": 6, "++": 6}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MedSegDiffSpec(DiffusionSpec):
+    """trainer_configs/medsegdiff.toml."""
+    HEAD: ClassVar[str] = "medsegdiff"
+    size: str = key(choices=tuple(DOWNSAMPLINGS))
+    width: float = key(min=0, min_open=True)
+    blocks: tuple[int, ...] = key(item_min=0)
+    dynamic_conditioning: bool = key()
+    ff_parser: bool = key()
+    ff_parser_on: str = key(choices=FF_PARSER_PLACEMENTS)
+    num_epochs: int = key(min=1)
+    lr: float = key(min=0, min_open=True)
+    weight_decay: Optional[float] = key(default=None, min=0)
+    grad_clip: float = key(min=0, min_open=True)

@@ -1,4 +1,4 @@
-"""MoDiff (Ahn et al., ../shared/papers/MoDiff.md) as plain torch: no nnU-Net imports.
+"""MoDiff (Ahn et al., MICCAI 2025) as plain torch: no nnU-Net imports.
 
 Probability label maps (MoDiff §1, §3): the diffused variable x_0 is not a one-hot mask but the mean of the raters'
 one-hot maps. A multi-rater dataset stores, per voxel, the number k of raters who marked it (0..R, see
@@ -26,11 +26,13 @@ single-rater region datasets (BraTS) diffuse their region maps (``heads.common.t
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss
+from ..spec import DiffusionSpec, key
 from ..nets.modiff import morphological_gradient, morphology_target  # noqa: F401  (re-exported)
 from .medsegdiff import mask_to_x0, sample_masks
 
@@ -164,3 +166,37 @@ def vote_count_probabilities(p: torch.Tensor, raters: int) -> torch.Tensor:
     log_binom = torch.tensor([math.lgamma(raters + 1) - math.lgamma(i + 1) - math.lgamma(raters - i + 1)
                               for i in range(raters + 1)], device=p.device).view_as(k)
     return torch.exp(log_binom + k * torch.log(p) + (raters - k) * torch.log1p(-p))
+
+
+# ------------------------------------------------------------------------------------------------ trainer config
+@dataclass(frozen=True, kw_only=True)
+class MoDiffSpec(DiffusionSpec):
+    """trainer_configs/modiff.toml."""
+    HEAD: ClassVar[str] = "modiff"
+    PREDICT_ONLY: ClassVar[frozenset] = DiffusionSpec.PREDICT_ONLY | {"binarize_threshold", "sample_reading"}
+    use_mca: bool = key()
+    use_ldf: bool = key()
+    heads: int = key(min=1)
+    embed_dim: int = key(min=1)
+    model_dim: int = key(min=1)
+    cond_channels: int = key(min=1)
+    max_tokens: int = key(min=1)
+    ldf_width: int = key(min=1)
+    width: float = key(min=0, min_open=True)
+    levels: int = key(min=1)
+    num_res_blocks: int = key(min=0)
+    lambda_ldf: float = key(min=0)
+    lambda_mca: float = key(min=0)
+    num_epochs: int = key(min=1)
+    lr: float = key(min=0, min_open=True)
+    weight_decay: Optional[float] = key(default=None, min=0)
+    plateau_factor: float = key(min=0, max=1, min_open=True, max_open=True)
+    plateau_patience: int = key(min=0)
+    grad_clip: float = key(min=0, min_open=True)
+    sample_reading: str = key(choices=SAMPLE_READINGS)
+    binarize_threshold: float = key(min=0, max=1, min_open=True)
+
+    def check(self) -> None:
+        super().check()
+        if self.model_dim % self.heads:
+            self.fail("model_dim", f"{self.model_dim} must be divisible by heads ({self.heads})")

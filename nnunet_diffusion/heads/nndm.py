@@ -1,4 +1,4 @@
-"""NNDM (Mekanaboyina 2025, ../shared/papers/NNDM.md) as plain torch: no nnU-Net imports.
+"""NNDM (Mekanaboyina 2025, arXiv 2510.09681) as plain torch: no nnU-Net imports.
 
 The paper numbers no equations; each function names the formula it implements by section:
 - §4.2 residual:        e = y − ŷ                                         (``residual``)
@@ -22,11 +22,13 @@ noise far sooner (documentation/explanation/nndm.md); sampling is the same loop 
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 from ..diffusion import NoiseSchedule, masked_mse, noise_prediction_loss, sample
+from ..spec import DiffusionSpec, key
 from .common import probabilities, probabilities_to_logits, target_channels  # noqa: F401 (part of this API)
 
 
@@ -103,3 +105,36 @@ def refined_probabilities(y_hat: torch.Tensor, e_hat: torch.Tensor, has_regions:
     if not has_regions:
         p = p / p.sum(1, keepdim=True).clamp_min(1e-6)
     return p
+
+
+# ------------------------------------------------------------------------------------------------ trainer config
+RESIDUAL_SOURCES = ("backbone", "dropout")  # where the training residual e = y - y_hat takes y_hat from
+
+
+@dataclass(frozen=True, kw_only=True)
+class NNDMSpec(DiffusionSpec):
+    """trainer_configs/nndm.toml: nnU-Net's stage (stage 1), the refiner alone (2) and both jointly (3)."""
+    HEAD: ClassVar[str] = "nndm"
+    STAGE_KEYS: ClassVar[tuple] = ("stage1_epochs", "stage2_epochs", "stage3_epochs")
+    stage1_epochs: int = key(min=0)
+    stage2_epochs: int = key(min=0)
+    stage3_epochs: int = key(min=0)
+    lambda_diff: float = key(min=0)
+    joint_backbone_lr: float = key(min=0)
+    joint_grad_through_residual: bool = key()
+    refiner_channels: tuple[int, ...] = key(item_min=1)
+    refiner_res_blocks: int = key(min=0)
+    refiner_lr: float = key(min=0)
+    refiner_weight_decay: float = key(min=0)
+    refiner_grad_clip: float = key(min=0, min_open=True)
+    residual_conditioning: bool = key()
+    residual_source: str = key(choices=RESIDUAL_SOURCES)
+    residual_dropout: float = key(min=0, max=1, max_open=True)
+
+    def check(self) -> None:
+        super().check()
+        if not self.refiner_channels:
+            self.fail("refiner_channels", "needs at least one level")
+        if self.residual_source == "dropout" and not 0.0 < self.residual_dropout < 1.0:
+            self.fail("residual_dropout", f'residual_source = "dropout" needs 0 < residual_dropout < 1; got '
+                                          f"{self.residual_dropout}")

@@ -1,4 +1,4 @@
-"""ReCoSeg (Yavari et al., MIDL 2025, ../shared/papers/ReCoSeg.md) as plain torch: no nnU-Net imports.
+"""ReCoSeg (Yavari et al., MIDL 2025) as plain torch: no nnU-Net imports.
 
 The paper numbers no equations; each function names the step of §2 it implements:
 - §2 stage 1, cross-modal synthesis: a conditional DDPM (Ho et al. 2020) generates the T1ce channel from
@@ -27,11 +27,14 @@ missing, the synthesised T1ce replaces it and the residual is 0 everywhere.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Optional, Sequence
 
 import torch
 
 from ..diffusion import NoiseSchedule, noise_prediction_loss, sample
+from ..diffusion.core import SAMPLERS
+from ..spec import DiffusionSpec, key
 
 # names nnU-Net datasets give the contrast-enhanced T1 channel (dataset.json "channel_names"), compared after
 # lower-casing and dropping everything that is not a letter or digit
@@ -149,3 +152,40 @@ def residual_inputs(x: torch.Tensor, synthetic: torch.Tensor, target: int,
         x[target:target + 1] = synthetic.to(x.dtype)
         return x, torch.zeros_like(synthetic, dtype=torch.float32)
     return x, residual_map(synthetic, x[target:target + 1])
+
+
+# ------------------------------------------------------------------------------------------------ trainer config
+SEGMENTERS = ("planned", "light")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReCoSegSpec(DiffusionSpec):
+    """trainer_configs/recoseg.toml: the synthesiser (stage 1) and the segmenter on its residual maps (stage 2).
+    The training residual maps are drawn with ``residual_sampler``/``residual_sampling_steps``, which shape what the
+    segmenter learns: they are training keys, unlike the inference sampler."""
+    HEAD: ClassVar[str] = "recoseg"
+    # the segmenter trains on residual maps drawn with the trainer's residual_sampling(), which takes tta_refine from
+    # the inference keys: for ReCoSeg that key changes the trained weights, and a resumed training must keep it
+    PREDICT_ONLY: ClassVar[frozenset] = DiffusionSpec.PREDICT_ONLY - {"tta_refine"}
+    STAGE_KEYS: ClassVar[tuple] = ("stage1_epochs", "stage2_epochs")
+    stage1_epochs: int = key(min=0)
+    stage2_epochs: int = key(min=0)
+    target_channel: str = key()
+    unlabelled_folder: str = key()
+    synthesis_cases: str = key(choices=("all", "unlabelled"))
+    label_fraction: float = key(min=0, max=1, min_open=True)
+    synthesis_lr: float = key(min=0, min_open=True)
+    synthesis_grad_clip: float = key(min=0, min_open=True)
+    synthesis_channels: tuple[int, ...] = key(item_min=1)
+    synthesis_res_blocks: int = key(min=0)
+    synthesis_clip: float = key(min=0, doc="0: no clipping")
+    segmenter: str = key(choices=SEGMENTERS)
+    light_width: float = key(min=0, min_open=True)
+    residual_sampler: str = key(choices=SAMPLERS)
+    residual_sampling_steps: int = key(min=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.residual_sampling_steps > self.num_train_timesteps:
+            self.fail("residual_sampling_steps", f"must be in 1..num_train_timesteps ({self.num_train_timesteps}); "
+                                                 f"got {self.residual_sampling_steps}")

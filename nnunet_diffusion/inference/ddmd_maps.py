@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +33,14 @@ from ..errors import NNDiffCheckpointError, NNDiffError
 from .whole_case import revert_to_original_geometry, sliding_window, write_like_input
 
 
-def _load_networks(model_folder: Path, folds: Sequence, checkpoint_name: str, device: torch.device):
+def _load_networks(model_folder: Path, folds: Sequence, checkpoint_name: str, device: torch.device,
+                   trainers: Mapping[str, type]):
+    """(plans manager, configuration manager, dataset.json, the DDMD network of each fold in eval mode on
+    ``device``); each network is built by the class that wrote its checkpoint (looked up by name in ``trainers``)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from ..trainers import TRAINERS
     from .ddmd_network import DDMDNetwork
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
@@ -52,7 +54,7 @@ def _load_networks(model_folder: Path, folds: Sequence, checkpoint_name: str, de
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         trainer_name = ckpt["trainer_name"]
         configuration = ckpt["init_args"]["configuration"]
-        cls = TRAINERS.get(trainer_name)
+        cls = trainers.get(trainer_name)
         if cls is None or getattr(cls, "head", None) != "ddmd":
             raise NNDiffCheckpointError(f"{path} was written by {trainer_name!r}, not by a DDMD trainer: only DDMD "
                                         f"has discrepancy maps")
@@ -104,11 +106,17 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_discrepancy_maps(model_folder, input_folder, output_folder, folds: Optional[Iterable] = None,
-                           checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "cpu", intra_maps: bool = False, tile_step_size: float = 0.5,
-                           progress: bool = True, cases: Optional[Sequence[str]] = None) -> list[Path]:
+                           checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "cpu",
+                           intra_maps: bool = False, tile_step_size: float = 0.5, progress: bool = True,
+                           cases: Optional[Sequence[str]] = None, *, trainers: Mapping[str, type]) -> list[Path]:
     """Write DDMD's X maps (and Y maps with ``intra_maps``) and ``scores.csv`` for the cases of ``input_folder``
     into ``<output_folder>/discrepancy/`` (see the module docstring); returns the files written. ``folds`` None:
-    every fold_* of ``model_folder`` that has ``checkpoint_name`` (as nnUNetv2_predict without -f)."""
+    every fold_* of ``model_folder`` that has ``checkpoint_name`` (as nnUNetv2_predict without -f).
+
+    ``trainers``: the trainer classes by name (``nnunet_diffusion.trainers.TRAINERS``), whose
+    ``build_network_architecture`` builds the network of each checkpoint. The caller passes them: the trainers
+    build this package's inference networks, so ``inference/`` never imports ``trainers/``
+    (tests/test_architecture.py)."""
     from nnunetv2.utilities.utils import (
         create_lists_from_splitted_dataset_folder,
         get_identifiers_from_splitted_dataset_folder,
@@ -123,7 +131,8 @@ def write_discrepancy_maps(model_folder, input_folder, output_folder, folds: Opt
         folds = nnUNetPredictor.auto_detect_available_folds(str(model_folder), checkpoint_name)
         if not folds:
             raise NNDiffError(f"{model_folder}: no fold_*/{checkpoint_name}")
-    plans_manager, cm, dataset_json, networks = _load_networks(model_folder, list(folds), checkpoint_name, device)
+    plans_manager, cm, dataset_json, networks = _load_networks(model_folder, list(folds), checkpoint_name, device,
+                                                               trainers)
     ending = dataset_json["file_ending"]
     ids = sorted(get_identifiers_from_splitted_dataset_folder(str(input_folder), ending))
     if cases is not None:

@@ -39,8 +39,9 @@ from .sampling_network import SamplingNetwork
 class DDMDNetwork(SamplingNetwork):
     def __init__(self, ae1: Optional[AutoencoderEnsemble], ae2: Optional[AutoencoderEnsemble], denoiser: nn.Module,
                  schedule: NoiseSchedule, sampling: SamplingOptions, mask_channels: int, use_inter: bool = True,
-                 use_intra: bool = True, region_based: bool = False, prediction_type: str = "epsilon"):
-        super().__init__(schedule, sampling, region_based)
+                 use_intra: bool = True, region_based: bool = False, prediction_type: str = "epsilon",
+                 overrides=None):
+        super().__init__(schedule, sampling, region_based, overrides)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         if use_inter and (ae1 is None or ae2 is None):

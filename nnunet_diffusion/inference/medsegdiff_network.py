@@ -22,8 +22,8 @@ from .sampling_network import SamplingNetwork
 
 class MedSegDiffNetwork(SamplingNetwork):
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, sampling: SamplingOptions,
-                 mask_channels: int, region_based: bool = False, prediction_type: str = "epsilon"):
-        super().__init__(schedule, sampling, region_based)
+                 mask_channels: int, region_based: bool = False, prediction_type: str = "epsilon", overrides=None):
+        super().__init__(schedule, sampling, region_based, overrides)
         self.denoiser = denoiser
         self.mask_channels = mask_channels
         self.prediction_type = prediction_type

@@ -33,7 +33,6 @@ from .options import SamplingOptions
 from .sampling_network import SamplingNetwork
 
 
-RESIDUAL_SOURCES = ("backbone", "dropout")
 
 
 class _FeatureDropout:
@@ -62,14 +61,10 @@ class NNDMNetwork(SamplingNetwork):
     def __init__(self, backbone: nn.Module, refiner: nn.Module, schedule: NoiseSchedule,
                  sampling: SamplingOptions, region_based: bool = False, prediction_type: str = "epsilon",
                  residual_conditioning: bool = True, residual_source: str = "backbone",
-                 residual_dropout: float = 0.0):
-        super().__init__(schedule, sampling, region_based)
+                 residual_dropout: float = 0.0, overrides=None):
+        super().__init__(schedule, sampling, region_based, overrides)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
-        if residual_source not in RESIDUAL_SOURCES:
-            raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}; got {residual_source!r}")
-        if residual_source == "dropout" and not 0.0 < float(residual_dropout) < 1.0:
-            raise ValueError(f"residual_source 'dropout' needs 0 < residual_dropout < 1; got {residual_dropout!r}")
         self.prediction_type = prediction_type
         self.residual_conditioning = bool(residual_conditioning)
         self.residual_source = residual_source

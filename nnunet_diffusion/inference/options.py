@@ -6,11 +6,14 @@ stops the run before any case is touched, with a message naming the variable.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, replace
 
 from ..diffusion import SAMPLERS
 from ..errors import NNDiffConfigError
+from ..spec import FUSIONS, TTA_MODES
 
 ENV_VARS = {
     "NNDIFF_REFINE": "1 = apply the diffusion refinement (default), 0 = return the nnU-Net backbone's output "
@@ -29,10 +32,6 @@ ENV_VARS = {
     "NNDIFF_MISSING": "ReCoSeg: comma-separated input channel indices to treat as missing (e.g. 1,3); other heads "
                       "refuse it (default: none missing)",
 }
-TTA_MODES = ("window", "mirror")
-FUSIONS = ("mean", "staple")
-
-
 @dataclass(frozen=True)
 class SamplingOptions:
     refine: bool = True
@@ -80,23 +79,86 @@ def _bool(name: str, raw: str) -> bool:
     raise NNDiffConfigError(f"environment variable {name} must be 0 or 1; got {raw!r}")
 
 
+FIELDS_OF_VARS = {"NNDIFF_REFINE": "refine", "NNDIFF_STEPS": "steps", "NNDIFF_SAMPLER": "sampler",
+                  "NNDIFF_SAMPLES": "samples", "NNDIFF_SEED": "seed", "NNDIFF_TTA_REFINE": "tta_refine",
+                  "NNDIFF_FUSION": "fusion", "NNDIFF_MISSING": "missing"}
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a user asked to change in a model's prediction settings: (field, value, where it came from) triples, laid
+    over the settings the checkpoint recorded (or the trainer config's, for a checkpoint that records none)."""
+    items: tuple = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def apply(self, base: SamplingOptions, num_train_timesteps: int) -> SamplingOptions:
+        """``base`` with these values laid over it, validated (an error names where the bad value came from); ``base``
+        alone (no overrides) is returned as it is: it comes from a validated trainer config."""
+        if not self.items:
+            return base
+        opts = replace(base, **{f: v for f, v, _ in self.items})
+        opts.validate(num_train_timesteps, source=self.describe())
+        return opts.validate(num_train_timesteps)
+
+    def describe(self) -> str:
+        """Where the values came from, e.g. "environment (NNDIFF_STEPS, NNDIFF_SAMPLER)"."""
+        env = [src[len("environment ("):-1] for *_, src in self.items if src.startswith("environment (")]
+        rest = [src for *_, src in self.items if not src.startswith("environment (")]
+        return ", ".join(list(dict.fromkeys(rest)) + ([f"environment ({', '.join(env)})"] if env else []))
+
+    def sources(self) -> dict[str, str]:
+        """{field: where its value came from}."""
+        return {f: src for f, _, src in self.items}
+
+    def __or__(self, other: "Overrides") -> "Overrides":
+        """These overrides with ``other``'s laid over them (``other`` wins on a field both set)."""
+        theirs = {f for f, *_ in other.items}
+        return Overrides(tuple(i for i in self.items if i[0] not in theirs) + other.items)
+
+
+def overrides_from_env(environ=None) -> Overrides:
+    """The NNDIFF_* prediction variables that are set (each parsed; a bad value is a one-line error naming it)."""
+    env = os.environ if environ is None else environ
+    items = []
+    for name, fld in FIELDS_OF_VARS.items():
+        if name not in env:
+            continue
+        raw = env[name]
+        if fld == "refine":
+            value = _bool(name, raw)
+        elif fld in ("steps", "samples", "seed"):
+            value = _int(name, raw)
+        elif fld == "missing":
+            value = tuple(sorted({_int(name, v) for v in raw.split(",") if v.strip()}))
+        else:
+            value = raw.strip().lower()
+        items.append((fld, value, f"environment ({name})"))
+    return Overrides(tuple(items))
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("nnunet_diffusion_prediction_overrides", default=None)
+
+
+@contextlib.contextmanager
+def prediction_overrides(overrides: Overrides):
+    """Within the block, every network built for prediction (e.g. by ``nnUNetv2_predict``'s entry point, which
+    ``nndiff predict`` calls) takes ``overrides`` on top of the NNDIFF_* variables: how ``nndiff predict``'s flags
+    reach the network as one explicit value instead of through the environment."""
+    token = _ACTIVE.set(overrides)
+    try:
+        yield overrides
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_overrides() -> Overrides:
+    """The NNDIFF_* variables, with the overrides of an enclosing :func:`prediction_overrides` laid over them."""
+    active = _ACTIVE.get()
+    return overrides_from_env() | active if active is not None else overrides_from_env()
+
+
 def options_from_env(defaults: SamplingOptions, num_train_timesteps: int, environ=None) -> SamplingOptions:
     """``defaults`` (from the trainer config) overridden by the NNDIFF_* variables that are set."""
-    env = os.environ if environ is None else environ
-    over = {}
-    if "NNDIFF_REFINE" in env:
-        over["refine"] = _bool("NNDIFF_REFINE", env["NNDIFF_REFINE"])
-    for key, name in (("steps", "NNDIFF_STEPS"), ("samples", "NNDIFF_SAMPLES"), ("seed", "NNDIFF_SEED")):
-        if name in env:
-            over[key] = _int(name, env[name])
-    for key, name in (("sampler", "NNDIFF_SAMPLER"), ("tta_refine", "NNDIFF_TTA_REFINE"), ("fusion", "NNDIFF_FUSION")):
-        if name in env:
-            over[key] = env[name].strip().lower()
-    if "NNDIFF_MISSING" in env:
-        raw = env["NNDIFF_MISSING"]
-        over["missing"] = tuple(sorted({_int("NNDIFF_MISSING", v) for v in raw.split(",") if v.strip()}))
-    opts = replace(defaults, **over)
-    if over:
-        opts.validate(num_train_timesteps, source="environment (" + ", ".join(
-            n for n in ENV_VARS if n in env) + ")")
-    return opts.validate(num_train_timesteps)
+    return overrides_from_env(environ).apply(defaults, num_train_timesteps)

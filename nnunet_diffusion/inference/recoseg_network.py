@@ -5,11 +5,13 @@ Calls:
 - ``forward(x)`` with C + 1 channels (stage 2 training and online validation): the last channel is the
   residual map the trainer computed once after stage 1 and nnU-Net's data pipeline cropped and augmented with
   the image; the segmenter alone runs.
-- ``nnUNetv2_predict``, the final validation and ``nndiff predict``: before nnU-Net's sliding window runs,
-  ``install_predictor_hook`` replaces the case by x ⊕ r of the whole case (``case_input`` →
-  ``recoseg_residuals.case_residual``: T1ce synthesised per window with K reverse steps, Gaussian-blended over the
-  case, r = |synthetic − real|), the very function that made stage 2's training residuals; nnU-Net's sliding
-  window (and its mirroring) then runs the segmenter on C + 1 channels, as in training.
+- ``nnUNetv2_predict``, the final validation and ``nndiff predict``: before nnU-Net's sliding window runs, the
+  predictor hands the whole case to ``nnunet_predictor_case_input`` (the hook ``nnunet_compat.install_case_input_hook``,
+  installed when a ReCoSeg network is built, not when the package is imported), which replaces it by x ⊕ r of the
+  whole case (``case_input`` → ``recoseg_residuals.case_residual``: T1ce synthesised per window with K reverse steps,
+  Gaussian-blended over the case, r = |synthetic − real|), the very function that made stage 2's training residuals;
+  nnU-Net's sliding window (and its mirroring) then runs the segmenter on C + 1 channels, as in training. The
+  predictor of any other network is nnU-Net's own.
 - ``forward(x)`` with C channels in eval mode (a direct call, not from nnU-Net's predictor): each batch element is
   taken as a whole case of one window, through the same ``case_input``.
 
@@ -18,11 +20,12 @@ dataset.json; the trainer fills it from the channel names and the checkpoint car
 """
 from __future__ import annotations
 
-import functools
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from .. import nnunet_compat
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
 from ..errors import NNDiffConfigError
 from ..heads import recoseg
@@ -32,14 +35,14 @@ from .sampling_network import SamplingNetwork
 
 
 class ReCoSegNetwork(SamplingNetwork):
-    whole_case_residual = True  # nnU-Net's predictor hands it x ⊕ r of the whole case (install_predictor_hook)
+    whole_case_residual = True  # nnU-Net's predictor hands it x ⊕ r of the whole case (nnunet_predictor_case_input)
     supports_missing = True
     supports_samples = False  # one synthetic T1ce per window (the paper's); several would need a fusion rule
 
     def __init__(self, synthesizer: nn.Module, segmenter: nn.Module, schedule: NoiseSchedule,
                  sampling: SamplingOptions, num_input_channels: int, prediction_type: str = "epsilon",
-                 clip: float | None = None, region_based: bool = False):
-        super().__init__(schedule, sampling, region_based)
+                 clip: float | None = None, region_based: bool = False, overrides=None):
+        super().__init__(schedule, sampling, region_based, overrides)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         self.synthesizer = synthesizer
@@ -48,6 +51,7 @@ class ReCoSegNetwork(SamplingNetwork):
         self.prediction_type = prediction_type
         self.clip = clip
         self.register_buffer("target_channel", torch.tensor(-1, dtype=torch.long))
+        nnunet_compat.install_case_input_hook()  # nnU-Net's predictor asks nnunet_predictor_case_input for the case
 
     # nnU-Net's set_deep_supervision_enabled reaches for ``network.decoder``
     @property
@@ -90,7 +94,7 @@ class ReCoSegNetwork(SamplingNetwork):
         if self.training:
             raise RuntimeError("ReCoSeg trains the segmenter on precomputed residual maps (C + 1 channels); "
                                "synthesising inside a training step is not supported")
-        # nnU-Net's predictor never gets here (``install_predictor_hook`` hands it x ⊕ r of the whole case); a
+        # nnU-Net's predictor never gets here (``nnunet_predictor_case_input`` hands it x ⊕ r of the whole case); a
         # direct call treats each batch element as a whole case of one window, through the same function
         return self.segmenter(self.cached(x, lambda: self.segmenter_input(x)))
 
@@ -109,6 +113,20 @@ class ReCoSegNetwork(SamplingNetwork):
         x_seg, r = recoseg_residuals.case_residual(self, data, patch_size, step_size)
         return torch.cat([x_seg, r.to(x_seg.dtype)], 0)
 
+    def nnunet_predictor_case_input(self, input_image: torch.Tensor, device: torch.device, patch_size,
+                                    step_size: float) -> torch.Tensor:
+        """What nnU-Net's predictor tiles instead of the whole preprocessed case ``input_image`` (C, *spatial), through
+        ``nnunet_compat.install_case_input_hook``: x ⊕ r (``case_input``, on the predictor's ``device``, under
+        autocast on CUDA as the predictor and the trainer do, with the predictor's ``step_size``), so that nnU-Net's
+        own sliding window runs the segmenter on it and its mirroring flips image and residual together, as
+        training's augmentation does. A case that already has C + 1 channels is returned unchanged."""
+        if input_image.shape[0] != self.num_input_channels:
+            return input_image
+        self.to(device).eval()
+        with torch.no_grad(), (torch.autocast(device.type) if device.type == "cuda" else nullcontext()):
+            both = self.case_input(input_image.to(device), patch_size, step_size)
+        return both.to(input_image.device, torch.float32)
+
     @torch.no_grad()
     def segmenter_input(self, x: torch.Tensor) -> torch.Tensor:
         """x ⊕ r for a batch of windows, each taken as a whole case (``case_input`` with patch = window)."""
@@ -121,44 +139,6 @@ class ReCoSegNetwork(SamplingNetwork):
         return both[:, :-1], both[:, -1:].float()
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    network = getattr(network, "module", network)  # DDP
-    return getattr(network, "_orig_mod", network)  # torch.compile
-
-
-def install_predictor_hook() -> None:
-    """Make nnU-Net's predictor give a ReCoSeg network the residual map of the whole case, as in training.
-
-    nnU-Net's ``nnUNetPredictor.predict_sliding_window_return_logits(case)`` tiles the case and calls the network
-    on each window; a network cannot see the case. Wrapped here (once, for every predictor: nnUNetv2_predict,
-    the final validation, ``nndiff predict``): when the predictor's network is a ReCoSeg network and the case
-    has its C image channels, the case is replaced by x ⊕ r (``ReCoSegNetwork.case_input``, computed on the
-    predictor's device, under autocast on CUDA as the predictor and the trainer do, with the predictor's
-    ``tile_step_size``) before nnU-Net's own sliding window runs the segmenter on it; mirroring then flips image
-    and residual together, as training's augmentation does. Any other network is untouched."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.helpers import dummy_context
-
-    original = nnUNetPredictor.predict_sliding_window_return_logits
-    if getattr(original, "_nndiff_recoseg_case_input", False):
-        return
-
-    @functools.wraps(original)
-    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        net = _unwrap(self.network)
-        if getattr(net, "whole_case_residual", False) and input_image.shape[0] == net.num_input_channels:
-            device = torch.device(self.device)
-            net.to(device).eval()
-            with torch.no_grad(), (torch.autocast(device.type) if device.type == "cuda" else dummy_context()):
-                both = net.case_input(input_image.to(device), self.configuration_manager.patch_size,
-                                      self.tile_step_size)
-            input_image = both.to(input_image.device, torch.float32)
-        return original(self, input_image)
-
-    predict_sliding_window_return_logits._nndiff_recoseg_case_input = True
-    nnUNetPredictor.predict_sliding_window_return_logits = predict_sliding_window_return_logits
-
-
 def _zero(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
     """0 · Σ parameters: ties a module that takes no part in this stage into the graph, as DDP (nnU-Net wraps
     without find_unused_parameters) needs every parameter in every backward."""
@@ -167,5 +147,3 @@ def _zero(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
         zero = zero + 0.0 * p.float().sum()
     return zero
 
-
-install_predictor_hook()

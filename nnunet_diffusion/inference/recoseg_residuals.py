@@ -143,11 +143,13 @@ def write_residual_maps(model_folder: os.PathLike, input_folder: os.PathLike, ou
     """``<output_folder>/residuals/<case>.nii.gz`` for every case of ``input_folder`` (nnU-Net's
     ``{case}_{XXXX}`` layout): the residual map r of the trained ReCoSeg model(s) in ``model_folder``, averaged
     over the folds, in the input image's geometry. Uses the same NNDIFF_* sampling settings as the prediction."""
-    from .recoseg_network import ReCoSegNetwork
-
-    predictor = load_model(model_folder, folds, checkpoint_name, device, ReCoSegNetwork, "--residuals",
-                           "residual maps exist only for nnUNetTrainerReCoSeg*")
+    # a ReCoSeg network is known by its class attribute, so that this module needs no import of recoseg_network
+    # (which imports this one for case_residual)
+    predictor = load_model(model_folder, folds, checkpoint_name, device, torch.nn.Module, "--residuals", "")
     network = predictor.network
+    if not getattr(type(network), "whole_case_residual", False):
+        raise NNDiffConfigError(f"--residuals: {model_folder} is not a ReCoSeg model (its network is "
+                                f"{type(network).__name__}); residual maps exist only for nnUNetTrainerReCoSeg*")
     plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
     ending = predictor.dataset_json["file_ending"]
     cases = input_cases(predictor, input_folder, "--residuals")

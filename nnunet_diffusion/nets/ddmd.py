@@ -1,4 +1,4 @@
-"""DDMD's reconstruction modules (../shared/papers/DDMD.md §3.2, §4.3): convolutional autoencoders and the
+"""DDMD's reconstruction modules (Fan et al. 2024, arXiv 2405.04974, §3.2, §4.3): convolutional autoencoders and the
 ensembles AE-1 / AE-2 built from them, for 2D and 3D patches.
 
 Paper §4.3: "the encoder is composed of four convolutional layers, while the decoder consists of four

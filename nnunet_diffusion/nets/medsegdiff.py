@@ -1,4 +1,4 @@
-"""MedSegDiff's denoiser (Wu et al., ../shared/papers/MedSegDiff.md §II), in 2D and 3D, sized from nnU-Net plans.
+"""MedSegDiff's denoiser (Wu et al., MIDL 2023, arXiv 2211.00611, §II), in 2D and 3D, sized from nnU-Net plans.
 
 ε_θ(x_t, I, t) = D((E^I_t + E^x_t, t), t)                                   (MedSegDiff eq. 2)
 - two encoders, E^I for the raw image I and E^x for the noisy mask x_t: a stem, then residual stages

@@ -1,4 +1,4 @@
-"""MoDiff's modules (Ahn et al., ../shared/papers/MoDiff.md §3), in 2D and 3D: the Learnable Discrete Frequency
+"""MoDiff's modules (Ahn et al., MICCAI 2025, §3), in 2D and 3D: the Learnable Discrete Frequency
 Filter (LDF), the Morphology-based Cross Attention network (MCA) and the denoiser that takes MCA's condition.
 
 - LDF (MoDiff eq. 6): LDF(y) = F⁻¹(σ(F(y) * H)) — real FFT over the spatial axes, a filter built from the

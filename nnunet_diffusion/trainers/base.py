@@ -6,12 +6,11 @@ import os
 from typing import Optional
 
 import torch
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .. import config
+from .. import config, nnunet_compat
 from ..errors import NNDiffCheckpointError
+from ..spec import Spec, description
 
 
 class ConfiguredTrainer(nnUNetTrainer):
@@ -20,16 +19,18 @@ class ConfiguredTrainer(nnUNetTrainer):
 
     head: str = "nnunet"
     variant: Optional[str] = None
-    # trainer_configs keys that change only prediction, online validation or bookkeeping, never the trained weights:
-    # a training resumed (--c) after one of them changed is still one training (see check_resumed_config). A head
-    # whose training reads one of them (ReCoSeg's residual maps use the shipped sampler) takes it out of its set.
-    predict_only_keys = frozenset({"sampler", "sampling_steps", "num_samples", "tta_refine", "fusion", "val_sampler",
-                                   "val_sampling_steps", "num_val_iterations_per_epoch", "save_every", "keep_snapshots",
-                                   "binarize_threshold", "sample_reading", *config.META_KEYS})
 
     @classmethod
-    def hparams(cls) -> dict:
-        return config.resolve(cls.head, cls.variant)
+    def hparams(cls) -> Spec:
+        """This trainer's typed settings (``trainer_configs/<head>.toml`` ``[defaults]`` + its variant), parsed and
+        validated once."""
+        return config.spec(cls.head, cls.variant)
+
+    @property
+    def predict_only_keys(self) -> frozenset:
+        """Keys that change only prediction, online validation or bookkeeping (the spec's ``PREDICT_ONLY``): a
+        training resumed (--c) after one of them changed is still one training (see check_resumed_config)."""
+        return self.hparams().PREDICT_ONLY
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -37,15 +38,14 @@ class ConfiguredTrainer(nnUNetTrainer):
         hp = self.hparams()
         self._resumed_from: Optional[tuple[str, Optional[dict]]] = None  # (checkpoint, its trainer config)
         for key in config.TRAINING_KEYS:
-            if key in hp:
-                setattr(self, key, hp[key])
-        self.print_to_log_file(f"{self.__class__.__name__}: trainer config {self.head}"
-                               f"{'/' + self.variant if self.variant else ''}: {hp}", also_print_to_console=False)
+            if getattr(hp, key, None) is not None:
+                setattr(self, key, getattr(hp, key))
+        self.print_to_log_file(f"{self.__class__.__name__}: trainer config {hp.source}: {hp.as_dict()}",
+                               also_print_to_console=False)
 
     # ------------------------------------------------------------------ helpers
     def unwrapped_network(self) -> torch.nn.Module:
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return nnunet_compat.unwrap_network(self.network)  # inside DDP and torch.compile
 
     def nnunet_sgd(self, params) -> torch.optim.SGD:
         """nnU-Net's own optimiser (``nnUNetTrainer.configure_optimizers``: SGD with Nesterov momentum 0.99 at
@@ -71,20 +71,12 @@ class ConfiguredTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         checkpoint = {
-            "network_weights": self.unwrapped_network().state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            **nnunet_compat.checkpoint_dict(self),  # nnU-Net's own keys, then ours
             "nnunet_diffusion": self.extra_checkpoint_state(),
             "trainer_config": self.recorded_config(),  # what check_resumed_config compares on --c
         }
         self._save_atomic(checkpoint, filename)
-        if self.hparams()["keep_snapshots"] and os.path.basename(filename) == "checkpoint_latest.pth":
+        if self.hparams().keep_snapshots and os.path.basename(filename) == "checkpoint_latest.pth":
             self._save_atomic(checkpoint, os.path.join(os.path.dirname(filename),
                                                        f"checkpoint_ep{self.current_epoch + 1:04d}.pth"))
 
@@ -111,7 +103,7 @@ class ConfiguredTrainer(nnUNetTrainer):
     def recorded_config(self) -> dict:
         """The trainer config a checkpoint records: the resolved TOML, plus what a head reads from elsewhere that
         changes its training (ReCoSeg: the unlabelled folder NNDIFF_UNLABELLED may name)."""
-        return self.hparams()
+        return self.hparams().as_dict()
 
     def check_resumed_config(self) -> None:
         """Refuse to go on training (``nnUNetv2_train --c``) from a checkpoint written under another trainer config:
@@ -209,7 +201,7 @@ def make_variants(base_cls: type, class_prefix: Optional[str] = None) -> dict[st
     out = {}
     for v in config.variant_names(base_cls.head):
         name = f"{prefix}_{v}"
-        desc = config.load(base_cls.head)["variants"][v].get("description", "")
+        desc = description(base_cls.head, v)
         cls = type(name, (base_cls,), {"variant": v, "__module__": base_cls.__module__,
                                        "__doc__": f"{base_cls.__name__} with trainer_configs/{base_cls.head}.toml "
                                                   f"[variants.{v}]: {desc}"})

@@ -1,4 +1,4 @@
-"""nnUNetTrainerDDMD: DDMD (Fan, Cai, Niranjan; ../shared/papers/DDMD.md) on nnU-Net's plans, data pipeline and
+"""nnUNetTrainerDDMD: DDMD (Fan, Cai, Niranjan, arXiv 2405.04974) on nnU-Net's plans, data pipeline and
 predictor (3d_fullres or 2d, regions or labels; the paper: 2D middle slices, binary masks).
 
 Stages by epoch (trainer_configs/ddmd.toml):
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from nnunetv2.utilities.helpers import dummy_context
 
+from .. import nnunet_compat
 from ..errors import NNDiffCheckpointError, NNDiffConfigError, NNDiffTrainingError
 from ..heads import ddmd
 from ..heads.common import target_channels
@@ -51,10 +52,10 @@ class StagedConstantLR:
         tr, hp = self.trainer, self.trainer.hparams()
         stage = tr.stage_of(epoch)
         for g in tr.optimizer.param_groups:
-            g["lr"] = float(hp["lr"]) if stage == 2 else 0.0
+            g["lr"] = float(hp.lr) if stage == 2 else 0.0
         if tr.ae_optimizer is not None:
             for g in tr.ae_optimizer.param_groups:
-                g["lr"] = float(hp["ae_lr"]) if stage == 1 else 0.0
+                g["lr"] = float(hp.ae_lr) if stage == 1 else 0.0
 
 
 class nnUNetTrainerDDMD(DiffusionTrainer):
@@ -67,23 +68,14 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         hp = self.hparams()
         self.enable_deep_supervision = False  # a diffusion model over the mask has one full-resolution output
-        self.initial_lr = float(hp["lr"])
-        if hp["ae2_normal"] not in ddmd.NORMAL_MODES:
-            raise NNDiffConfigError(f"trainer_configs/ddmd.toml: ae2_normal must be one of "
-                                    f"{', '.join(ddmd.NORMAL_MODES)}; got {hp['ae2_normal']!r}")
-        if not isinstance(hp["ae1_balanced"], bool):
-            raise NNDiffConfigError(f"trainer_configs/ddmd.toml: ae1_balanced must be true or false; "
-                                    f"got {hp['ae1_balanced']!r}")
-        if not 0.0 <= float(hp["normal_max_tumour_fraction"]) < 1.0:
-            raise NNDiffConfigError(f"trainer_configs/ddmd.toml: normal_max_tumour_fraction must be in [0, 1); "
-                                    f"got {hp['normal_max_tumour_fraction']}")
-        self.uses_autoencoders = bool(hp["inter_discrepancy"]) or bool(hp["intra_discrepancy"])
+        self.initial_lr = float(hp.lr)
+        self.uses_autoencoders = bool(hp.inter_discrepancy) or bool(hp.intra_discrepancy)
         self.ae_checkpoint = self._resolve_ae_source(os.environ.get(AES_ENV)) if self.uses_autoencoders else None
-        ae_epochs = int(hp["ae_epochs"]) if self.uses_autoencoders and not self.ae_checkpoint else 0
+        ae_epochs = int(hp.ae_epochs) if self.uses_autoencoders and not self.ae_checkpoint else 0
         if self.uses_autoencoders and not self.ae_checkpoint and ae_epochs < 1:
             raise NNDiffConfigError(f"{self.__class__.__name__}: the discrepancy features need trained "
-                                    f"autoencoders, but ae_epochs = {hp['ae_epochs']} and {AES_ENV} is not set")
-        self.stage_epochs = [ae_epochs, int(hp["diffusion_epochs"])]
+                                    f"autoencoders, but ae_epochs = {hp.ae_epochs} and {AES_ENV} is not set")
+        self.stage_epochs = [ae_epochs, int(hp.diffusion_epochs)]
         if self.stage_epochs[1] < 1:
             raise NNDiffConfigError(f"{self.__class__.__name__}: diffusion_epochs must be >= 1; "
                                     f"got {self.stage_epochs[1]}")
@@ -91,7 +83,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         self.ae_optimizer = None
         self._resumed = False
         for key in ("ddmd_stage", "ddmd_ae1_losses", "ddmd_ae2_losses", "ddmd_normal_fraction"):
-            self.logger.local_logger.my_fantastic_logging[key] = []
+            nnunet_compat.register_log_key(self, key)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -103,24 +95,22 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         patch = [int(p) for p in configuration_manager.patch_size]
         dim = len(patch)
         pools = [tuple(int(v) for v in s) for s in configuration_manager.pool_op_kernel_sizes]
-        use_inter, use_intra = bool(hp["inter_discrepancy"]), bool(hp["intra_discrepancy"])
+        use_inter, use_intra = bool(hp.inter_discrepancy), bool(hp.intra_discrepancy)
         ae_args = (dim, num_input_channels, patch, encoder_strides(pools[1:], dim))
-        ae_kwargs = {"channels": hp["ae_channels"], "fc": hp["ae_fc"]}
-        size = int(hp["ensemble_size"])
+        ae_kwargs = {"channels": hp.ae_channels, "fc": hp.ae_fc}
+        size = int(hp.ensemble_size)
         ae1 = AutoencoderEnsemble(size, *ae_args, **ae_kwargs) if use_inter else None
         ae2 = AutoencoderEnsemble(size, *ae_args, **ae_kwargs) if use_inter or use_intra else None
-        levels = int(hp["denoiser_levels"])
-        if levels < 1:
-            raise NNDiffConfigError(f"trainer_configs/ddmd.toml: denoiser_levels must be >= 1; got {levels}")
+        levels = int(hp.denoiser_levels)
         n = min(len(pools), levels)
         features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
-        channels = [max(8, int(round(f * float(hp["denoiser_width"])))) for f in features]
+        channels = [max(8, int(round(f * float(hp.denoiser_width)))) for f in features]
         in_channels = num_input_channels + int(use_inter) + int(use_intra) + num_output_channels  # eq. 15
         denoiser = TimeConditionedUNet(dim, in_channels, num_output_channels, channels, pools[1:n],
-                                       int(hp["denoiser_res_blocks"]))
+                                       int(hp.denoiser_res_blocks))
         schedule = cls.schedule()
         return DDMDNetwork(ae1, ae2, denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                           num_output_channels, use_inter, use_intra, prediction_type=hp["prediction_type"])
+                           num_output_channels, use_inter, use_intra, prediction_type=hp.prediction_type)
 
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
@@ -156,9 +146,9 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
     def configure_optimizers(self):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
         hp = self.hparams()
-        optimizer = torch.optim.Adam(net.denoiser.parameters(), lr=float(hp["lr"]))
+        optimizer = torch.optim.Adam(net.denoiser.parameters(), lr=float(hp.lr))
         aes = [p for m in net.autoencoders for p in m.parameters()]
-        self.ae_optimizer = torch.optim.Adam(aes, lr=float(hp["ae_lr"])) if aes else None
+        self.ae_optimizer = torch.optim.Adam(aes, lr=float(hp.ae_lr)) if aes else None
         return optimizer, StagedConstantLR(self)
 
     def on_train_start(self):
@@ -168,10 +158,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         elif os.environ.get(AES_ENV) and self._resumed:
             self.print_to_log_file(f"{AES_ENV} ignored: resuming from a checkpoint")
         hp = self.hparams()
-        feats = " + ".join(["b"] + ["X"] * bool(hp["inter_discrepancy"]) + ["Y"] * bool(hp["intra_discrepancy"]))
+        feats = " + ".join(["b"] + ["X"] * bool(hp.inter_discrepancy) + ["Y"] * bool(hp.intra_discrepancy))
         self.print_to_log_file(f"DDMD stages (epochs): autoencoders {self.stage_epochs[0]}, diffusion "
-                               f"{self.stage_epochs[1]}; conditioning {feats}; AE-2 normal: {hp['ae2_normal']}")
-        if hp["ae2_normal"] == "voxel" and self.stage_epochs[0] > 0:
+                               f"{self.stage_epochs[1]}; conditioning {feats}; AE-2 normal: {hp.ae2_normal}")
+        if hp.ae2_normal == "voxel" and self.stage_epochs[0] > 0:
             self.print_to_log_file("DDMD: ae2_normal = 'voxel' (ours, not the paper's): AE-2 sees tumour voxels as "
                                    "input and is only left out of the loss there; the paper's regime is the 2d "
                                    "configuration with ae2_normal = 'patch' (see trainer_configs/ddmd.toml)")
@@ -198,7 +188,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
                                       f"discrepancy features would be meaningless, so the diffusion stage does not "
                                       f"start.")
         # checkpoint_best is chosen by the pseudo Dice of the segmenter, which stage 1 does not train
-        self._best_ema = None
+        nnunet_compat.set_best_ema(self, None)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -214,14 +204,14 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         hp = self.hparams()
         regions = self.label_manager.has_regions
         normal, voxels, weights = None, None, None
-        abnormal = ddmd.image_labels(y, regions, mask, float(hp["normal_max_tumour_fraction"]))
-        if hp["ae2_normal"] == "voxel":
+        abnormal = ddmd.image_labels(y, regions, mask, float(hp.normal_max_tumour_fraction))
+        if hp.ae2_normal == "voxel":
             voxels = ~ddmd.tumour_voxels(y, regions, mask)
             if mask is not None:
                 voxels = voxels & (mask > 0.5)
         else:
             normal = ~abnormal
-            if hp["ae1_balanced"]:  # §4.1: AE-1's mixture is half normal, half abnormal
+            if hp.ae1_balanced:  # §4.1: AE-1's mixture is half normal, half abnormal
                 weights = ddmd.balanced_weights(abnormal)
         net = self.unwrapped_network()
         self.ae_optimizer.zero_grad(set_to_none=True)
@@ -270,7 +260,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
                                     "e.g. lower lr in trainer_configs/ddmd.toml, check the data")
         total = loss + zero
         net = self.unwrapped_network()
-        self.backward_and_step(total, self.optimizer, net.denoiser.parameters(), float(self.hparams()["grad_clip"]))
+        self.backward_and_step(total, self.optimizer, net.denoiser.parameters(), float(self.hparams().grad_clip))
         net.denoiser_updates += 1
         nan = np.float32(np.nan)
         return {"loss": loss.detach().float().cpu().numpy(), "ae1_loss": nan, "ae2_loss": nan, "normal": nan}
@@ -286,11 +276,11 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
             values[key] = float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
             self.logger.log(name, values[key], self.current_epoch)
         hp = self.hparams()
-        normal = ("non-tumour voxels of every patch" if hp["ae2_normal"] == "voxel" else
+        normal = ("non-tumour voxels of every patch" if hp.ae2_normal == "voxel" else
                   f"normal patches only: {values['normal']:.0%} of this epoch's patches on this rank")
         self.print_to_log_file(f"DDMD L_AE-1 (eq. 9) {values['ae1_loss']:.4f}, L_AE-2 (eq. 10) "
                                f"{values['ae2_loss']:.4f} (mean MSE per autoencoder; AE-2 learns from the {normal})")
-        if hp["ae2_normal"] == "patch" and self.unwrapped_network().ae2 is not None \
+        if hp.ae2_normal == "patch" and self.unwrapped_network().ae2 is not None \
                 and int(self.unwrapped_network().ae2.updates) == 0:
             self.print_to_log_file("DDMD WARNING: AE-2 has not seen a single normal patch yet (see ae2_normal in "
                                    "trainer_configs/ddmd.toml); the diffusion stage will not start without it")

@@ -1,6 +1,7 @@
 """What the diffusion heads' trainers share on top of :class:`ConfiguredTrainer`.
 
-- the noise schedule and the sampling options from the head's trainer config (+ NNDIFF_* at predict time);
+- the noise schedule and the sampling options from the head's typed spec; the network records the prediction
+  settings in the checkpoint, and NNDIFF_* (or ``nndiff predict``'s flags) override them at prediction time;
 - online validation with the config's cheap ``val_sampler``/``val_sampling_steps``, the final validation
   exactly as ``nnUNetv2_predict`` would sample;
 - the network learns whether its outputs are regions (a persistent buffer ``region_based``), because
@@ -14,11 +15,11 @@ from __future__ import annotations
 from os.path import isfile, join
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from .. import nnunet_compat
 from ..diffusion import NoiseSchedule, ScheduleConfig
 from ..errors import NNDiffTrainingError
-from ..inference.options import SamplingOptions, options_from_env
+from ..inference.options import SamplingOptions
 from .base import ConfiguredTrainer
 
 
@@ -28,34 +29,37 @@ class DiffusionTrainer(ConfiguredTrainer):
     @classmethod
     def schedule(cls) -> NoiseSchedule:
         hp = cls.hparams()
-        return NoiseSchedule(ScheduleConfig(int(hp["num_train_timesteps"]), hp["beta_schedule"],
-                                            float(hp["beta_start"]), float(hp["beta_end"])))
+        return NoiseSchedule(ScheduleConfig(int(hp.num_train_timesteps), hp.beta_schedule,
+                                            float(hp.beta_start), float(hp.beta_end)))
 
     @classmethod
     def sampling_defaults(cls, validation: bool = False) -> SamplingOptions:
+        """The trainer config's prediction settings (``validation``: its cheap online-validation sampler, one
+        sample). The network records the prediction settings in its state dict, so a checkpoint keeps them."""
         hp = cls.hparams()
-        fusion = hp.get("fusion", "mean")
         if validation:
-            return SamplingOptions(True, int(hp["val_sampling_steps"]), hp["val_sampler"], 1, 0, hp["tta_refine"],
-                                   fusion)
-        return SamplingOptions(True, int(hp["sampling_steps"]), hp["sampler"], int(hp["num_samples"]), 0,
-                               hp["tta_refine"], fusion)
+            return SamplingOptions(steps=hp.val_sampling_steps, sampler=hp.val_sampler, samples=1,
+                                   tta_refine=hp.tta_refine, fusion=hp.fusion)
+        return SamplingOptions(steps=hp.sampling_steps, sampler=hp.sampler, samples=hp.num_samples,
+                               tta_refine=hp.tta_refine, fusion=hp.fusion)
 
     @classmethod
     def predict_sampling(cls, num_train_timesteps: int) -> SamplingOptions:
-        return options_from_env(cls.sampling_defaults(), num_train_timesteps)
+        """The settings a network built now records (the trainer config's; the user's NNDIFF_* / ``nndiff predict``
+        overrides are the network's own, laid over the recorded settings)."""
+        return cls.sampling_defaults().validate(num_train_timesteps)
 
     def validation_sampling(self) -> SamplingOptions:
         """Online validation (pseudo Dice, checkpoint_best): the config's cheap settings, no NNDIFF_*."""
-        return options_from_env(self.sampling_defaults(validation=True),
-                                self.unwrapped_network().schedule.num_train_timesteps, environ={})
+        return self.sampling_defaults(validation=True).validate(
+            self.unwrapped_network().schedule.num_train_timesteps)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def initialize(self):
         super().initialize()
         net = self.unwrapped_network()
         net.region_based.fill_(int(self.label_manager.has_regions))
-        if nnUNetTrainer._do_i_compile(self) and self.compiled_parts:
+        if nnunet_compat.nnunet_would_compile(self) and self.compiled_parts:
             self.print_to_log_file(f"Using torch.compile on {', '.join(self.compiled_parts)} (in place)")
             self.compile_parts()
 
@@ -82,8 +86,7 @@ class DiffusionTrainer(ConfiguredTrainer):
         self._set_predict_sampling()
 
     def _set_predict_sampling(self):
-        net = self.unwrapped_network()
-        net.set_sampling(self.predict_sampling(net.schedule.num_train_timesteps))
+        self.unwrapped_network().set_sampling(None)  # the recorded settings with the user's NNDIFF_* overrides
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         # the final validation predicts exactly as nnUNetv2_predict would (config + NNDIFF_* variables)

@@ -17,12 +17,11 @@ from nnunetv2.utilities.helpers import dummy_context
 from ..errors import NNDiffConfigError
 from ..heads.common import target_channels
 from ..inference.medsegdiff_network import MedSegDiffNetwork
-from ..nets.medsegdiff import FF_PARSER_PLACEMENTS, MedSegDiffUNet
+from ..heads.medsegdiff import DOWNSAMPLINGS
+from ..nets.medsegdiff import MedSegDiffUNet
 from .base import make_variants
 from .diffusion_base import DiffusionTrainer
 
-# MedSegDiff §III-B: "UNet with 4x, 5x, 6x, 6x downsamples" for S, B, L, ++
-DOWNSAMPLINGS = {"S": 4, "B": 5, "L": 6, "++": 6}
 RESNET34_BLOCKS = (3, 4, 6, 3)  # §II-C: residual blocks per stage "following that of ResNet34"
 
 
@@ -45,34 +44,29 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # a diffusion model over the mask has one full-resolution output
-        self.initial_lr = float(self.hparams()["lr"])
+        self.initial_lr = float(self.hparams().lr)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision: bool = True) -> MedSegDiffNetwork:
         hp = cls.hparams()
-        if hp["size"] not in DOWNSAMPLINGS:
-            raise NNDiffConfigError(f"medsegdiff size must be one of {sorted(DOWNSAMPLINGS)}; got {hp['size']!r}")
-        if hp["ff_parser_on"] not in FF_PARSER_PLACEMENTS:
-            raise NNDiffConfigError(f"trainer_configs/medsegdiff.toml: ff_parser_on must be one of "
-                                    f"{FF_PARSER_PLACEMENTS}; got {hp['ff_parser_on']!r}")
         pools = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes]
-        n = min(len(pools), DOWNSAMPLINGS[hp["size"]] + 1)
+        n = min(len(pools), DOWNSAMPLINGS[hp.size] + 1)
         if n < 3:
             raise NNDiffConfigError(f"MedSegDiff needs at least 2 downsamplings; the plans of this configuration "
                                     f"have {len(pools) - 1}")
         features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
-        channels = [max(8, int(round(f * float(hp["width"])))) for f in features]
-        blocks = list(hp["blocks"]) if hp["blocks"] else default_blocks(n)
+        channels = [max(8, int(round(f * float(hp.width)))) for f in features]
+        blocks = list(hp.blocks) if hp.blocks else default_blocks(n)
         if len(blocks) < n:
             blocks = blocks + [blocks[-1]] * (n - len(blocks))
         denoiser = MedSegDiffUNet(len(configuration_manager.patch_size), num_input_channels, num_output_channels,
                                   channels, pools[1:n], blocks[:n], configuration_manager.patch_size,
-                                  bool(hp["dynamic_conditioning"]), bool(hp["ff_parser"]),
-                                  ff_parser_on=str(hp["ff_parser_on"]))
+                                  bool(hp.dynamic_conditioning), bool(hp.ff_parser),
+                                  ff_parser_on=str(hp.ff_parser_on))
         schedule = cls.schedule()
         return MedSegDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                                 num_output_channels, prediction_type=hp["prediction_type"])
+                                 num_output_channels, prediction_type=hp.prediction_type)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no deep supervision: nothing to switch
@@ -80,7 +74,7 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
     def configure_optimizers(self):
         hp = self.hparams()
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
-                                      weight_decay=float(hp["weight_decay"]))
+                                      weight_decay=float(hp.weight_decay))
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def train_step(self, batch: dict) -> dict:
@@ -94,7 +88,7 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
         if not torch.isfinite(loss):
             self.stop_on_non_finite("MedSegDiff", {"L (eq. 7)": loss}, "e.g. lower lr in trainer_configs/"
                                                                        "medsegdiff.toml, check the data")
-        self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams()["grad_clip"]))
+        self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams().grad_clip))
         return {"loss": loss.detach().cpu().numpy()}
 
 

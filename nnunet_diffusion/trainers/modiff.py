@@ -68,7 +68,7 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one full-resolution output
-        self.initial_lr = float(self.hparams()["lr"])
+        self.initial_lr = float(self.hparams().lr)
         self.raters = raters_of(dataset_json)
         if self.raters and self.label_manager.ignore_label is not None:
             raise NNDiffConfigError("dataset.json: a multi-rater (nndiff_raters) dataset cannot have an ignore label")
@@ -77,27 +77,20 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision: bool = True) -> MoDiffNetwork:
         hp = cls.hparams()
-        if int(hp["model_dim"]) % int(hp["heads"]):
-            raise NNDiffConfigError(f"modiff: model_dim {hp['model_dim']} must be divisible by heads {hp['heads']}")
-        if not 0.0 < float(hp["binarize_threshold"]) <= 1.0:
-            raise NNDiffConfigError(f"modiff: binarize_threshold must be in (0, 1]; got {hp['binarize_threshold']}")
-        if hp["sample_reading"] not in modiff.SAMPLE_READINGS:
-            raise NNDiffConfigError(f"modiff: sample_reading must be one of {modiff.SAMPLE_READINGS}; "
-                                    f"got {hp['sample_reading']!r}")
         pools = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes]
-        n = max(1, min(len(pools), int(hp["levels"])))
+        n = max(1, min(len(pools), int(hp.levels)))
         features = configuration_manager.network_arch_init_kwargs["features_per_stage"][:n]
-        channels = [max(8, int(round(f * float(hp["width"])))) for f in features]
+        channels = [max(8, int(round(f * float(hp.width)))) for f in features]
         patch = [int(p) for p in configuration_manager.patch_size]
         denoiser = MoDiffDenoiser(len(patch), num_input_channels, num_output_channels, patch, channels,
-                                  pools[1:n], int(hp["num_res_blocks"]), int(hp["embed_dim"]), int(hp["model_dim"]),
-                                  int(hp["heads"]), int(hp["cond_channels"]), int(hp["max_tokens"]),
-                                  bool(hp["use_mca"]), bool(hp["use_ldf"]), int(hp["ldf_width"]))
+                                  pools[1:n], int(hp.num_res_blocks), int(hp.embed_dim), int(hp.model_dim),
+                                  int(hp.heads), int(hp.cond_channels), int(hp.max_tokens),
+                                  bool(hp.use_mca), bool(hp.use_ldf), int(hp.ldf_width))
         schedule = cls.schedule()
         return MoDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                             num_output_channels, prediction_type=hp["prediction_type"],
-                             lambda_ldf=float(hp["lambda_ldf"]), lambda_mca=float(hp["lambda_mca"]),
-                             threshold=float(hp["binarize_threshold"]), reading=hp["sample_reading"])
+                             num_output_channels, prediction_type=hp.prediction_type,
+                             lambda_ldf=float(hp.lambda_ldf), lambda_mca=float(hp.lambda_mca),
+                             threshold=float(hp.binarize_threshold), reading=hp.sample_reading)
 
     def initialize(self):
         super().initialize()
@@ -109,9 +102,9 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
     def configure_optimizers(self):
         hp = self.hparams()
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr,
-                                     weight_decay=float(hp["weight_decay"]))
-        scheduler = PlateauScheduler(optimizer, mode="min", factor=float(hp["plateau_factor"]),
-                                     patience=int(hp["plateau_patience"]))
+                                     weight_decay=float(hp.weight_decay))
+        scheduler = PlateauScheduler(optimizer, mode="min", factor=float(hp.plateau_factor),
+                                     patience=int(hp.plateau_patience))
         return optimizer, scheduler
 
     def targets(self, target: torch.Tensor):
@@ -138,7 +131,7 @@ class nnUNetTrainerMoDiff(DiffusionTrainer):
             self.stop_on_non_finite("MoDiff", {"L_total (eq. 8)": loss, "L_simple": losses.get("simple"),
                                                "L_LDF (eq. 7)": losses.get("ldf"), "L_MCA": losses.get("mca")},
                                     "e.g. lower lr in trainer_configs/modiff.toml, check the data")
-        self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams()["grad_clip"]))
+        self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams().grad_clip))
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_epoch_end(self):

@@ -24,9 +24,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
+from .. import nnunet_compat
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import nndm
-from ..inference.nndm_network import RESIDUAL_SOURCES, NNDMNetwork
+from ..heads.nndm import NNDMSpec
+from ..inference.nndm_network import NNDMNetwork
 from ..inference.options import SamplingOptions
 from ..nets import TimeConditionedUNet
 from .base import checkpoint_origin_problems, make_variants, resolve_checkpoint
@@ -52,10 +54,10 @@ class StagedPolyLR:
         elif stage == 2:
             lr = 0.0
         else:
-            lr = poly_lr(hp["joint_backbone_lr"], epoch - s1 - s2, s3)
+            lr = poly_lr(hp.joint_backbone_lr, epoch - s1 - s2, s3)
         for g in tr.optimizer.param_groups:
             g["lr"] = lr
-        refiner_lr = 0.0 if stage == 1 else poly_lr(hp["refiner_lr"], epoch - s1, s2 + s3)
+        refiner_lr = 0.0 if stage == 1 else poly_lr(hp.refiner_lr, epoch - s1, s2 + s3)
         for g in tr.refiner_optimizer.param_groups:
             g["lr"] = refiner_lr
 
@@ -69,10 +71,10 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         hp = self.hparams()
-        self.lambda_diff = float(hp["lambda_diff"])
+        self.lambda_diff = float(hp.lambda_diff)
         self.baseline_checkpoint = self._resolve_baseline(os.environ.get(BASELINE_ENV))
-        self.stage_epochs = [0 if self.baseline_checkpoint else int(hp["stage1_epochs"]),
-                             int(hp["stage2_epochs"]), int(hp["stage3_epochs"])]
+        self.stage_epochs = [0 if self.baseline_checkpoint else int(hp.stage1_epochs),
+                             int(hp.stage2_epochs), int(hp.stage3_epochs)]
         self.num_epochs = sum(self.stage_epochs)
         if self.num_epochs < 1:
             raise NNDiffConfigError(f"{self.__class__.__name__}: the stages have 0 epochs in total "
@@ -80,7 +82,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         self.refiner_optimizer = None
         self._resumed = False
         for key in ("nndm_stage", "nndm_train_seg_losses", "nndm_train_diff_losses"):
-            self.logger.local_logger.my_fantastic_logging[key] = []
+            nnunet_compat.register_log_key(self, key)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -92,34 +94,23 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
                                                             enable_deep_supervision)
         hp = cls.hparams()
         dim = len(configuration_manager.patch_size)
-        channels = list(hp["refiner_channels"])
+        channels = list(hp.refiner_channels)
         strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
         channels = channels[:len(strides) + 1]  # never more levels than the plans can downsample
         conditioning = cls._residual_options(hp)
         refiner = TimeConditionedUNet(dim, nndm.refiner_in_channels(num_output_channels, num_input_channels,
                                                                     conditioning["residual_conditioning"]),
                                       num_output_channels, channels, strides[:len(channels) - 1],
-                                      int(hp["refiner_res_blocks"]))
+                                      int(hp.refiner_res_blocks))
         schedule = cls.schedule()
         return NNDMNetwork(backbone, refiner, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                           prediction_type=hp["prediction_type"], **conditioning)
+                           prediction_type=hp.prediction_type, **conditioning)
 
-    @classmethod
-    def _residual_options(cls, hp: dict) -> dict:
-        """residual_conditioning / residual_source / residual_dropout of the config, checked (one-line errors)."""
-        where = f"trainer_configs/nndm.toml ({cls.__name__})"
-        if not isinstance(hp["residual_conditioning"], bool):
-            raise NNDiffConfigError(f"{where}: residual_conditioning must be true or false; "
-                                    f"got {hp['residual_conditioning']!r}")
-        if hp["residual_source"] not in RESIDUAL_SOURCES:
-            raise NNDiffConfigError(f"{where}: residual_source must be one of {list(RESIDUAL_SOURCES)}; "
-                                    f"got {hp['residual_source']!r}")
-        p = hp["residual_dropout"]
-        if hp["residual_source"] == "dropout" and not (isinstance(p, (int, float)) and 0.0 < float(p) < 1.0):
-            raise NNDiffConfigError(f"{where}: residual_source = \"dropout\" needs 0 < residual_dropout < 1; "
-                                    f"got {p!r}")
-        return {"residual_conditioning": hp["residual_conditioning"], "residual_source": hp["residual_source"],
-                "residual_dropout": float(p)}
+    @staticmethod
+    def _residual_options(hp: NNDMSpec) -> dict:
+        """residual_conditioning / residual_source / residual_dropout of the spec (validated by NNDMSpec)."""
+        return {"residual_conditioning": hp.residual_conditioning, "residual_source": hp.residual_source,
+                "residual_dropout": hp.residual_dropout}
 
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
@@ -153,8 +144,8 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
         optimizer = self.nnunet_sgd(net.backbone.parameters())
         hp = self.hparams()
-        self.refiner_optimizer = torch.optim.AdamW(net.refiner.parameters(), lr=float(hp["refiner_lr"]),
-                                                   weight_decay=float(hp["refiner_weight_decay"]))
+        self.refiner_optimizer = torch.optim.AdamW(net.refiner.parameters(), lr=float(hp.refiner_lr),
+                                                   weight_decay=float(hp.refiner_weight_decay))
         return optimizer, StagedPolyLR(self)
 
     def on_train_start(self):
@@ -191,7 +182,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out, l_diff, zero = self.network(data, y=y, mask=mask, train_backbone=train_backbone,
                                              train_refiner=train_refiner,
-                                             detach_y_hat=not hp["joint_grad_through_residual"],
+                                             detach_y_hat=not hp.joint_grad_through_residual,
                                              tie_frozen=self.is_ddp)
             l_seg = self.loss(out, target)
             if stage == 1:
@@ -215,7 +206,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         if train_backbone:
             torch.nn.utils.clip_grad_norm_(net.backbone.parameters(), 12)
         if train_refiner:
-            torch.nn.utils.clip_grad_norm_(net.refiner.parameters(), float(hp["refiner_grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(net.refiner.parameters(), float(hp.refiner_grad_clip))
         for opt in optimizers:
             if self.grad_scaler is not None:
                 self.grad_scaler.step(opt)

@@ -15,7 +15,8 @@ Stages by epoch (trainer_configs/recoseg.toml):
      data loader reads r as one more image channel, so cropping and augmentation move image and residual
      together, and no sampling loop runs inside a training step.
 ``nnUNetv2_predict`` (and the final validation) computes r of the whole case with the same
-``recoseg_residuals.case_residual`` before nnU-Net's sliding window runs the segmenter (``install_predictor_hook``).
+``recoseg_residuals.case_residual`` before nnU-Net's sliding window runs the segmenter
+(``ReCoSegNetwork.nnunet_predictor_case_input``).
 """
 from __future__ import annotations
 
@@ -30,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import distributed as dist
 
+from .. import nnunet_compat
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import recoseg
 from ..inference import recoseg_residuals
@@ -48,7 +48,6 @@ from .diffusion_base import DiffusionTrainer
 from .lr_schedules import poly_lr
 from ..variables import UNLABELLED as UNLABELLED_ENV
 
-SEGMENTERS = ("planned", "light")
 UNLABELLED_PREFIX = "unlabelled__"  # identifiers of unlabelled cases, never equal to a labelled case's
 
 
@@ -125,7 +124,7 @@ class StagedLR:
         for g in tr.optimizer.param_groups:
             g["lr"] = 0.0 if stage == 1 else poly_lr(tr.initial_lr, epoch - s1, s2)
         for g in tr.synthesis_optimizer.param_groups:
-            g["lr"] = float(tr.hparams()["synthesis_lr"]) if stage == 1 else 0.0
+            g["lr"] = float(tr.hparams().synthesis_lr) if stage == 1 else 0.0
 
 
 class nnUNetTrainerReCoSeg(DiffusionTrainer):
@@ -134,9 +133,6 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     2D U-Net (``_light`` is a narrow planned U-Net), so that it compares with nnU-Net on the same plans."""
     head = "recoseg"
     compiled_parts = ("synthesizer", "segmenter")
-    # the segmenter trains on residual maps drawn with residual_sampling(), which takes tta_refine from the inference
-    # keys: for ReCoSeg that key changes the trained weights, and a resumed training must keep it
-    predict_only_keys = DiffusionTrainer.predict_only_keys - {"tta_refine"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -144,21 +140,17 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         hp = self.hparams()
         try:
             self.target_channel = recoseg.find_target_channel(dataset_json.get("channel_names", {}),
-                                                              hp["target_channel"])
+                                                              hp.target_channel)
         except ValueError as e:
             raise NNDiffConfigError(f"{self.__class__.__name__} on {self.plans_manager.dataset_name}: {e}") from None
-        self.stage_epochs = [int(hp["stage1_epochs"]), int(hp["stage2_epochs"])]
+        self.stage_epochs = [int(hp.stage1_epochs), int(hp.stage2_epochs)]
         if min(self.stage_epochs) < 1:
             raise NNDiffConfigError(f"{self.__class__.__name__}: both stages need at least one epoch (synthesis, "
                                     f"segmentation); trainer config gives {self.stage_epochs}")
         self.num_epochs = sum(self.stage_epochs)
-        self.label_fraction = float(hp["label_fraction"])
-        labelled_subset(["x"], self.label_fraction, 0)  # checks the value now, not after stage 1
-        self.unlabelled_folder = os.environ.get(UNLABELLED_ENV) or str(hp["unlabelled_folder"] or "")
-        self.synthesis_cases = str(hp["synthesis_cases"])
-        if self.synthesis_cases not in ("all", "unlabelled"):
-            raise NNDiffConfigError(f"recoseg synthesis_cases must be 'all' or 'unlabelled'; got "
-                                    f"{self.synthesis_cases!r}")
+        self.label_fraction = hp.label_fraction
+        self.unlabelled_folder = os.environ.get(UNLABELLED_ENV) or str(hp.unlabelled_folder or "")
+        self.synthesis_cases = hp.synthesis_cases
         if self.synthesis_cases == "unlabelled" and not self.unlabelled_folder:
             raise NNDiffConfigError(f"{self.__class__.__name__}: synthesis_cases = 'unlabelled' trains the "
                                     f"synthesiser on unlabelled images only; name their folder with "
@@ -166,7 +158,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         self.residual_sampling()  # a bad residual_sampler / residual_sampling_steps stops here, not after stage 1
         self.synthesis_optimizer = None
         self._loader_stage = None
-        self.logger.local_logger.my_fantastic_logging["recoseg_stage"] = []
+        nnunet_compat.register_log_key(self, "recoseg_stage")
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -175,26 +167,24 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         """Synthesiser (noisy T1ce ⊕ the other C − 1 channels → 1 channel) + the segmenter (planned network, or
         its light variant, with C + 1 input channels); also what nnUNetv2_predict builds."""
         hp = cls.hparams()
-        if hp["segmenter"] not in SEGMENTERS:
-            raise NNDiffConfigError(f"recoseg segmenter must be one of {SEGMENTERS}; got {hp['segmenter']!r}")
         seg_manager = configuration_manager
-        if hp["segmenter"] == "light":
+        if hp.segmenter == "light":
             conf = copy.deepcopy(configuration_manager.configuration)
             kwargs = conf["architecture"]["arch_kwargs"]
-            kwargs["features_per_stage"] = [max(4, int(round(f * float(hp["light_width"]))))
+            kwargs["features_per_stage"] = [max(4, int(round(f * float(hp.light_width))))
                                             for f in kwargs["features_per_stage"]]
             seg_manager = ConfigurationManager(conf)
         segmenter = nnUNetTrainer.build_network_architecture(plans_manager, seg_manager, num_input_channels + 1,
                                                              num_output_channels, enable_deep_supervision)
         dim = len(configuration_manager.patch_size)
         strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
-        channels = list(hp["synthesis_channels"])[:len(strides) + 1]
+        channels = list(hp.synthesis_channels)[:len(strides) + 1]
         synthesizer = TimeConditionedUNet(dim, num_input_channels, 1, channels, strides[:len(channels) - 1],
-                                          int(hp["synthesis_res_blocks"]))
+                                          int(hp.synthesis_res_blocks))
         schedule = cls.schedule()
-        clip = float(hp["synthesis_clip"]) or None
+        clip = float(hp.synthesis_clip) or None
         return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                              num_input_channels, prediction_type=hp["prediction_type"], clip=clip)
+                              num_input_channels, prediction_type=hp.prediction_type, clip=clip)
 
     def recorded_config(self) -> dict:
         return dict(super().recorded_config(), unlabelled_folder=self.unlabelled_folder)  # NNDIFF_UNLABELLED included
@@ -205,9 +195,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         and ``residual_sampling_steps``, kept apart from the shipped inference sampler (``sampler``, ...; see
         trainer_configs/recoseg.toml), so that choosing the inference default never changes what stage 2 trains on."""
         hp = cls.hparams()
-        opts = replace(cls.sampling_defaults(), sampler=hp["residual_sampler"],
-                       steps=int(hp["residual_sampling_steps"]), samples=1, fusion="mean")
-        return opts.validate(int(hp["num_train_timesteps"]), source=f"{cls.__name__} residual_sampler/_steps")
+        opts = replace(cls.sampling_defaults(), sampler=hp.residual_sampler,
+                       steps=int(hp.residual_sampling_steps), samples=1, fusion="mean")
+        return opts.validate(int(hp.num_train_timesteps), source=f"{cls.__name__} residual_sampler/_steps")
 
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
@@ -227,7 +217,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
         optimizer = self.nnunet_sgd(net.segmenter.parameters())
         self.synthesis_optimizer = torch.optim.Adam(net.synthesizer.parameters(),
-                                                    lr=float(self.hparams()["synthesis_lr"]))
+                                                    lr=float(self.hparams().synthesis_lr))
         return optimizer, StagedLR(self)
 
     # ------------------------------------------------------------------ data: residual maps as a channel
@@ -273,17 +263,8 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     def _save_preprocessed(self, data, seg, properties, path: str) -> None:
         """As nnU-Net's ``DefaultPreprocessor.run_case_save`` stores a case (float32 data, int16 seg, blosc2 chunks
         for the planned patch), with whichever dataset class this dataset uses."""
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
-
-        data, seg = data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False)
-        if issubclass(self.dataset_class, nnUNetDatasetBlosc2):
-            patch = tuple(self.configuration_manager.patch_size)
-            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
-            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
-            self.dataset_class.save_case(data, seg, properties, path, chunks=chunks, blocks=blocks,
-                                         chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-        else:
-            self.dataset_class.save_case(data, seg, properties, path)
+        nnunet_compat.save_preprocessed_case(self.dataset_class, self.configuration_manager, data, seg, properties,
+                                             path)
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -321,7 +302,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                 self.print_to_log_file(f"ReCoSeg: {stale} residual map(s) of another synthesiser or sampler deleted")
         if self.is_ddp:
             dist.barrier()
-        saved_sampling, was_training = net.sampling, net.training
+        saved_sampling, was_training = net.pinned, net.training
         net.set_sampling(opts)
         net.eval()
         reader = self.dataset_class(self.preprocessed_dataset_folder, list(mine))
@@ -342,8 +323,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
 
     def _finish_dataloaders(self):
         for dl in (self.dataloader_train, self.dataloader_val):
-            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
-                dl._finish()
+            nnunet_compat.finish_dataloader(dl)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def on_train_start(self):
@@ -360,8 +340,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         if stage != self._loader_stage:  # stage 1 just ended: residual maps, then loaders that read them
             self._finish_dataloaders()
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
-        if stage == 2 and (self.current_epoch == self.stage_epochs[0] or self._best_ema == float("inf")):
-            self._best_ema = None  # pseudo Dice (and checkpoint_best) starts with the segmenter
+        if stage == 2 and (self.current_epoch == self.stage_epochs[0] or
+                           nnunet_compat.best_ema(self) == float("inf")):
+            nnunet_compat.set_best_ema(self, None)  # pseudo Dice (and checkpoint_best) starts with the segmenter
         super().on_train_epoch_start()
         self.print_to_log_file(f"ReCoSeg stage {stage} ({'synthesis' if stage == 1 else 'segmentation'})")
         self.logger.log("recoseg_stage", stage, self.current_epoch)
@@ -372,7 +353,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         net = self.unwrapped_network()
         if stage == 1:
             optimizer, params, clip = self.synthesis_optimizer, net.synthesizer.parameters(), \
-                float(self.hparams()["synthesis_grad_clip"])
+                float(self.hparams().synthesis_grad_clip)
         else:
             optimizer, params, clip = self.optimizer, net.segmenter.parameters(), 12.0
         optimizer.zero_grad(set_to_none=True)
@@ -405,8 +386,8 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         if self.stage_of(epoch) == 2:
             super().on_validation_epoch_end(val_outputs)
             if epoch == self.stage_epochs[0]:  # the moving average starts with the segmenter
-                self.logger.local_logger.my_fantastic_logging["ema_fg_dice"][epoch] = \
-                    self.logger.get_value("mean_fg_dice", -1)
+                nnunet_compat.overwrite_logged_value(self, "ema_fg_dice", epoch,
+                                                     self.logger.get_value("mean_fg_dice", -1))
             return
         # stage 1 has no segmentation: pseudo Dice is 0 by definition, val loss is the synthesis loss
         loss = float(np.mean([o["loss"] for o in val_outputs]))
@@ -418,17 +399,13 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
 
     def on_epoch_end(self):
         if self.stage_of(self.current_epoch) == 1:
-            self._best_ema = float("inf")  # no checkpoint_best of a model that cannot segment yet
+            nnunet_compat.set_best_ema(self, float("inf"))  # no checkpoint_best of a model that cannot segment yet
         # the last synthesis epoch gets a checkpoint even between save_every's: a training interrupted while the
         # residual maps are computed resumes with this synthesiser and keeps the maps already written
         boundary = self.current_epoch + 1 == self.stage_epochs[0] and (self.current_epoch + 1) % self.save_every != 0
         super().on_epoch_end()  # nnU-Net's: logs, its own checkpoints, then current_epoch += 1
         if boundary and self.current_epoch < self.num_epochs:
-            self.current_epoch -= 1  # save_checkpoint records current_epoch + 1 epochs done, as nnU-Net's own
-            try:
-                self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
-            finally:
-                self.current_epoch += 1
+            nnunet_compat.save_checkpoint_after_epoch_end(self, join(self.output_folder, "checkpoint_latest.pth"))
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
