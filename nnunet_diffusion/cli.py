@@ -78,7 +78,7 @@ def _second_pass(rest: list[str], write, what: str, folder: str, **kwargs) -> No
     print(f"{what}: {len(written)} files in {Path(a.o) / folder}")
 
 
-def predict_overrides(args) -> "Overrides":
+def predict_overrides(args):
     """The prediction settings ``nndiff predict``'s flags set, as one value (checked now, before nnU-Net starts)."""
     from .inference.options import FIELDS_OF_VARS, Overrides, SamplingOptions, overrides_from_env
     env = {}
@@ -92,7 +92,7 @@ def predict_overrides(args) -> "Overrides":
     parsed = overrides_from_env(env)  # the flags' values through the variables' parser: one set of rules
     by_var = {FIELDS_OF_VARS[v]: v for v in env}
     ov = Overrides(tuple((f, v, f"nndiff predict {flags[by_var[f]]}") for f, v, _ in parsed.items))
-    ov.apply(SamplingOptions(), 10 ** 9)
+    ov.apply(SamplingOptions(), None)  # the model's T is checked when nnU-Net loads it
     return ov
 
 

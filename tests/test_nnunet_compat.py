@@ -138,6 +138,8 @@ def test_preprocessed_case_storage_and_dataset_classes(tmp_path):
     except ImportError as e:
         require(False, f"nnunetv2.training.dataloading.nnunet_dataset.{e.name or e}", "save_preprocessed_case",
                 "storing ReCoSeg's unlabelled cases as nnU-Net's preprocessor does")
+    require(callable(comp_blosc2_params), "nnunet_dataset.comp_blosc2_params", "save_preprocessed_case",
+            "the blosc2 chunks and blocks of nnU-Net's preprocessor")
     params = inspect.signature(nnUNetDatasetBlosc2.save_case).parameters
     require(all(p in params for p in ("chunks", "blocks", "chunks_seg", "blocks_seg")),
             "nnUNetDatasetBlosc2.save_case(chunks, blocks, chunks_seg, blocks_seg)", "save_preprocessed_case",

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from ..diffusion import SAMPLERS
 from ..errors import NNDiffConfigError
@@ -43,8 +44,13 @@ class SamplingOptions:
     fusion: str = "mean"
     missing: tuple = ()
 
-    def validate(self, num_train_timesteps: int, source: str = "trainer config") -> "SamplingOptions":
-        if not 1 <= self.steps <= num_train_timesteps:
+    def validate(self, num_train_timesteps: Optional[int], source: str = "trainer config") -> "SamplingOptions":
+        """Every field in range; ``num_train_timesteps`` None (the model's T not known yet, e.g. ``nndiff predict``'s
+        flags checked before nnU-Net loads the model): steps only >= 1."""
+        if num_train_timesteps is None:
+            if self.steps < 1:
+                raise NNDiffConfigError(f"{source}: sampling steps must be >= 1; got {self.steps}")
+        elif not 1 <= self.steps <= num_train_timesteps:
             raise NNDiffConfigError(f"{source}: sampling steps must be in 1..{num_train_timesteps} (the model's "
                                     f"T); got {self.steps}")
         if self.sampler not in SAMPLERS:
