@@ -546,7 +546,12 @@ def section(result: dict, png_name: str) -> list[str]:
             "\n".join(defaults),
             para("Cost targets (issue 20: every head's default prediction at most 3x stock, NNDM's at most 1.3x), "
                  "from the held-out s / case:"),
-            "\n".join("- " + para(x) for x in target_sentences(result))]
+            "\n".join("- " + para(x) for x in target_sentences(result)),
+            *([para("NNDM's refiner on top of the trained stock model (issue 32): the stock model's fold 0 as "
+                    "NNDIFF_BASELINE, each residual source's refiner trained its own steps on top of it, and stock "
+                    "trained as many steps longer; the same held-out cases, scored against stock fold 0 (Dice paired "
+                    "Wilcoxon; HD95's verdict beside it; LW Dice: lesion-wise, cases without a lesion left out)."),
+               refiner_markdown(result["refiner"])] if result.get("refiner") else [])]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -571,6 +576,37 @@ def score_against(rows: dict, stock: dict, regions: Sequence[str]) -> dict:
                                        "hd95_verdict": verdict(h, higher_is_better=False),
                                        "hd95_mean_difference": h.mean_difference, "hd95_p_value": h.p_value}
     return out
+
+
+# issue 32: the refiner section's NNDM variants (trainer_configs/nndm.toml), one per residual source
+REFINERS = {"out of fold, cascade corruption": "refiner_oof", "out of fold, no corruption": "refiner_oof_clean",
+            "in sample (the backbone's own)": "refiner_insample"}
+STOCK_LONGER = "table_refiner"  # trainer_configs/nnunet.toml: the table's stock model, the refiner's steps longer
+
+
+def refiner_markdown(section: dict | None) -> str:
+    """The refiner section's table: one row per trainer and setting, Dice (and lesion-wise Dice) per region as mean
+    [95 % interval], the paired test against stock fold 0, HD95's verdict, steps and s / case."""
+    if not section:
+        return "(the refiner section has not been measured yet)"
+    regions = section["regions"]
+    head = ["trainer", "setting", "training"] + [f"Dice {r} (%)" for r in regions] \
+        + [f"LW Dice {r} (%)" for r in regions] + ["against stock (Dice; HD95)", "s / case", "x stock"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    stock_s = section["rows"][0]["seconds_per_case"]
+    for row in section["rows"]:
+        t = row.get("training") or {}
+        steps = (f"{t['refiner_steps']} refiner steps on stock's {t['steps'] - t['refiner_steps']}"
+                 if "refiner_steps" in t else f"{t.get('steps', '?')} steps")
+        cells = [row["trainer"], row["setting"], steps]
+        cells += [_ci(row["dice"][r], 100) for r in regions]
+        cells += [_ci(row["lesionwise_dice"][r], 100) if "lesionwise_dice" in row else "-" for r in regions]
+        cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, {p_text(c['p_value'])}); "
+                               f"HD95 {c['hd95_verdict'].replace('better', 'lower').replace('worse', 'higher')}"
+                               for r, c in row["against_stock"].items()) or "(the reference)")
+        cells += [f"{row['seconds_per_case']:.2f}", f"{row['seconds_per_case'] / stock_s:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 DATASET_ID = 503
@@ -604,6 +640,9 @@ def parser():
     ap.add_argument("--apply-defaults", action="store_true", help="measure nothing: write each head's chosen default "
                     "sampler from the finished run's table.json into trainer_configs/<head>.toml [defaults], with the "
                     "measurement as a comment")
+    ap.add_argument("--refiner", choices=["on", "off", "only"], default="on", help="the refiner section (issue "
+                    "32): NNDM's refiner trained on top of stock nnU-Net's five folds with each residual source of "
+                    "REFINERS, and stock trained as many steps longer; 'only': that section and nothing else")
     ap.add_argument("--stock-folds-only", action="store_true", help="prepare the data and train stock nnU-Net's "
                     "five folds (resumable), nothing else: the trainings no head's code touches")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/table.json (table_cuda.json "
@@ -640,6 +679,12 @@ def main(argv=None) -> int:
     if args.stock_folds_only:
         print(f"[table] --stock-folds-only: {stock}'s five folds are trained", flush=True)
         return 0
+    if args.refiner != "off":  # issue 32: NNDM's refiner on top of the trained stock model, beside the equal budget
+        run.refiner_trainings()
+        run.heldout(run.refiner_settings())
+        if args.refiner == "only":
+            print(refiner_markdown(run.refiner_result()))
+            return 0
     for head, cls in heads:
         run.train(head, f"{cls}_{args.variant}")
     for head, cls in heads:
@@ -841,14 +886,15 @@ class TableRun:
             out.append((trainer, c["setting"], change))
         return out
 
-    def heldout(self) -> None:
-        """Every setting of :meth:`heldout_settings` on the held-out cases, from their raw files; each case recorded
-        as it finishes (an interrupted run resumes at the next case)."""
+    def heldout(self, settings=None) -> None:
+        """Every setting of ``settings`` (default :meth:`heldout_settings`: (trainer, label, change)) on the held-out
+        cases, from their raw files; each case recorded as it finishes (an interrupted run resumes at the next case).
+        Per case: Dice and HD95 per region, and the lesion-wise Dice where the evaluation has it."""
         from .accuracy import _predictor, evaluate_cases, finished_cases, predict_raw_cases
         raw = self.raw(heldout=True)
         cases = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
         inputs = {c: [str(raw / "imagesTr" / f"{c}_{i:04d}.nii.gz") for i in range(4)] for c in cases}
-        for trainer, label, change in self.heldout_settings():
+        for trainer, label, change in settings or self.heldout_settings():
             key = f"heldout {trainer} {label}"
             if self.state.done(key):
                 continue
@@ -859,10 +905,87 @@ class TableRun:
             resumed = len(finished_cases(out, cases))  # cases an interrupted run measured before this one
             seconds = predict_raw_cases(p, inputs, out, progress=f"[table] {key}")
             res = evaluate_cases(out, raw, cases)
-            self.state.record(key, {"trainer": trainer, "setting": label, "seconds_per_case": seconds,
-                                    "run": self.run_id, "resumed_cases": resumed, "cases": cases,
-                                    "dice": per_case(res, "dice"), "hd95": per_case(res, "hd95")})
+            record = {"trainer": trainer, "setting": label, "seconds_per_case": seconds, "run": self.run_id,
+                      "resumed_cases": resumed, "cases": cases, "dice": per_case(res, "dice"),
+                      "hd95": per_case(res, "hd95")}
+            if "lesionwise_dice" in res.per_case:
+                record["lesionwise_dice"] = per_case(res, "lesionwise_dice")
+            self.state.record(key, record)
             print(f"[table] {key}: {seconds:.2f} s / case", flush=True)
+
+    # -------------------------------------------------------------- the refiner section (issue 32)
+    def refiner_trainings(self) -> None:
+        """NNDM's refiner on top of stock nnU-Net's trained fold 0 (``NNDIFF_BASELINE``), one training per residual
+        source of :data:`REFINERS`, and the stock model trained the refiner's extra optimiser steps longer
+        (:data:`STOCK_LONGER`); each recorded like the table's trainings, with the baseline's budget beside its own."""
+        from nnunet_diffusion import config
+        from nnunet_diffusion.environment import train_fold
+        stock = f"{HEADS[0][1]}_{self.args.variant}"
+        base = self.state.get(f"train {stock}")
+        for label, variant in REFINERS.items():
+            trainer = f"{HEADS[1][1]}_{variant}"
+            key = f"train refiner {trainer}"
+            if self.state.done(key):
+                continue
+            fold_dir = self.model_folder(trainer) / "fold_0"
+            load = [round(x, 2) for x in os.getloadavg()]
+            attempt = len(list(self.logs.glob(f"train_{trainer}.*.log")))
+            env = dict(self.env, **final_validation_env(trainer), NNDIFF_BASELINE=stock)
+            spec = config.spec("nndm", variant)
+            train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold_dir, env, self.logs / f"train_{trainer}.{attempt}.log",
+                       "[table refiner]", config.total_epochs(spec, from_baseline=True), self.args.device)
+            own = training_budget(fold_dir / "checkpoint_final.pth")
+            self.state.record(key, {"source": label, "refiner_steps": own.steps - base["steps"],
+                                    "steps": own.steps, "seconds": own.seconds - base["seconds"],
+                                    "load_average_before": load,
+                                    "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+        longer = f"{HEADS[0][1]}_{STOCK_LONGER}"
+        key = f"train {longer}"
+        if not self.state.done(key):
+            fold_dir = self.model_folder(longer) / "fold_0"
+            attempt = len(list(self.logs.glob(f"train_{longer}.*.log")))
+            train_fold(DATASET_ID, "3d_fullres", 0, longer, fold_dir, self.env, self.logs / f"train_{longer}.{attempt}.log",
+                       "[table refiner]", config.spec("nnunet", STOCK_LONGER).total_epochs, self.args.device)
+            b = training_budget(fold_dir / "checkpoint_final.pth")
+            self.state.record(key, {"steps": b.steps, "seconds": b.seconds})
+
+    def refiner_settings(self) -> list[tuple[str, str, object]]:
+        """(trainer, label, change) of the refiner section on the held-out cases: stock fold 0 (the reference), the
+        stock model trained longer, and each refiner at its shipped sampler and with its refinement off (its backbone
+        after the joint stage)."""
+        from dataclasses import replace
+        out = [(f"{HEADS[0][1]}_{self.args.variant}", "stock", None), (f"{HEADS[0][1]}_{STOCK_LONGER}", "stock", None)]
+        for variant in REFINERS.values():
+            trainer = f"{HEADS[1][1]}_{variant}"
+            out += [(trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)),
+                    (trainer, "refined (shipped sampler)", None)]
+        return out
+
+    def refiner_result(self) -> dict | None:
+        """The refiner section of table.json (None before its held-out rows exist): rows scored against stock fold 0
+        with the same statistics as the table, the lesion-wise Dice beside them, each row's per-case values kept."""
+        settings = self.refiner_settings()
+        keys = [f"heldout {t} {label}" for t, label, _ in settings]
+        if not all(self.state.done(k) for k in keys):
+            return None
+        measured = [self.state.get(k) for k in keys]
+        stock = measured[0]
+        regions = list(stock["dice"])
+        rows = []
+        for (trainer, label, _), m in zip(settings, measured):
+            train = self.state.records.get(f"train refiner {trainer}") or self.state.records.get(f"train {trainer}")
+            row = {"trainer": trainer, "setting": label, "seconds_per_case": m["seconds_per_case"],
+                   "training": train, "per_case": {k: m[k] for k in ("dice", "hd95", "lesionwise_dice") if k in m},
+                   **score_against(m, stock, regions)}
+            if "lesionwise_dice" in m:  # a case without a lesion in either has none (NaN): left out of the mean
+                row["lesionwise_dice"] = {}
+                for r, v in m["lesionwise_dice"].items():
+                    v = [x for x in v if not math.isnan(x)]
+                    row["lesionwise_dice"][r] = {"mean": float(np.mean(v)) if v else math.nan,
+                                                 "interval": bootstrap_interval(v) if v else (math.nan, math.nan),
+                                                 "cases": len(v)}
+            rows.append(row)
+        return {"regions": regions, "cases": stock["cases"], "rows": rows}
 
     # -------------------------------------------------------------- output
     def result(self) -> dict:
@@ -895,7 +1018,7 @@ class TableRun:
                 "validation_stock_seconds": self.state.get(
                     f"curve {self.heads[0][1]}_{self.args.variant} checkpoint_final.pth")["seconds_per_case"],
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
-                "rows": rows}
+                "rows": rows, "refiner": self.refiner_result()}
 
     def write(self) -> None:
         from nnunet_diffusion.atomic import write_text_atomic

@@ -153,6 +153,26 @@ def save_preprocessed_case(dataset_class: type, configuration_manager, data, seg
         dataset_class.save_case(data, seg, properties, path)
 
 
+# ---------------------------------------------------------------------------------------------- data
+def without_cascade_corruption(compose):
+    """nnU-Net's training transforms (a batchgeneratorsv2 ``ComposeTransforms``) without the cascade's corruption of
+    the previous stage's one-hot channels (``RandomTransform`` around ``ApplyRandomBinaryOperatorTransform`` and
+    ``RemoveRandomConnectedComponentFromOneHotEncodingTransform``); ``MoveSegAsOneHotToDataTransform`` stays."""
+    from batchgeneratorsv2.transforms.nnunet.random_binary_operator import ApplyRandomBinaryOperatorTransform
+    from batchgeneratorsv2.transforms.nnunet.remove_connected_components import \
+        RemoveRandomConnectedComponentFromOneHotEncodingTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    corrupting = (ApplyRandomBinaryOperatorTransform, RemoveRandomConnectedComponentFromOneHotEncodingTransform)
+    return ComposeTransforms([t for t in compose.transforms
+                              if not isinstance(getattr(t, "transform", None), corrupting)])
+
+
+def dataset_class_of(preprocessed_folder: str) -> type:
+    """The dataset class nnU-Net reads ``preprocessed_folder`` with (blosc2 or numpy files)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    return infer_dataset_class(preprocessed_folder)
+
+
 # ---------------------------------------------------------------------------------------------- compilation
 def nnunet_would_compile(trainer) -> bool:
     """nnU-Net's own decision whether to torch.compile the network (``nnUNetTrainer._do_i_compile``: CUDA and

@@ -265,3 +265,20 @@ def test_trainer_config_builds_the_ablation():
     assert TRAINERS["nnUNetTrainerNNDM_noresidualcond"].hparams().residual_conditioning is False
     assert nnUNetTrainerNNDM._residual_options(hp) == {"residual_conditioning": True, "residual_source": "backbone",
                                                        "residual_dropout": hp.residual_dropout}
+
+
+def test_a_given_y_hat_is_the_one_the_refiner_learns_from(monkeypatch):
+    """Out-of-fold residuals (issue 32): with ``y_hat`` given, L_diff is computed on e = y − ŷ_given, not on the
+    backbone's output, and no gradient flows into the backbone through it."""
+    from nnunet_diffusion.heads import nndm as head
+    net = make_network().train()
+    x, y = torch.randn(2, 4, 16, 16, 16), (torch.rand(2, 3, 16, 16, 16) > 0.5).float()
+    given = (torch.rand(2, 3, 16, 16, 16) > 0.5).float()
+    seen = []
+    real = head.diffusion_loss
+    monkeypatch.setattr(head, "diffusion_loss", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
+    _, l_diff, _ = net(x, y=y, train_backbone=True, train_refiner=True, y_hat=given)
+    assert l_diff is not None and torch.isfinite(l_diff)
+    assert torch.equal(seen[0], given) and not seen[0].requires_grad
+    _, l_diff_backbone, _ = net(x, y=y, train_backbone=True, train_refiner=True)
+    assert not torch.equal(seen[1], given)  # without it, the backbone's own probabilities

@@ -50,7 +50,7 @@ def test_values_have_their_declared_types():
     ("[variants.x]\nsampling_steps = 'ten'", r"nndm\.toml \[variants\.x\]: sampling_steps must be an integer; got 'ten'"),
     ("[variants.x]\nsampling_steps = true", r"\[variants\.x\]: sampling_steps must be an integer; got True"),
     ("[variants.x]\nsampler = 'euler'", r"\[variants\.x\]: sampler must be one of ddpm, ddim; got 'euler'"),
-    ("[variants.x]\nresidual_source = 'oof'", r"\[variants\.x\]: residual_source must be one of backbone, dropout"),
+    ("[variants.x]\nresidual_source = 'in_sample'", r"\[variants\.x\]: residual_source must be one of auto, backbone, dropout, oof"),
     ("[variants.x]\nrefiner_grad_clip = 0", r"\[variants\.x\]: refiner_grad_clip must be > 0; got 0"),
     ("[variants.x]\nsampling_steps = 1001", r"\[variants\.x\]: sampling_steps: must be in 1\.\.num_train_timesteps"),
     ("[variants.x]\nrefiner_channels = [8, 'a']", r"refiner_channels must be a list of integers"),

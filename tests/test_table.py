@@ -510,3 +510,58 @@ def test_a_head_that_did_not_learn_is_scored_at_its_cheapest_setting_and_its_cos
     assert table.target_sentences(result) == [
         not_assessed + "; its shipped sampler, ddpm 1000 steps x 5 samples, is over the target of 3x by its first "
         "sample alone: ddpm 1000 steps x 1 samples took 300 s / case on fold 0's validation cases, 150x stock's there."]
+
+
+def _refiner_run(tmp_path, records):
+    """A TableRun holding made-up state records, without the working folder a real run prepares."""
+    import argparse
+    run = object.__new__(table.TableRun)
+    run.args = argparse.Namespace(variant="table")
+    run.state = table.TableState(tmp_path / "state.json")
+    for k, v in records.items():
+        run.state.record(k, v)
+    return run
+
+
+def test_refiner_section_scores_every_row_against_stock_fold_0(tmp_path):
+    cases = [f"c{i}" for i in range(8)]
+    stock = [0.80, 0.82, 0.78, 0.85, 0.81, 0.79, 0.83, 0.80]
+
+    def rec(trainer, setting, et, lw=None):
+        r = {"trainer": trainer, "setting": setting, "seconds_per_case": 2.0 if "NNDM" in trainer else 1.0,
+             "cases": cases, "dice": {"ET": et}, "hd95": {"ET": [4.0] * 8}}
+        if lw is not None:
+            r["lesionwise_dice"] = {"ET": lw}
+        return r
+    records = {"heldout nnUNetTrainer_table stock": rec("nnUNetTrainer_table", "stock", stock, stock),
+               "heldout nnUNetTrainer_table_refiner stock": rec("nnUNetTrainer_table_refiner", "stock", stock),
+               "train nnUNetTrainer_table": {"steps": 2000, "seconds": 100.0}}
+    for variant in table.REFINERS.values():
+        t = f"nnUNetTrainerNNDM_{variant}"
+        # refined: every case 2 points higher than stock (a paired test must call it better); off: stock itself
+        records[f"heldout {t} refinement off (its backbone)"] = rec(t, "refinement off (its backbone)", stock)
+        records[f"heldout {t} refined (shipped sampler)"] = rec(t, "refined (shipped sampler)",
+                                                               [v + 0.02 for v in stock],
+                                                               [math.nan] + [v + 0.02 for v in stock[1:]])
+        records[f"train refiner {t}"] = {"refiner_steps": 520, "steps": 2520, "seconds": 30.0}
+    run = _refiner_run(tmp_path, records)
+    section = run.refiner_result()
+    rows = {(r["trainer"], r["setting"]): r for r in section["rows"]}
+    refined = rows[("nnUNetTrainerNNDM_refiner_oof", "refined (shipped sampler)")]
+    assert refined["against_stock"]["ET"]["verdict"] == "better"
+    assert math.isclose(refined["against_stock"]["ET"]["mean_difference"], 0.02, abs_tol=1e-12)
+    # the NaN case (no lesion in either) is left out of the lesion-wise mean: 7 cases, mean of stock[1:] + 0.02
+    assert refined["lesionwise_dice"]["ET"]["cases"] == 7
+    assert math.isclose(refined["lesionwise_dice"]["ET"]["mean"], sum(stock[1:]) / 7 + 0.02)
+    off = rows[("nnUNetTrainerNNDM_refiner_oof", "refinement off (its backbone)")]
+    assert off["against_stock"]["ET"]["verdict"] == "no significant difference"  # identical: p = 1
+    assert refined["per_case"]["dice"]["ET"][0] == stock[0] + 0.02  # per-case scores kept for recomputation
+    text = table.refiner_markdown(section)
+    assert "520 refiner steps on stock's 2000" in text and "| nnUNetTrainerNNDM_refiner_oof | refined" in text
+    assert "ET: better (+2.0, p=" in text and "| 2.00 | 2.00 |" in text
+
+
+def test_refiner_section_is_absent_until_every_row_is_measured(tmp_path):
+    run = _refiner_run(tmp_path, {})
+    assert run.refiner_result() is None
+    assert "not been measured" in table.refiner_markdown(None)

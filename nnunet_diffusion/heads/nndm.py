@@ -108,7 +108,10 @@ def refined_probabilities(y_hat: torch.Tensor, e_hat: torch.Tensor, has_regions:
 
 
 # ------------------------------------------------------------------------------------------------ trainer config
-RESIDUAL_SOURCES = ("backbone", "dropout")  # where the training residual e = y - y_hat takes y_hat from
+# where the refiner's training residual e = y - y_hat takes y_hat from: the backbone's output on the training patch
+# ("backbone", "dropout": under feature dropout), a trained nnU-Net's out-of-fold predictions of the training cases
+# ("oof", issue 32), or "auto": "oof" when NNDIFF_BASELINE names an nnU-Net whose every fold is trained, else "backbone"
+RESIDUAL_SOURCES = ("auto", "backbone", "dropout", "oof")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +133,7 @@ class NNDMSpec(DiffusionSpec):
     residual_conditioning: bool = key()
     residual_source: str = key(choices=RESIDUAL_SOURCES)
     residual_dropout: float = key(min=0, max=1, max_open=True)
+    oof_corruption: bool = key(default=True, doc="out-of-fold residuals: nnU-Net's cascade corruption of y_hat")
 
     def check(self) -> None:
         super().check()

@@ -84,9 +84,12 @@ class NNDMNetwork(SamplingNetwork):
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor],
-                         train_backbone: bool, train_refiner: bool, detach_y_hat: bool, tie_frozen: bool):
+                         train_backbone: bool, train_refiner: bool, detach_y_hat: bool, tie_frozen: bool,
+                         y_hat: Optional[torch.Tensor] = None):
         """Backbone output, L_diff (None when the refiner is not trained in this stage) and a zero-valued
-        term. With ``tie_frozen`` (the trainer sets it under DDP) that term ties every frozen parameter into the
+        term. ``y_hat``: the ŷ the refiner learns the residual e = y − ŷ of (out-of-fold residuals: a trained
+        nnU-Net's prediction of the training case by the fold model that did not train on it); default the
+        backbone's own output on the patch. With ``tie_frozen`` (the trainer sets it under DDP) that term ties every frozen parameter into the
         graph: DistributedDataParallel requires every parameter to take part in every forward (nnU-Net wraps
         without find_unused_parameters). Without DDP it is skipped: it would only cost time."""
         # residual_source "dropout": the frozen backbone of stage 2 under feature dropout (see the module docstring);
@@ -102,10 +105,13 @@ class NNDMNetwork(SamplingNetwork):
                     self._feature_dropout.active = False
         l_diff = None
         if train_refiner:
-            logits = out[0] if isinstance(out, (list, tuple)) else out
-            y_hat = nndm.probabilities(logits, self.has_regions)
-            if detach_y_hat or not train_backbone:
-                y_hat = y_hat.detach()
+            if y_hat is not None:  # given (out of fold): not the backbone's, so no gradient to it
+                y_hat = y_hat.float().detach()
+            else:
+                logits = out[0] if isinstance(out, (list, tuple)) else out
+                y_hat = nndm.probabilities(logits, self.has_regions)
+                if detach_y_hat or not train_backbone:
+                    y_hat = y_hat.detach()
             l_diff = nndm.diffusion_loss(self.refiner, self.schedule, x, y, y_hat, mask,
                                          prediction_type=self.prediction_type,
                                          residual_conditioning=self.residual_conditioning)
@@ -119,9 +125,10 @@ class NNDMNetwork(SamplingNetwork):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 train_backbone: bool = True, train_refiner: bool = False, detach_y_hat: bool = False,
-                tie_frozen: bool = False):
+                tie_frozen: bool = False, y_hat: Optional[torch.Tensor] = None):
         if y is not None:
-            return self.training_forward(x, y, mask, train_backbone, train_refiner, detach_y_hat, tie_frozen)
+            return self.training_forward(x, y, mask, train_backbone, train_refiner, detach_y_hat, tie_frozen,
+                                         y_hat)
         out = self.backbone(x)
         if self.training or not self._refinement_active():
             return out

@@ -73,6 +73,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         hp = self.hparams()
         self.lambda_diff = float(hp.lambda_diff)
         self.baseline_checkpoint = self._resolve_baseline(os.environ.get(BASELINE_ENV))
+        self._set_residual_source()
         self.stage_epochs = [0 if self.baseline_checkpoint else int(hp.stage1_epochs),
                              int(hp.stage2_epochs), int(hp.stage3_epochs)]
         self.num_epochs = sum(self.stage_epochs)
@@ -108,9 +109,84 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
 
     @staticmethod
     def _residual_options(hp: NNDMSpec) -> dict:
-        """residual_conditioning / residual_source / residual_dropout of the spec (validated by NNDMSpec)."""
-        return {"residual_conditioning": hp.residual_conditioning, "residual_source": hp.residual_source,
+        """residual_conditioning / residual_source / residual_dropout of the spec (validated by NNDMSpec) for the
+        network, which needs to know only whether the residual is taken under feature dropout (the out-of-fold and
+        backbone sources are the trainer's business)."""
+        return {"residual_conditioning": hp.residual_conditioning,
+                "residual_source": "dropout" if hp.residual_source == "dropout" else "backbone",
                 "residual_dropout": hp.residual_dropout}
+
+    # ------------------------------------------------------------------ out-of-fold residuals (issue 32)
+    def _baseline_model_folder(self):
+        """The model folder of the NNDIFF_BASELINE checkpoint (``.../<trainer>__<plans>__<config>/fold_<f>/...``),
+        or None when the checkpoint does not sit in nnU-Net's layout."""
+        from pathlib import Path
+        if not self.baseline_checkpoint:
+            return None
+        fold_dir = Path(self.baseline_checkpoint).parent
+        return fold_dir.parent if fold_dir.name.startswith("fold_") else None
+
+    def _splits(self):
+        import json
+        from pathlib import Path
+        f = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _choose_residual_source(self) -> str:
+        """The residual source this training uses: the spec's, with "auto" made "oof" when NNDIFF_BASELINE names an
+        nnU-Net whose every fold (of splits_final.json) is trained, else "backbone"; "oof" without such a baseline
+        is a one-line error."""
+        from . import out_of_fold as oof
+        source = self.hparams().residual_source
+        if source not in ("auto", "oof"):
+            return source
+        folder, splits = self._baseline_model_folder(), self._splits()
+        if source == "auto":
+            complete = folder is not None and splits is not None and not oof.missing_folds(folder, range(len(splits)))
+            return "oof" if complete else "backbone"
+        if folder is None or splits is None:
+            raise NNDiffConfigError(
+                f"{self.__class__.__name__}: residual_source \"oof\" trains the refiner on a trained nnU-Net's "
+                f"out-of-fold predictions; set {BASELINE_ENV} to that nnU-Net (a trainer name or model folder whose "
+                "folds are all trained, e.g. nnUNetTrainer)")
+        oof.require_folds(folder, range(len(splits)), self.plans_manager.dataset_name, self.configuration_name,
+                          self.plans_manager.plans_name)
+        return "oof"
+
+    def _set_residual_source(self) -> None:
+        self.residual_source = self._choose_residual_source()
+        if self.residual_source == "oof":  # nnU-Net's cascade loader brings ŷ with every patch
+            from .out_of_fold import oof_folder
+            self.is_cascaded = True
+            self.folder_with_segs_from_previous_stage = str(oof_folder(self._baseline_model_folder(),
+                                                                       self.configuration_name))
+
+    def _ensure_oof_predictions(self) -> None:
+        from . import out_of_fold as oof
+        from ..nnunet_compat import dataset_class_of
+        if self.local_rank == 0:
+            oof.ensure_oof_predictions(self._baseline_model_folder(), self.preprocessed_dataset_folder, self._splits(),
+                                       self.fold, self.plans_manager, self.configuration_name, self.dataset_json,
+                                       dataset_class_of(self.preprocessed_dataset_folder), self.device,
+                                       log=self.print_to_log_file)
+        if self.is_ddp:
+            torch.distributed.barrier()
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms; with out-of-fold residuals its cascade transforms (ŷ as one-hot channels of
+        the data, and, with ``oof_corruption``, nnU-Net's random morphology and connected-component removal)."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        if self.residual_source == "oof" and not self.hparams().oof_corruption:
+            transforms = nnunet_compat.without_cascade_corruption(transforms)
+        return transforms
+
+    def _split_oof_channels(self, data: torch.Tensor):
+        """(image channels, ŷ) of a batch whose last channels are nnU-Net's cascade one-hot of the out-of-fold ŷ."""
+        from .out_of_fold import y_hat_from_onehot
+        lm = self.label_manager
+        c = self.num_input_channels
+        regions = lm.foreground_regions if lm.has_regions else None
+        return data[:, :c], y_hat_from_onehot(data[:, c:], lm.foreground_labels, regions, lm.has_regions)
 
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
@@ -149,11 +225,16 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         return optimizer, StagedPolyLR(self)
 
     def on_train_start(self):
+        if self.residual_source == "oof":
+            self._ensure_oof_predictions()  # before nnU-Net builds the data loaders that read them
         super().on_train_start()
         if self.baseline_checkpoint and not self._resumed and self.current_epoch == 0:
             self._load_baseline()
         elif os.environ.get(BASELINE_ENV) and self._resumed:
             self.print_to_log_file(f"{BASELINE_ENV} ignored: resuming from a checkpoint")
+        self.print_to_log_file(f"NNDM refiner's training residual: {self.residual_source}"
+                               + (f" (nnU-Net's cascade corruption {'on' if self.hparams().oof_corruption else 'off'})"
+                                  if self.residual_source == "oof" else ""))
         self.print_to_log_file(f"NNDM stages (epochs): nnU-Net {self.stage_epochs[0]}, refiner "
                                f"{self.stage_epochs[1]}, joint {self.stage_epochs[2]}; "
                                f"lambda = {self.lambda_diff}")
@@ -169,6 +250,9 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         stage = self.stage_of(self.current_epoch)
         hp = self.hparams()
         data = batch["data"].to(self.device, non_blocking=True)
+        y_hat = None
+        if self.residual_source == "oof":
+            data, y_hat = self._split_oof_channels(data)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
@@ -183,7 +267,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
             out, l_diff, zero = self.network(data, y=y, mask=mask, train_backbone=train_backbone,
                                              train_refiner=train_refiner,
                                              detach_y_hat=not hp.joint_grad_through_residual,
-                                             tie_frozen=self.is_ddp)
+                                             tie_frozen=self.is_ddp, y_hat=y_hat)
             l_seg = self.loss(out, target)
             if stage == 1:
                 loss = l_seg + zero
@@ -228,6 +312,24 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         self.print_to_log_file(f"NNDM L_seg {self.logger.get_value('nndm_train_seg_losses', -1):.4f}, "
                                f"L_diff {self.logger.get_value('nndm_train_diff_losses', -1):.4f}")
 
+    def validation_step(self, batch: dict) -> dict:
+        if self.residual_source == "oof":  # the cascade loader appends ŷ to the validation patches too
+            batch = dict(batch, data=batch["data"][:, :self.num_input_channels])
+        return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # the final validation predicts as nnUNetv2_predict does: the image alone (no previous-stage ŷ)
+        cascaded, self.is_cascaded = self.is_cascaded, False
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.is_cascaded = cascaded
+
+    def recorded_config(self) -> dict:
+        """The trainer config, plus the residual source "auto" chose: a training resumed (--c) after the baseline's
+        folds appeared (or went) would otherwise continue on other residuals."""
+        return dict(super().recorded_config(), residual_source_used=self.residual_source)
+
     def validation_sampling(self) -> SamplingOptions:
         # no refinement in online validation before the refiner has trained (stage 1)
         return replace(super().validation_sampling(), refine=self.stage_of(self.current_epoch) != 1)
@@ -245,6 +347,7 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         self.num_epochs = sum(self.stage_epochs)
         self.baseline_checkpoint = state.get("nndm_baseline")
         self._resumed = True
+        self._set_residual_source()  # the baseline the checkpoint names, NNDIFF_BASELINE unset or not
 
 
 VARIANTS = make_variants(nnUNetTrainerNNDM)
