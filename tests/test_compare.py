@@ -16,7 +16,6 @@ import SimpleITK as sitk
 from conftest import DATASET, model_folder
 from nnunet_diffusion.evaluation.compare import case_figure, compare_trainers
 
-pytestmark = pytest.mark.e2e  # every test here uses the trained tiny models
 
 TRAINERS = ("nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny")
 REGIONS = {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
@@ -55,6 +54,7 @@ def assert_png_not_blank(path):
     return img
 
 
+@pytest.mark.e2e  # uses the trained tiny models
 def test_compare_two_trained_trainers(trained, nnunet_paths, tmp_path):
     import pandas as pd
     out = tmp_path / "cmp"
@@ -140,6 +140,7 @@ def fake_results(trained, tmp_path):
     return results, cases
 
 
+@pytest.mark.e2e  # uses the trained tiny models
 def test_compare_two_trainers_two_folds_cli(fake_results, trained, nnunet_paths, tmp_path, capsys):
     import pandas as pd
     from scipy.stats import wilcoxon
@@ -189,7 +190,8 @@ def test_compare_two_trainers_two_folds_cli(fake_results, trained, nnunet_paths,
     with_unc = assert_png_not_blank(figs / f"case_{cases[0]}.png")
     for metric in ("dice", "hd95", "vs", "iou", "miou", "lesionwise_dice", "lesionwise_hd95"):
         assert_png_not_blank(figs / f"box_{metric}.png")
-    # the same case drawn without the uncertainty map has half the rows (the three views, no uncertainty block)
+    # the same case drawn without the uncertainty map has a third of the rows (the three views, no error and
+    # uncertainty rows)
     dj = json.loads((trained.raw / "dataset.json").read_text())
     regions = list(REGIONS.items())
     without = case_figure(cases[0], gt / f"{cases[0]}.nii.gz", {"FakeA": (val_a / f"{cases[0]}.nii.gz", None)},
@@ -197,6 +199,7 @@ def test_compare_two_trainers_two_folds_cli(fake_results, trained, nnunet_paths,
     assert with_unc.shape[0] > 1.3 * assert_png_not_blank(without).shape[0]
 
 
+@pytest.mark.e2e  # uses the trained tiny models
 def test_compare_and_evaluate_errors(trained, nnunet_paths, tmp_path, capsys):
     from nnunet_diffusion.cli import main
     rc = main(["compare", "-d", "990", "-tr", TRAINERS[0], "nnUNetTrainerNope", "-o", str(tmp_path / "x"),
@@ -214,3 +217,95 @@ def test_compare_and_evaluate_errors(trained, nnunet_paths, tmp_path, capsys):
     assert "reference(s) without a prediction" in capsys.readouterr().err
     assert main(args + ["--only-predicted"]) == 0
     assert "| whole tumor |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the per-case figure on a tiny synthetic case (no trained model)
+
+def _synthetic_case(root, with_uncertainty):
+    """A 12³ case: reference whole tumour a 4³ cube at 4..7 (core 5..6, enhancing 5), the prediction the cube
+    shifted by one voxel along the last axis (false negatives at x = 4, false positives at x = 8), a FLAIR image,
+    and where asked an uncertainty map as nndiff predict --uncertainty writes it (<pred folder>/uncertainty/)."""
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[4:8, 4:8, 4:8] = 1
+    ref[5:7, 5:7, 5:7] = 2
+    ref[5, 5, 5] = 3
+    pred = np.roll(ref, 1, axis=2)
+
+    def write(arr, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((1.0, 1.0, 1.0))
+        sitk.WriteImage(img, str(path))
+        return path
+
+    ref_f = write(ref, root / "gt" / "c1.nii.gz")
+    pred_f = write(pred, root / "pred" / "c1.nii.gz")
+    write(np.random.default_rng(0).random(ref.shape).astype(np.float32) + 3 * (ref > 0), root / "img" /
+          "c1_0000.nii.gz")
+    unc = None
+    if with_uncertainty:
+        unc = write((ref != pred).astype(np.float32) * 0.8 + 0.1, root / "pred" / "uncertainty" / "c1.nii.gz")
+    return ref_f, {"Head": (pred_f, unc)}
+
+
+def _figure(tmp_path, with_uncertainty):
+    from nnunet_diffusion.evaluation.compare import draw_case_figure
+    ref_f, preds = _synthetic_case(tmp_path, with_uncertainty)
+    dj = {"channel_names": {"0": "FLAIR"}}
+    args = ("c1", ref_f, preds, "Head", list(REGIONS.items()), dj, tmp_path / "img", ".nii.gz")
+    return draw_case_figure(*args), args
+
+
+def _legend_texts(fig):
+    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+
+
+def test_case_figure_without_uncertainty_is_unchanged(tmp_path):
+    import matplotlib.pyplot as plt
+    fig, args = _figure(tmp_path, with_uncertainty=False)
+    try:
+        # as before: 3 rows (axial, coronal, sagittal) × 2 columns (reference, Head), region outlines in the legend
+        assert len(fig.axes) == 6
+        # slices through the reference's centre of mass, 5.5 on every axis, rounded half to even: 6
+        assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["axial 6", "coronal 6", "sagittal 6"]
+        assert tuple(fig.get_size_inches()) == pytest.approx((1.9 * 2 + 0.6, 1.9 * 3 + 1.0))
+        assert _legend_texts(fig) == list(REGIONS)
+    finally:
+        plt.close(fig)
+    out = case_figure(*args, tmp_path / "figs" / "case_c1.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_case_figure_shows_errors_beside_uncertainty(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from nnunet_diffusion.evaluation.compare import ERROR_COLOURS
+    fig, args = _figure(tmp_path, with_uncertainty=True)
+    try:
+        # 3 + 2 × 3 rows: per view an error row right above an uncertainty row, 2 columns each
+        assert len(fig.axes) == 18
+        labels = [ax.get_ylabel() for ax in fig.axes[::2]]
+        assert labels == ["axial 6", "coronal 6", "sagittal 6", "errors\naxial", "uncertainty\naxial",
+                          "errors\ncoronal", "uncertainty\ncoronal", "errors\nsagittal", "uncertainty\nsagittal"]
+        assert _legend_texts(fig) == [*REGIONS, "false positive", "false negative"]
+        # the axial error panel of Head (row 3, column 1), slice z = 6: the gray image and the FP/FN overlay; the
+        # cube shifted along x gives false negatives in column x = 4 and false positives in x = 8, rows y = 4..7
+        err_ax = fig.axes[3 * 2 + 1]
+        overlay = err_ax.get_images()[-1].get_array()
+        assert overlay.shape == (12, 12, 4)
+        fn, fp = np.array(to_rgba(ERROR_COLOURS[2][0])), np.array(to_rgba(ERROR_COLOURS[1][0]))
+        assert np.allclose(overlay[4:8, 4], fn) and np.allclose(overlay[4:8, 8], fp)
+        # the tumour core (y, x in 5..6 at z = 6) shifted too: x = 5 label 2 → 1 (core missed, FN), x = 7 label
+        # 1 → 2 (core added, FP), rows y = 5..6
+        assert np.allclose(overlay[5:7, 5], fn) and np.allclose(overlay[5:7, 7], fp)
+        assert (overlay[..., 3] > 0).sum() == 12  # 4 + 4 whole tumour, 2 + 2 core; the rest transparent
+        # the uncertainty panel right below: the map of the same slice
+        unc_ax = fig.axes[4 * 2 + 1]
+        assert np.allclose(unc_ax.get_images()[0].get_array()[4:8, 4], 0.9)
+        # the reference column has no error or uncertainty panel (frame off, nothing drawn)
+        assert not fig.axes[3 * 2].get_images() and not fig.axes[4 * 2].get_images()
+    finally:
+        plt.close(fig)
+    out = case_figure(*args, tmp_path / "figs" / "case_c1.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

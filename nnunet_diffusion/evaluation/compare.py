@@ -17,8 +17,9 @@ uses) and writes into the output folder:
 * ``figures/box_<metric>.png`` — box plots per metric, one panel per region, one box per trainer;
 * ``figures/case_<case>.png`` — for chosen cases, axial/coronal/sagittal slices through the tumour showing FLAIR
   and T1ce (as named in dataset.json; else the first channel) with the reference, baseline and other trainers'
-  contours, and the uncertainty map ``uncertainty/<case><file_ending>`` where a trainer wrote one beside its
-  prediction (``nndiff predict --uncertainty``).
+  contours; where a trainer wrote an uncertainty map ``uncertainty/<case><file_ending>`` beside its prediction
+  (``nndiff predict --uncertainty``), per view the error map (false positives and negatives in two colours) right
+  above the uncertainty map on the same slice.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ from .evaluate import (ALL_REGIONS, LESIONWISE_TABLE_COLUMNS, PERCENT_METRICS, U
                        lesionwise_settings, lesionwise_summary, load_dataset_json, match_cases, metric_columns,
                        per_case_region_mean, regions_from_dataset_json, rows_to_frame, run_cases, table_notes,
                        to_json, unknown_dataset_message, write_text_atomic)
-from .lesionwise import DEFAULT_LESIONWISE_CONVENTION
 from .metrics import BRATS_EMPTY_HD95, HD95_MODES, region_mask
 
 COMPARE_METRICS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"),
@@ -115,7 +115,7 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
                      cases: Sequence[str] | None = None, n_cases: int = 2, num_processes: int | None = None,
                      hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, plots: bool = True,
                      progress: bool = True, lesionwise: bool | None = None,
-                     lesionwise_convention: str = DEFAULT_LESIONWISE_CONVENTION,
+                     lesionwise_convention: str | None = None,
                      lesionwise_cohort: str | None = None) -> CompareResult:
     """Evaluate the validation predictions of ``trainers`` on ``folds`` and compare them (see module docstring).
 
@@ -451,17 +451,29 @@ def _wrap_name(name: str, width: int = 22) -> str:
     return "\n".join(lines + [cur])
 
 
-def case_figure(case: str, reference: Path, predictions: dict, baseline: str, regions, dataset_json: dict,
-                images_dir: Path, file_ending: str, path: Path) -> Path:
-    """Small multiples of one case: a column per segmentation (the reference first, then the baseline, then every
-    other trainer), a row per view (axial / coronal / sagittal through the tumour's centre of mass), the same slice
-    of the same image channel in every panel, each region's outline in its own colour (the same in every panel).
-    Trainers that wrote an uncertainty map get a second block of rows with it (the reference's outline of the
-    first region on top, for orientation). ``predictions``: {trainer: (prediction file, uncertainty file or
-    None)}."""
+ERROR_COLOURS = {1: ("#ff00ff", "false positive"), 2: ("#2f6bff", "false negative"),
+                 3: ("#00b050", "false positive in one region, negative in another")}
+"""The error panels' colours (uncertainty_quality.fp_fn_map's codes): magenta, blue and green, none a region's
+outline colour. Code 3 occurs only in label datasets (one class predicted for another)."""
+
+
+def _error_overlay(codes: np.ndarray) -> np.ndarray:
+    """An RGBA image of ``fp_fn_map`` codes: each error code in its ERROR_COLOURS colour, right voxels transparent."""
+    from matplotlib.colors import to_rgba
+    rgba = np.zeros(codes.shape + (4,), np.float32)
+    for code, (colour, _) in ERROR_COLOURS.items():
+        rgba[codes == code] = to_rgba(colour)
+    return rgba
+
+
+def draw_case_figure(case: str, reference: Path, predictions: dict, baseline: str, regions, dataset_json: dict,
+                     images_dir: Path, file_ending: str):
+    """The matplotlib figure of :func:`case_figure` (the caller saves and closes it)."""
     import SimpleITK as sitk
     plt = _mpl()
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from .uncertainty_quality import fp_fn_map
 
     def read(p):
         img = sitk.ReadImage(str(p))
@@ -472,6 +484,7 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
     order = ([baseline] if baseline in predictions else []) + others
     segs = {"reference": ref, **{tr: read(predictions[tr][0])[0] for tr in order}}
     uncert = {tr: read(predictions[tr][1])[0].astype(np.float32) for tr in order if predictions[tr][1] is not None}
+    errors = {tr: fp_fn_map(ref, segs[tr], regions) for tr in order} if uncert else {}
     image = None
     for ch, label in pick_channels(dataset_json):
         f = images_dir / f"{case}_{ch:04d}{file_ending}"
@@ -491,7 +504,7 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
     region_colours = {name: _REGION_COLOURS[k % len(_REGION_COLOURS)] for k, (name, _) in enumerate(regions)}
 
     columns = list(segs)
-    n_rows = len(views) * (2 if uncert else 1)
+    n_rows = len(views) * (3 if uncert else 1)
     fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.9 * len(columns) + 0.6, 1.9 * n_rows + 1.0),
                              squeeze=False)
     label, img = image
@@ -515,19 +528,32 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
             if col == 0:
                 ax.set_ylabel(f"{vname} {centre[axis]}", fontsize=8)
     first_region = regions[0][1]
-    for row, (vname, axis) in enumerate(views, start=len(views) if uncert else 0):
-        if not uncert:
-            break
+    error_codes = set()
+    # per view, the error map right above the uncertainty map of the same slice
+    for v, (vname, axis) in enumerate(views if uncert else ()):
         origin = "upper" if axis == 0 else "lower"
+        err_row, unc_row = len(views) + 2 * v, len(views) + 2 * v + 1
+        plane = _slice(img, axis, centre[axis])
         for col, src in enumerate(columns):
-            ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            for row in (err_row, unc_row):
+                axes[row][col].set_xticks([])
+                axes[row][col].set_yticks([])
             if col == 0:
-                ax.set_ylabel(f"uncertainty\n{vname}", fontsize=8)
-            if src not in uncert:  # an empty panel (the first column keeps its row label)
-                ax.set_frame_on(False)
+                axes[err_row][col].set_ylabel(f"errors\n{vname}", fontsize=8)
+                axes[unc_row][col].set_ylabel(f"uncertainty\n{vname}", fontsize=8)
+            if src in errors:
+                ax = axes[err_row][col]
+                codes = _slice(errors[src], axis, centre[axis])
+                error_codes.update(int(c) for c in np.unique(codes) if c)
+                ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin=origin,
+                          aspect=aspects[axis], interpolation="nearest", alpha=0.6)
+                ax.imshow(_error_overlay(codes), origin=origin, aspect=aspects[axis], interpolation="nearest")
+            else:  # the reference has no errors: an empty panel (the first column keeps its row label)
+                axes[err_row][col].set_frame_on(False)
+            if src not in uncert:
+                axes[unc_row][col].set_frame_on(False)
                 continue
+            ax = axes[unc_row][col]
             u = uncert[src]
             finite = u[np.isfinite(u)]
             vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -537,9 +563,28 @@ def case_figure(case: str, reference: Path, predictions: dict, baseline: str, re
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=["#ffffff"], linewidths=0.8, origin=origin)
     handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in region_colours.items()]
+    if uncert:  # false positives and negatives always listed; the mixed code only where it is drawn
+        handles += [Patch(facecolor=ERROR_COLOURS[c][0], edgecolor="0.3", label=ERROR_COLOURS[c][1])
+                    for c in (1, 2, 3) if c < 3 or c in error_codes]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"case {case}: {label}, the same slices in every panel", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.05 if not uncert else 0.03, 1, 0.96 if not uncert else 0.975))
+    return fig
+
+
+def case_figure(case: str, reference: Path, predictions: dict, baseline: str, regions, dataset_json: dict,
+                images_dir: Path, file_ending: str, path: Path) -> Path:
+    """Small multiples of one case, written to ``path`` (PNG): a column per segmentation (the reference first, then
+    the baseline, then every other trainer), a row per view (axial / coronal / sagittal through the tumour's centre
+    of mass), the same slice of the same image channel in every panel, each region's outline in its own colour
+    (the same in every panel). When some trainer wrote an uncertainty map, every view gets two more rows, on the
+    same slice: the error map of every trainer (against the reference, over all regions: false positives magenta,
+    false negatives blue, see ``uncertainty_quality.fp_fn_map``), and right below it the uncertainty map of the
+    trainers that wrote one (the reference's outline of the first region on top, for orientation); the legend lists
+    the error colours. Without any uncertainty map the figure is the three rows alone. ``predictions``: {trainer:
+    (prediction file, uncertainty file or None)}."""
+    plt = _mpl()
+    fig = draw_case_figure(case, reference, predictions, baseline, regions, dataset_json, images_dir, file_ending)
     try:
         return _save(fig, path)
     finally:

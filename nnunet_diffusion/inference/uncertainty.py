@@ -18,14 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import NNDiffError
-
-
-def _entropy(p: np.ndarray, regions: bool) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
-    if regions:
-        return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-    p = p / p.sum(0, keepdims=True)
-    return -(p * np.log2(p)).sum(0, keepdims=True) / np.log2(p.shape[0])
+from ..evaluation.uncertainty_quality import entropy as _entropy  # the one definition (evaluation sits below)
 
 
 def write_uncertainty_maps(pred_dir, remove_probabilities: bool = False) -> list[Path]:
