@@ -1,6 +1,10 @@
-"""BraTS 2020 / 2021 / 2023-GLI -> nnU-Net raw, and nnU-Net predictions -> BraTS labels.
+"""BraTS releases (2020 to the 2024/2025 cluster) -> nnU-Net raw, and nnU-Net predictions -> the organisers' labels.
 
-The conventions implemented here are nnU-Net's own BraTS 2021 converter
+Every edition (a release, or a cohort of one) is one entry of :data:`EDITIONS`: its case and file naming, its
+modalities, its label values, the label groups it is scored on, and how its labels are stored for nnU-Net. The
+functions below read only that table.
+
+**2020, 2021 and the 2023 cohorts** (GLI, SSA, PED, MEN, MET) follow nnU-Net's own BraTS 2021 converter
 (``nnunetv2/dataset_conversion/Dataset137_BraTS21.py``):
 
 * one nnU-Net case per BraTS case folder, the case identifier is the folder name;
@@ -11,9 +15,20 @@ The conventions implemented here are nnU-Net's own BraTS 2021 converter
 * images are copied byte for byte (``.nii.gz`` inputs); uncompressed ``.nii`` inputs (BraTS 2020) are gzip-
   compressed byte for byte, so the header and voxels are untouched (a ``.nii.gz`` file is a gzip'ed ``.nii``);
 * dataset.json declares the three BraTS regions — whole tumour (1, 2, 3), tumour core (2, 3), enhancing (3) —
-  with ``regions_class_order`` (1, 2, 3).
+  with ``regions_class_order`` (1, 2, 3). The 2023 organisers' metrics code scores every 2023 cohort on these
+  three groups (WT = 1 + 2 + 3, TC = 1 + 3, ET = 3 in its labels; github.com/rachitsaluja/BraTS-2023-Metrics,
+  ``get_tissue_wise_mask``).
 
 For BraTS 2021 the output is therefore voxel-identical to Dataset137's (the tests check it).
+
+**The 2024/2025 cluster** (post-treatment GLI, PED, MET, MEN-RT, GoAT) is scored by the official evaluator
+``brats-evaluation`` (0.0.10) on the label groups of its bundled configs (``brats_evaluation/configs/config_*.yaml``),
+some of which overlap without nesting (post-treatment glioma: NETC, SNFH, ET, RC, TC = NETC + ET, WT = NETC + SNFH +
+ET; the resection cavity RC is disjoint from the tumour). These editions keep the organisers' label values
+(they are consecutive already) and dataset.json declares the evaluator's groups as nnU-Net regions, ordered by
+:func:`region_layout` so that painting the regions in ``regions_class_order`` (nnU-Net's
+``LabelManager.convert_probabilities_to_segmentation``) gives back every label: a prediction is already in the
+organisers' labels. A single-label edition (MEN-RT: GTV) is a plain one-label dataset.
 
 Robustness: every case is validated before it is written (all modalities and the label present and readable,
 the same size/spacing/origin/direction everywhere, finite voxels, label values in the edition's set); a bad
@@ -43,7 +58,7 @@ import numpy as np
 
 from nnunet_diffusion.errors import NNDiffError
 
-from .conventions import BRATS_REGIONS_DATASET_JSON
+from .conventions import CHANNELS
 
 REPORT_NAME = "conversion_report.json"
 
@@ -72,10 +87,17 @@ class BratsCaseError(BratsConversionError):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Edition:
-    """How one BraTS edition is shipped and labelled.
+    """How one BraTS edition (a release, or one cohort of it) is shipped, labelled and scored.
 
-    ``modalities`` are the file suffixes in nnU-Net's channel order (0 T1, 1 T1ce, 2 T2, 3 FLAIR);
-    ``label_to_nnunet`` maps the edition's label values to nnU-Net's (edema 1, necrosis/NETC 2, enhancing 3).
+    ``modalities`` are the file suffixes in nnU-Net's channel order (``channel_names``; four-channel editions:
+    0 T1, 1 T1ce, 2 T2, 3 FLAIR). ``labels`` names the organisers' label values; ``label_to_nnunet`` maps them to
+    the values written to labelsTr (2020–2023: nnU-Net's Dataset137 convention, edema 1, necrosis/NETC 2,
+    enhancing 3; the 2024/2025 cluster: unchanged). ``groups`` are the label groups the edition is scored on,
+    ``(key, name, organisers' labels)`` in the evaluator's order (``key``: the group's name in brats-evaluation's
+    config ``evaluator_config``, or in the 2023 organisers' code); dataset.json declares them as nnU-Net regions
+    (:func:`region_layout`). ``lesionwise_convention`` is the lesion-wise rule ``nndiff evaluate`` applies by
+    default (:mod:`nnunet_diffusion.evaluation.lesionwise`). ``phantom_labels`` (tissue -> organisers' label) and
+    ``case_format`` say how ``nndiff make-phantoms`` writes the edition; editions without them have no phantoms.
     """
     key: str
     title: str
@@ -84,13 +106,22 @@ class Edition:
     modalities: tuple[str, ...]      # channel i <- suffix modalities[i]
     seg_suffix: str
     extensions: tuple[str, ...]      # accepted file endings, the edition's own first
+    labels: dict                     # organisers' label value -> abbreviation (documentation, reports)
     label_to_nnunet: dict
+    groups: tuple                    # ((key, name, (organisers' labels, ...)), ...)
     dataset_id: int
     dataset_name: str
-    training_folder: str             # the folder names the organisers ship (used by the phantom generator)
+    training_folder: str             # the folder names the organisers ship (documentation, phantoms)
     validation_folder: str
+    example_case: str
+    channel_names: tuple[str, ...] = CHANNELS
+    evaluator_config: str | None = None    # brats-evaluation's bundled config with these groups
+    lesionwise_convention: str = "brats2023"
     seg_aliases: dict = field(default_factory=dict)   # case -> label file name shipped under another name
+    phantom_labels: dict = field(default_factory=dict)   # phantom tissue -> organisers' label value
+    case_format: str = ""            # phantom case names: case_format.format(number)
     reference: str = ""
+    notes: str = ""                  # what a user of the edition should know (written to conversion_report.json)
 
     @property
     def nnunet_to_label(self) -> dict:
@@ -99,6 +130,11 @@ class Edition:
     @property
     def label_values(self) -> tuple[int, ...]:
         return (0, *sorted(self.label_to_nnunet))
+
+    @property
+    def nnunet_label_values(self) -> tuple[int, ...]:
+        """The values a labelsTr file (and a prediction) of this edition may hold."""
+        return (0, *sorted(self.label_to_nnunet.values()))
 
     def matches(self, case: str) -> bool:
         return re.fullmatch(self.case_regex, case) is not None
@@ -109,34 +145,208 @@ class Edition:
     def dataset_folder_name(self, dataset_id: int | None = None, name: str | None = None) -> str:
         return f"Dataset{int(self.dataset_id if dataset_id is None else dataset_id):03d}_{name or self.dataset_name}"
 
+    def dataset_json(self) -> dict:
+        """dataset.json's channel_names, labels (regions), regions_class_order and file_ending."""
+        labels, order = region_layout(self)
+        out = {"channel_names": {str(i): c for i, c in enumerate(self.channel_names)}, "labels": labels}
+        if order is not None:
+            out["regions_class_order"] = order
+        out["file_ending"] = ".nii.gz"
+        return out
+
+
+# the 2023 organisers' label values and groups (all 2023 cohorts; get_tissue_wise_mask of BraTS-2023-Metrics)
+LABELS_2023 = {1: "NETC", 2: "SNFH", 3: "ET"}
+TO_NNUNET_2023 = {2: 1, 1: 2, 3: 3}
+GROUPS_2023 = (("wt", "whole tumor", (1, 2, 3)), ("tc", "tumor core", (1, 3)), ("et", "enhancing tumor", (3,)))
+MODALITIES_2023 = ("t1n", "t1c", "t2w", "t2f")
+# names of the regions of the 2024/2025 groups (brats-evaluation's keys -> dataset.json names)
+REGION_NAMES = {"wt": "whole tumor", "tc": "tumor core", "et": "enhancing tumor", "netc": "non-enhancing tumor core",
+                "snfh": "surrounding non-enhancing FLAIR hyperintensity", "rc": "resection cavity",
+                "cc": "cystic component", "ed": "edema", "gtv": "gross tumor volume"}
+SYNAPSE_2023 = "https://www.synapse.org/#!Synapse:syn51156910/wiki/"
+
+
+def _groups(*spec) -> tuple:
+    """((key, REGION_NAMES[key], labels), ...) from (key, labels) pairs, in the evaluator config's order."""
+    return tuple((k, REGION_NAMES[k], tuple(v)) for k, v in spec)
+
+
+def _cohort_2023(cohort: str, dataset_id: int, train: str, val: str, evaluator_config: str | None = None,
+                 notes: str = "") -> Edition:
+    return Edition(
+        key=f"2023-{cohort.lower()}", title=f"BraTS 2023 {cohort}", case_regex=rf"BraTS-{cohort}-\d{{5}}-\d{{3}}",
+        sep="-", modalities=MODALITIES_2023, seg_suffix="seg", extensions=(".nii.gz", ".nii"), labels=LABELS_2023,
+        label_to_nnunet=TO_NNUNET_2023, groups=GROUPS_2023, dataset_id=dataset_id,
+        dataset_name=f"BraTS2023{cohort}", training_folder=train, validation_folder=val,
+        example_case=f"BraTS-{cohort}-00000-000", evaluator_config=evaluator_config, reference=SYNAPSE_2023,
+        notes=notes)
+
 
 EDITIONS: dict[str, Edition] = {
     "2020": Edition(
         key="2020", title="BraTS 2020",
         case_regex=r"BraTS20_(Training|Validation|Testing)_\d{3}", sep="_",
         modalities=("t1", "t1ce", "t2", "flair"), seg_suffix="seg", extensions=(".nii", ".nii.gz"),
-        label_to_nnunet={2: 1, 1: 2, 4: 3}, dataset_id=500, dataset_name="BraTS2020",
+        labels={1: "NCR/NET", 2: "ED", 4: "ET"}, label_to_nnunet={2: 1, 1: 2, 4: 3},
+        groups=(("wt", "whole tumor", (1, 2, 4)), ("tc", "tumor core", (1, 4)), ("et", "enhancing tumor", (4,))),
+        dataset_id=500, dataset_name="BraTS2020",
         training_folder="MICCAI_BraTS2020_TrainingData", validation_folder="MICCAI_BraTS2020_ValidationData",
+        example_case="BraTS20_Training_001",
         # the one known naming quirk of the 2020 training data: case 355's label has a different file name
         seg_aliases={"BraTS20_Training_355": "W39_1998.09.19_Segm.nii"},
+        phantom_labels={"edema": 2, "necrosis": 1, "enhancing": 4},
         reference="https://www.med.upenn.edu/cbica/brats2020/data.html"),
     "2021": Edition(
         key="2021", title="BraTS 2021",
         case_regex=r"BraTS2021_\d{5}", sep="_",
         modalities=("t1", "t1ce", "t2", "flair"), seg_suffix="seg", extensions=(".nii.gz", ".nii"),
-        label_to_nnunet={2: 1, 1: 2, 4: 3}, dataset_id=501, dataset_name="BraTS2021",
+        labels={1: "NCR", 2: "ED", 4: "ET"}, label_to_nnunet={2: 1, 1: 2, 4: 3},
+        groups=(("wt", "whole tumor", (1, 2, 4)), ("tc", "tumor core", (1, 4)), ("et", "enhancing tumor", (4,))),
+        dataset_id=501, dataset_name="BraTS2021",
         training_folder="RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021",
-        validation_folder="RSNA_ASNR_MICCAI_BraTS2021_ValidationData",
+        validation_folder="RSNA_ASNR_MICCAI_BraTS2021_ValidationData", example_case="BraTS2021_00000",
+        phantom_labels={"edema": 2, "necrosis": 1, "enhancing": 4}, case_format="BraTS2021_{:05d}",
         reference="https://www.synapse.org/#!Synapse:syn25829067/wiki/610863"),
     "2023-gli": Edition(
         key="2023-gli", title="BraTS 2023 glioma (GLI)",
         case_regex=r"BraTS-GLI-\d{5}-\d{3}", sep="-",
-        modalities=("t1n", "t1c", "t2w", "t2f"), seg_suffix="seg", extensions=(".nii.gz", ".nii"),
-        label_to_nnunet={2: 1, 1: 2, 3: 3}, dataset_id=502, dataset_name="BraTS2023GLI",
+        modalities=MODALITIES_2023, seg_suffix="seg", extensions=(".nii.gz", ".nii"),
+        labels=LABELS_2023, label_to_nnunet=TO_NNUNET_2023, groups=GROUPS_2023, dataset_id=502,
+        dataset_name="BraTS2023GLI",
         training_folder="ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData",
-        validation_folder="ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData",
-        reference="https://www.synapse.org/#!Synapse:syn51156910/wiki/"),
+        validation_folder="ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData", example_case="BraTS-GLI-00000-000",
+        phantom_labels={"edema": 2, "necrosis": 1, "enhancing": 3}, case_format="BraTS-GLI-{:05d}-000",
+        reference=SYNAPSE_2023),
+    "2023-ssa": _cohort_2023(
+        "SSA", 510, "ASNR-MICCAI-BraTS2023-SSA-Challenge-TrainingData_V2",
+        "ASNR-MICCAI-BraTS2023-SSA-Challenge-ValidationData",
+        notes="also the BraTS 2024 SSA challenge, which reused the 2023 training data (its validation folder: "
+              "BraTS2024-SSA-Challenge-ValidationData); brats-evaluation has no SSA config"),
+    "2023-ped": _cohort_2023(
+        "PED", 511, "ASNR-MICCAI-BraTS2023-PED-Challenge-TrainingData",
+        "ASNR-MICCAI-BraTS2023-PED-Challenge-ValidationData",
+        notes="the 2023 labels; the 2024 PED release relabelled the cohort (--edition 2024-ped)"),
+    "2023-men": _cohort_2023(
+        "MEN", 512, "ASNR-MICCAI-BraTS2023-MEN-Challenge-TrainingData",
+        "ASNR-MICCAI-BraTS2023-MEN-Challenge-ValidationData", evaluator_config="MenPre",
+        notes="pre-operative meningioma; brats-evaluation's config_MenPre has the same three groups"),
+    "2023-met": _cohort_2023(
+        "MET", 513, "ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData",
+        "ASNR-MICCAI-BraTS2023-MET-Challenge-ValidationData"),
+    "2024-gli": Edition(
+        key="2024-gli", title="BraTS 2024 post-treatment glioma (GLI)",
+        case_regex=r"BraTS-GLI-\d{5}-\d{3}", sep="-", modalities=MODALITIES_2023, seg_suffix="seg",
+        extensions=(".nii.gz", ".nii"), labels={1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
+        label_to_nnunet={1: 1, 2: 2, 3: 3, 4: 4},
+        groups=_groups(("snfh", (2,)), ("et", (3,)), ("netc", (1,)), ("rc", (4,)), ("tc", (1, 3)),
+                       ("wt", (1, 2, 3))),
+        dataset_id=514, dataset_name="BraTS2024GLI",
+        training_folder="BraTS2024-BraTS-GLI-TrainingData/training_data1_v2",
+        validation_folder="BraTS2024-BraTS-GLI-ValidationData/validation_data", example_case="BraTS-GLI-02000-100",
+        evaluator_config="gli", lesionwise_convention="panoptica",
+        phantom_labels={"edema": 2, "necrosis": 1, "enhancing": 3, "cavity": 4}, case_format="BraTS-GLI-{:05d}-100",
+        notes="glioma data without a resection cavity convert too (their RC region is empty)"),
+    "2024-ped": Edition(
+        key="2024-ped", title="BraTS 2024 paediatric tumours (PED)",
+        case_regex=r"BraTS-PED-\d{5}-\d{3}", sep="-", modalities=MODALITIES_2023, seg_suffix="seg",
+        extensions=(".nii.gz", ".nii"), labels={1: "ET", 2: "NETC", 3: "CC", 4: "ED"},
+        label_to_nnunet={1: 1, 2: 2, 3: 3, 4: 4},
+        groups=_groups(("et", (1,)), ("netc", (2,)), ("cc", (3,)), ("ed", (4,)), ("tc", (1, 2, 3)),
+                       ("wt", (1, 2, 3, 4))),
+        dataset_id=515, dataset_name="BraTS2024PED",
+        training_folder="BraTS2024-PED-Challenge-TrainingData/BraTS-PEDs2024_Training",
+        validation_folder="BraTS2024-PED-Challenge-ValidationData", example_case="BraTS-PED-00001-000",
+        evaluator_config="ped", lesionwise_convention="panoptica", reference="https://arxiv.org/abs/2404.15009",
+        notes="label 2 is the non-enhancing tumour (NET in the organisers' description, netc in the evaluator's "
+              "config)"),
+    "2024-met": Edition(
+        key="2024-met", title="BraTS 2024/2025 brain metastases (MET)",
+        case_regex=r"BraTS-MET-\d{5}-\d{3}", sep="-", modalities=MODALITIES_2023, seg_suffix="seg",
+        extensions=(".nii.gz", ".nii"), labels={1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
+        label_to_nnunet={1: 1, 2: 2, 3: 3, 4: 4},
+        groups=_groups(("et", (3,)), ("rc", (4,)), ("tc", (1, 3)), ("wt", (1, 2, 3))),
+        dataset_id=516, dataset_name="BraTS2024MET",
+        training_folder="MICCAI-LH-BraTS2025-MET-Challenge-Training",
+        validation_folder="MICCAI-LH-BraTS2025-MET-Challenge-Validation", example_case="BraTS-MET-00001-000",
+        evaluator_config="mets", lesionwise_convention="panoptica",
+        notes="some 2025 cases ship without t2w: they are refused as any case with a missing modality "
+              "(--skip-bad leaves them out)"),
+    "2024-men-rt": Edition(
+        key="2024-men-rt", title="BraTS 2024 meningioma radiotherapy (MEN-RT)",
+        case_regex=r"BraTS-MEN-RT-\d{4}-\d+", sep="_", modalities=("t1c",), seg_suffix="gtv",
+        extensions=(".nii.gz", ".nii"), labels={1: "GTV"}, label_to_nnunet={1: 1},
+        groups=_groups(("gtv", (1,))), dataset_id=517, dataset_name="BraTS2024MENRT",
+        training_folder="BraTS2024-MEN-RT-TrainingData/BraTS-MEN-RT-Train-v2",
+        validation_folder="BraTS2024-MEN-RT-ValidationData/BraTS-MEN-RT-Val-v1",
+        example_case="BraTS-MEN-RT-0000-1", channel_names=("T1ce",), evaluator_config="MenRT",
+        lesionwise_convention="panoptica", reference="https://arxiv.org/abs/2405.18383",
+        notes="one T1 post-contrast image per case in its native acquisition space (not skull-stripped, sizes "
+              "and spacings differ between cases) and one label, the gross tumour volume"),
+    "2024-goat": Edition(
+        key="2024-goat", title="BraTS 2024 generalizability across tumours (GoAT)",
+        case_regex=r"BraTS-GoAT-\d{5}", sep="-", modalities=MODALITIES_2023, seg_suffix="seg",
+        extensions=(".nii.gz", ".nii"), labels={1: "NCR", 2: "ED", 3: "ET"}, label_to_nnunet={1: 1, 2: 2, 3: 3},
+        groups=_groups(("et", (3,)), ("tc", (1, 3)), ("wt", (1, 2, 3))), dataset_id=518,
+        dataset_name="BraTS2024GoAT", training_folder="MICCAI2024-BraTS-GoAT-TrainingData-With-GroundTruth",
+        validation_folder="MICCAI2024-BraTS-GoAT-ValidationData", example_case="BraTS-GoAT-00000",
+        evaluator_config="GoAT", lesionwise_convention="panoptica",
+        notes="case names have no timepoint suffix; MICCAI2024-BraTS-GoAT-TrainingData-WithOut-GroundTruth "
+              "goes to imagesTs"),
 }
+"""Every edition ``nndiff convert-brats`` reads. Sources of names and label values: the organisers' releases as
+described on their Synapse pages and papers, and, for the groups, brats-evaluation 0.0.10's configs (2024/2025)
+and the 2023 organisers' metrics code (2023); where descriptions disagree the evaluator's config wins."""
+
+PHANTOM_EDITIONS = tuple(k for k, e in EDITIONS.items() if e.phantom_labels)
+"""Editions ``nndiff make-phantoms`` writes (glioma layouts; 2024-gli with a resection cavity)."""
+
+
+def region_layout(ed: Edition) -> tuple[dict, list[int] | None]:
+    """(dataset.json ``labels``, ``regions_class_order``) of an edition: its groups as nnU-Net regions.
+
+    nnU-Net trains one sigmoid output per region and turns a prediction back into labels by painting the regions
+    in order, each with its ``regions_class_order`` value (``LabelManager.convert_probabilities_to_segmentation``;
+    later regions overwrite earlier ones). The regions are ordered by size, largest first (a group before the
+    groups inside it), and each region paints the one label for which it is the last region holding it. Painting
+    a reference's regions then gives back every label: a label in no group, or two labels that no region tells
+    apart, make the edition inexpressible (BratsConversionError). A region that is last for no label (e.g. whole
+    tumour when every label has a region of its own) paints the smallest label it holds outside its multi-label
+    sub-regions: what a voxel is when only that region is predicted. An edition whose groups are exactly its
+    labels, one each (MEN-RT), is a plain label dataset: (labels, None).
+    """
+    to_nn = ed.label_to_nnunet
+    names = [name for _, name, _ in ed.groups]
+    sets = [frozenset(to_nn[v] for v in labels) for _, _, labels in ed.groups]
+    values = set(to_nn.values())
+    uncovered = sorted(values - set().union(*sets))
+    if uncovered:
+        raise BratsConversionError(f"{ed.title}: label(s) {', '.join(map(str, uncovered))} belong to no evaluation "
+                                   "group; nnU-Net's region-based training could not predict them")
+    if all(len(s) == 1 for s in sets) and sorted(next(iter(s)) for s in sets) == sorted(values):
+        return {"background": 0, **{n: next(iter(s)) for n, s in zip(names, sets)}}, None
+    order = sorted(range(len(sets)), key=lambda i: -len(sets[i]))
+    last = {}
+    for pos, i in enumerate(order):
+        for v in sets[i]:
+            last[v] = pos
+    paint = []
+    for pos, i in enumerate(order):
+        owned = sorted(v for v, p in last.items() if p == pos)
+        if len(owned) > 1:
+            raise BratsConversionError(f"{ed.title}: no region tells labels {', '.join(map(str, owned))} apart "
+                                       f"(the last region holding them is {names[i]!r}); nnU-Net's region-based "
+                                       "training cannot express this edition")
+        inner = set().union(*(s for s in sets if s < sets[i] and len(s) > 1))
+        paint.append(owned[0] if owned else min(sets[i] - inner or sets[i]))
+    labels = {"background": 0, **{names[i]: sorted(sets[i]) for i in order}}
+    for v in values:   # the layout's promise, checked: painting a voxel of label v gives v
+        painted = 0
+        for pos, i in enumerate(order):
+            if v in sets[i]:
+                painted = paint[pos]
+        assert painted == v, (ed.key, v, painted)
+    return labels, paint
 
 
 def get_edition(edition: str | Edition) -> Edition:
@@ -225,8 +435,9 @@ def discover_cases(input_dirs: Sequence[str | os.PathLike], edition: str | Editi
                     missing.append(ed.file_name(p.name, suffix))
                 images.append(f)
             if missing:
-                problems.append(BratsCaseError(p.name, missing[0], f"missing modality file ({len(missing)} of 4 "
-                                                                   f"missing: {', '.join(missing)})"))
+                problems.append(BratsCaseError(p.name, missing[0], f"missing modality file ({len(missing)} of "
+                                                                   f"{len(ed.modalities)} missing: "
+                                                                   f"{', '.join(missing)})"))
                 continue
             if labelled_folder and segs[p] is None:
                 problems.append(BratsCaseError(
@@ -239,8 +450,7 @@ def discover_cases(input_dirs: Sequence[str | os.PathLike], edition: str | Editi
 
 
 def _example_case(ed: Edition) -> str:
-    return {"2020": "BraTS20_Training_001", "2021": "BraTS2021_00000",
-            "2023-gli": "BraTS-GLI-00000-000"}.get(ed.key, ed.case_regex)
+    return ed.example_case
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -575,7 +785,8 @@ def convert_brats(input_dirs: str | os.PathLike | Sequence[str | os.PathLike], e
 
     ``input_dirs``: one or more folders as the organisers ship them (each holds the case folders), e.g. the
     training and the validation folder. Labelled cases go to imagesTr/labelsTr, unlabelled ones to imagesTs.
-    Default dataset: 500 BraTS2020, 501 BraTS2021, 502 BraTS2023GLI. Raises BratsCaseError for the first bad
+    Default dataset: the edition's (500 BraTS2020, 501 BraTS2021, 502 BraTS2023GLI, 510–513 the other 2023 cohorts,
+    514–518 the 2024/2025 cluster: :data:`EDITIONS`). Raises BratsCaseError for the first bad
     case unless ``skip_bad`` (then bad cases are left out and listed in ``conversion_report.json``).
     """
     ed = get_edition(edition)
@@ -631,14 +842,20 @@ def convert_brats(input_dirs: str | os.PathLike | Sequence[str | os.PathLike], e
         if not done:
             raise BratsConversionError(f"every case was bad ({len(skipped)}); nothing converted. First: "
                                        f"{skipped[0]}")
-        dataset_json = dict(json.loads(json.dumps(BRATS_REGIONS_DATASET_JSON)), numTraining=n_tr,
+        dataset_json = dict(ed.dataset_json(), numTraining=n_tr,
                             name=name, description=f"{ed.title}, converted by nnunet_diffusion (nndiff convert-brats)",
                             reference=ed.reference, licence="see the BraTS data usage agreement",
                             brats_edition=ed.key)
+        if ed.evaluator_config is not None:   # read by nndiff evaluate (nnunet_diffusion.evaluation.evaluate)
+            dataset_json["brats_evaluator_config"] = ed.evaluator_config
+        if ed.lesionwise_convention != "brats2023":
+            dataset_json["brats_lesionwise_convention"] = ed.lesionwise_convention
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
         report = {"edition": ed.key, "sources": [str(d.resolve()) for d in input_dirs],
                   "dataset": target.name, "num_training": n_tr, "num_test": n_ts,
                   "label_map_brats_to_nnunet": {str(k): v for k, v in ed.label_to_nnunet.items()},
+                  "brats_labels": {name: value for value, name in ed.labels.items()},
+                  **({"notes": ed.notes} if ed.notes else {}),
                   "skipped": sorted(skipped, key=lambda s: s["case"])}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         if not n_ts:
@@ -657,10 +874,12 @@ def _back_convert_task(task):
     _check_data(case, src, _is_floating(img))
     arr = sitk.GetArrayFromImage(img)
     values = _unique(arr).tolist()
-    unexpected = [v for v in values if v not in (0, 1, 2, 3)]
+    allowed = ed.nnunet_label_values
+    unexpected = [v for v in values if v not in allowed]
     if unexpected:
+        shown = ", ".join(map(str, allowed))
         return case, BratsCaseError(case, src.name, f"prediction value(s) {', '.join(f'{v:g}' for v in unexpected)}"
-                                                    " outside nnU-Net's BraTS labels {0, 1, 2, 3}")
+                                                    f" outside nnU-Net's BraTS labels {{{shown}}}")
     out = sitk.GetImageFromArray(map_labels(arr, ed.nnunet_to_label))
     out.CopyInformation(img)
     sitk.WriteImage(out, str(dst / src.name))
@@ -676,12 +895,15 @@ def _back_convert_task_safe(task):
 
 def convert_predictions_to_brats(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, edition: str | Edition,
                                  num_processes: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
-    """Turn nnU-Net predictions (labels 1 edema, 2 necrosis, 3 enhancing) back into the edition's labels.
+    """Turn nnU-Net predictions back into the edition's labels, for submission.
 
-    BraTS 2020/2021: 1 necrosis, 2 edema, 4 enhancing (the inverse of Dataset137's map,
-    ``convert_labels_back_to_BraTS``); BraTS 2023: 1 NETC, 2 SNFH, 3 ET. Files keep the nnU-Net case name,
-    which is the challenge's (``BraTS2021_00001.nii.gz``, ``BraTS-GLI-00001-000.nii.gz``); geometry and pixel type
-    are the prediction's. Other files in ``pred_dir`` (nnU-Net's plans.json etc.) are ignored.
+    2020–2023 (predictions in nnU-Net's 1 edema, 2 necrosis, 3 enhancing): BraTS 2020/2021 1 necrosis, 2 edema,
+    4 enhancing (the inverse of Dataset137's map, ``convert_labels_back_to_BraTS``); the 2023 cohorts 1 NETC,
+    2 SNFH, 3 ET. The 2024/2025 cluster: nnU-Net's painted regions are the organisers' labels already
+    (:func:`region_layout`); the values are checked and written unchanged. A value outside the edition's labels
+    stops the run naming the case and the file. Files keep the nnU-Net case name, which is the challenge's
+    (``BraTS2021_00001.nii.gz``, ``BraTS-GLI-00001-000.nii.gz``, ``BraTS-MEN-RT-0001-1.nii.gz``); geometry and
+    pixel type are the prediction's. Other files in ``pred_dir`` (nnU-Net's plans.json etc.) are ignored.
     """
     ed = get_edition(edition)
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 
-from .brats import EDITIONS
+from .brats import EDITIONS, PHANTOM_EDITIONS
 
 EDITION_HELP = "BraTS edition: " + ", ".join(f"{k} ({e.title}, default -d {e.dataset_id} {e.dataset_name})"
                                              for k, e in EDITIONS.items())
+PHANTOM_EDITION_HELP = "layout and naming: " + ", ".join(
+    f"{k} ({EDITIONS[k].title}{', with a resection cavity' if 'cavity' in EDITIONS[k].phantom_labels else ''})"
+    for k in PHANTOM_EDITIONS)
 
 
 def _num_processes(value: str) -> int:
@@ -58,16 +61,16 @@ def cmd_make_phantoms(args) -> int:
 
 def register(sub) -> None:
     """Add the BraTS subcommands to the ``nndiff`` parser's subparsers object."""
-    p = sub.add_parser("convert-brats", help="BraTS 2020/2021/2023-GLI folders -> nnU-Net raw dataset "
-                                             "($nnUNet_raw/DatasetNNN_BraTS20xx)",
+    p = sub.add_parser("convert-brats", help="BraTS folders (2020, 2021, the 2023 cohorts, the 2024/2025 cluster) "
+                                             "-> nnU-Net raw dataset ($nnUNet_raw/DatasetNNN_BraTS20xx)",
                        epilog="example: nndiff convert-brats RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021 "
                               "RSNA_ASNR_MICCAI_BraTS2021_ValidationData --edition 2021 -np 8")
     p.add_argument("input_dirs", nargs="+", metavar="INPUT_DIR",
                    help="folder(s) holding the case folders as shipped; labelled cases -> imagesTr/labelsTr, "
                         "unlabelled (validation/test) -> imagesTs")
     p.add_argument("--edition", required=True, choices=list(EDITIONS), help=EDITION_HELP)
-    p.add_argument("-d", type=int, default=None, help="dataset id (default: 500/501/502 by edition)")
-    p.add_argument("--name", default=None, help="dataset name (default: BraTS2020 / BraTS2021 / BraTS2023GLI)")
+    p.add_argument("-d", type=int, default=None, help="dataset id (default: the edition's, see --edition)")
+    p.add_argument("--name", default=None, help="dataset name (default: the edition's, see --edition)")
     p.add_argument("-np", type=_num_processes, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="worker processes (default: CPU cores - 1, at most 8)")
     p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
@@ -78,8 +81,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_convert_brats)
 
     p = sub.add_parser("convert-predictions-to-brats",
-                       help="nnU-Net predictions (1 edema, 2 necrosis, 3 enhancing) -> the edition's label values "
-                            "and file names (2020/2021: 1, 2, 4; 2023: 1, 2, 3)")
+                       help="nnU-Net predictions -> the edition's label values and file names (2020/2021: 1, 2, 4; "
+                            "2023 cohorts: 1, 2, 3; 2024/2025 cluster: the organisers' values, checked)")
     p.add_argument("pred_dir", metavar="PRED_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--edition", required=True, choices=list(EDITIONS), help=EDITION_HELP)
@@ -91,7 +94,8 @@ def register(sub) -> None:
     p = sub.add_parser("make-phantoms",
                        help="write semi-synthetic BraTS-layout folders (real MNI152 anatomy, simulated tumours)")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--edition", default="2021", choices=list(EDITIONS), help=EDITION_HELP + " (default 2021)")
+    p.add_argument("--edition", default="2021", choices=list(PHANTOM_EDITIONS),
+                   help=PHANTOM_EDITION_HELP + " (default 2021)")
     p.add_argument("-n", type=int, default=4, help="training cases, with seg (default 4)")
     p.add_argument("--n-val", type=int, default=0, help="validation cases, without seg (default 0)")
     p.add_argument("--seed", type=int, default=0)

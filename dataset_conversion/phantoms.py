@@ -27,6 +27,15 @@ Everything else is simulated:
 * **Rician noise**: ``|S + n_1 + i n_2|`` with ``n_1, n_2 ~ N(0, σ²)`` (Gudbjartsson & Patz, MRM 1995).
 * Smooth random fields are random Fourier features of a Gaussian-covariance field (Rahimi & Recht, NIPS 2007),
   evaluated in millimetres, so a seed gives the same tumour at any output resolution.
+* **Post-treatment** (``cavity=True``; ``nndiff make-phantoms --edition 2024-gli``): the same tumour, then a
+  resection cavity carved out of it, as the BraTS 2024 post-treatment annotation describes it (resection cavity
+  RC, label 4, disjoint from the tumour labels): an irregular ellipsoid of 0.6–0.85 tumour radii, its centre
+  0.3–0.5 radii off the tumour centre, so that residual tumour (enhancing tissue and non-enhancing core) stays on
+  one side of it and the edema (SNFH) around both. The cavity holds fluid: CSF's intensities in every contrast,
+  dark on T1 and T1ce, bright on T2, suppressed on FLAIR. Around it a thin rim (1.5–2.5 mm, at least one voxel)
+  enhances on T1ce; thin linear enhancement along a cavity is not enhancing tumour in the 2024 protocol, so the
+  rim is labelled SNFH where it is not residual tumour. The cavity's parameters come from a stream of their own
+  (``Generator.spawn``): the tumour, anatomy and noise of a case are those of its pre-operative twin.
 
 Images are skull-stripped (zero outside the brain) like BraTS, on the BraTS 240×240×155 1 mm grid by default
 (SimpleITK origin (0, -239, 0), identity direction); ``spacing``/``shape``/``crop`` give small test sizes.
@@ -44,12 +53,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .brats import BratsConversionError, Edition, _run_tasks, atomic_folder, get_edition
+from .brats import PHANTOM_EDITIONS, BratsConversionError, Edition, _run_tasks, atomic_folder, get_edition
 from .conventions import CHANNELS, TISSUE_INTENSITY, TISSUES  # noqa: F401 (TISSUES: part of this API)
 
 CONTRASTS = CHANNELS  # nnU-Net channel order
-# nnU-Net's label convention (Dataset137): 1 edema, 2 necrosis / non-enhancing core, 3 enhancing
-EDEMA, NECROSIS, ENHANCING = 1, 2, 3
+# nnU-Net's label convention (Dataset137): 1 edema, 2 necrosis / non-enhancing core, 3 enhancing; 4 cavity
+EDEMA, NECROSIS, ENHANCING, CAVITY = 1, 2, 3, 4
+TISSUE_OF_LABEL = {EDEMA: "edema", NECROSIS: "necrosis", ENHANCING: "enhancing", CAVITY: "cavity"}
+"""A phantom label's tissue, the key of an edition's ``phantom_labels`` (its label value for that tissue)."""
 
 BRATS_SHAPE = (240, 240, 155)            # x, y, z voxels (SimpleITK order)
 BRATS_ORIGIN = (0.0, -239.0, 0.0)        # LPS mm, identity direction, 1 mm spacing
@@ -218,7 +229,8 @@ def make_grid(spacing=None, shape=None, crop: str = "brats") -> Grid:
 
 @dataclass
 class PhantomCase:
-    """Arrays in SimpleITK (z, y, x) order. ``label`` uses nnU-Net's convention (1 edema, 2 necrosis, 3 enh.).
+    """Arrays in SimpleITK (z, y, x) order. ``label`` uses nnU-Net's convention (1 edema, 2 necrosis, 3 enh.)
+    and 4 for a resection cavity.
     ``gm``/``wm``/``csf``/``brain`` are the (mass-effect-deformed) tissue fractions the contrasts were made from."""
     images: dict
     label: np.ndarray
@@ -232,8 +244,9 @@ class PhantomCase:
 
 
 def make_phantom_case(seed: int | Sequence[int] | np.random.Generator = 0, spacing=None, shape=None,
-                      crop: str = "brats") -> PhantomCase:
-    """One BraTS-like case (see the module docstring for the model). Deterministic per ``seed``."""
+                      crop: str = "brats", cavity: bool = False) -> PhantomCase:
+    """One BraTS-like case (see the module docstring for the model). Deterministic per ``seed``. ``cavity``: the
+    post-treatment case, the same tumour with a resection cavity (label 4) carved out of it."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import dijkstra
     from scipy.ndimage import map_coordinates
@@ -371,6 +384,11 @@ def make_phantom_case(seed: int | Sequence[int] | np.random.Generator = 0, spaci
     lab_b[edema] = EDEMA
     lab_b[core] = ENHANCING
     lab_b[necrosis] = NECROSIS
+    if cavity:
+        m_cav, m_rim, in_cav, in_rim, cav_params = _resection_cavity(rng.spawn(1)[0], bpts, centre, radius, grid,
+                                                                     tau, inside_brain)
+        lab_b[in_rim & ~core] = EDEMA        # thin enhancement along the cavity: SNFH, not enhancing tumour
+        lab_b[in_cav] = CAVITY
     label[block] = lab_b.reshape(bshape)
 
     # ---- contrasts (partial-volume mixing, see module doc), computed on brain voxels only ----
@@ -385,9 +403,15 @@ def make_phantom_case(seed: int | Sequence[int] | np.random.Generator = 0, spaci
     strength = 0.75 + 0.25 * np.clip(1 - t_edema / reach, 0, 1)
     frac_edema[block] = (m_edema * strength).reshape(bshape)
     enh_tex[block] = at_block(enh_tex_aux).reshape(bshape)
+    frac_cav = np.zeros_like(frac_core)
+    frac_rim = np.zeros_like(frac_core)
+    if cavity:
+        frac_cav[block] = m_cav.reshape(bshape)
+        frac_rim[block] = m_rim.reshape(bshape)
     v_gm, v_wm, v_csf, v_brain = gm[brain_mask], wm[brain_mask], csf[brain_mask], brain[brain_mask]
     v_core, v_nec, v_ed, v_tex = (frac_core[brain_mask], frac_nec[brain_mask], frac_edema[brain_mask],
                                   enh_tex[brain_mask])
+    v_cav, v_rim = frac_cav[brain_mask], frac_rim[brain_mask]
     coords_norm = [(a - c) / 120.0 for a, c in zip((gx, gy, gz), (119.5, 119.5, 77.0))]
     images = {}
     scan_noise = rng.uniform(0.015, 0.035)
@@ -397,6 +421,10 @@ def make_phantom_case(seed: int | Sequence[int] | np.random.Generator = 0, spaci
         normal = v_csf * i_csf + (1 - v_ed) * parenchyma + v_ed * (v_gm + v_wm) * i_ed
         tumour = v_nec * i_nec + (1 - v_nec) * i_enh * (1 + v_tex)
         img = (1 - v_core) * normal + v_core * tumour
+        if cavity:
+            img = (1 - v_cav) * img + v_cav * i_csf                          # fluid: CSF-like in every contrast
+            if name == "T1ce":
+                img = (1 - v_rim) * img + v_rim * i_enh                      # the thin enhancing rim
         img = img / np.maximum(v_brain, 1e-3)                               # skull-stripped: no edge fall-off
         img *= _bias_field(rng, coords_norm)[brain_mask]
         sigma = scan_noise * 0.86
@@ -411,7 +439,32 @@ def make_phantom_case(seed: int | Sequence[int] | np.random.Generator = 0, spaci
     params = {"centre_mm": centre.tolist(), "radius_mm": float(radius), "lobes": len(lobes),
               "necrosis_fraction": float(rho_nec), "edema_reach_grey_mm": float(reach),
               "mass_effect_k": float(k_mass), "mass_effect_radius_mm": float(rho_mass)}
+    if cavity:
+        params.update(cav_params)
     return PhantomCase(images, label, gm, wm, csf, brain, grid.spacing, grid.origin, params)
+
+
+def _resection_cavity(rng: np.random.Generator, pts: np.ndarray, centre: np.ndarray, radius: float, grid: Grid,
+                      tau: float, inside_brain: np.ndarray):
+    """The resection cavity of a post-treatment case at points ``pts`` (mm, x y z): (cavity membership, rim
+    membership, cavity mask, rim mask, parameters). Shape and placement: see the module docstring."""
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    cav_centre = centre + direction * radius * rng.uniform(0.3, 0.5)
+    rot = _rotation(rng)
+    axes = radius * rng.uniform(0.6, 0.85) * rng.uniform(0.85, 1.15, 3)
+    rim_mm = max(rng.uniform(1.5, 2.5), max(grid.spacing))      # thin, but at least one voxel
+    field = SmoothField(rng, rng.uniform(5, 9))
+    d = np.sqrt((((pts - cav_centre) @ rot / axes) ** 2).sum(1)).astype(np.float32)
+    near = d < 1.6
+    d[near] += 0.08 * np.clip(field(pts[near]), -3, 3)             # irregular wall, |change| < 0.24
+    outside_mm = (d - 1) * float(axes.mean())                      # ~ mm outside the cavity wall
+    in_cav = (d < 1) & inside_brain
+    in_rim = ~in_cav & (outside_mm < rim_mm) & inside_brain
+    m_cav = _logistic(-outside_mm / tau) * inside_brain
+    m_rim = _logistic(outside_mm / tau) * _logistic((rim_mm - outside_mm) / tau) * inside_brain
+    params = {"cavity_centre_mm": cav_centre.tolist(), "cavity_axes_mm": axes.tolist(), "cavity_rim_mm": rim_mm}
+    return m_cav, m_rim, in_cav, in_rim, params
 
 
 def _bias_field(rng: np.random.Generator, coords) -> np.ndarray:
@@ -439,15 +492,16 @@ def _bias_field(rng: np.random.Generator, coords) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 def case_names(edition: str | Edition, n_train: int, n_val: int = 0, first_case: int | None = None
                ) -> tuple[list[str], list[str]]:
-    """Organiser-style case names: 2020 ``BraTS20_Training_001`` / ``BraTS20_Validation_001``, 2021
-    ``BraTS2021_00000`` (validation numbers continue after training), 2023 ``BraTS-GLI-00000-000``."""
+    """Organiser-style case names: 2020 ``BraTS20_Training_001`` / ``BraTS20_Validation_001``, else the edition's
+    ``case_format`` (validation numbers continue after training): 2021 ``BraTS2021_00000``, 2023
+    ``BraTS-GLI-00000-000``, 2024 post-treatment ``BraTS-GLI-00000-100``."""
     ed = get_edition(edition)
     if ed.key == "2020":
         first = 1 if first_case is None else first_case
         return ([f"BraTS20_Training_{first + i:03d}" for i in range(n_train)],
                 [f"BraTS20_Validation_{1 + i:03d}" for i in range(n_val)])
     first = 0 if first_case is None else first_case
-    fmt = "BraTS2021_{:05d}" if ed.key == "2021" else "BraTS-GLI-{:05d}-000"
+    fmt = ed.case_format
     return ([fmt.format(first + i) for i in range(n_train)],
             [fmt.format(first + n_train + i) for i in range(n_val)])
 
@@ -467,14 +521,18 @@ def write_case(case: PhantomCase, folder: Path, name: str, edition: str | Editio
         write(case.images[contrast], ed.file_name(name, suffix))
     if with_seg:
         seg = np.zeros_like(case.label)
-        for nn_value, brats_value in ed.nnunet_to_label.items():
-            seg[case.label == nn_value] = brats_value
+        for value in np.unique(case.label[case.label > 0]).tolist():
+            tissue = TISSUE_OF_LABEL[value]
+            if tissue not in ed.phantom_labels:
+                raise BratsConversionError(f"the {ed.title} layout has no label for the phantom's {tissue}")
+            seg[case.label == value] = ed.phantom_labels[tissue]
         write(seg, ed.seg_aliases.get(name, ed.file_name(name, ed.seg_suffix)))
 
 
 def _phantom_task(task):
     folder, name, edition, with_seg, seed_seq, spacing, shape, crop = task
-    case = make_phantom_case(np.random.default_rng(seed_seq), spacing, shape, crop)
+    cavity = "cavity" in get_edition(edition).phantom_labels
+    case = make_phantom_case(np.random.default_rng(seed_seq), spacing, shape, crop, cavity=cavity)
     write_case(case, folder / name, name, edition, with_seg)
     return name
 
@@ -516,11 +574,16 @@ def make_phantoms(out_dir: str | os.PathLike, edition: str | Edition = "2021", n
     """Write ``out_dir/<training folder>`` (``n`` cases with seg) and, if ``n_val``, ``out_dir/<validation
     folder>`` (cases without seg) in the edition's layout, e.g. RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021/
     BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz. Returns {"training": path, "validation": path}.
+    Editions: :data:`.brats.PHANTOM_EDITIONS`; 2024-gli writes post-treatment cases (a resection cavity, label 4)
+    in the 2024 layout, ``BraTS2024-BraTS-GLI-TrainingData/training_data1_v2/BraTS-GLI-00000-100/...``.
 
     Each folder is written to a temporary folder and renamed into place at the end (nothing half-written on
     interruption). A ``README_PHANTOMS.txt`` beside the cases says that the data are semi-synthetic.
     """
     ed = get_edition(edition)
+    if not ed.phantom_labels:
+        raise BratsConversionError(f"no phantoms in the {ed.title} layout; make-phantoms writes "
+                                   f"{', '.join(PHANTOM_EDITIONS)}")
     if n < 0 or n_val < 0 or n + n_val == 0:
         raise BratsConversionError(f"ask for at least one case (n={n}, n_val={n_val})")
     out_dir = Path(out_dir)

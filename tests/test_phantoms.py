@@ -1,4 +1,5 @@
-"""The semi-synthetic MNI152 phantom generator (dataset_conversion/phantoms.py, `nndiff make-phantoms`).
+"""The semi-synthetic MNI152 phantom generator (dataset_conversion/phantoms.py, `nndiff make-phantoms`), pre-operative
+and post-treatment (a resection cavity, BraTS 2024 layout).
 
 Expected directions are textbook MRI appearance (T1: WM > GM > CSF; T2: CSF bright; FLAIR: CSF suppressed,
 edema bright; T1ce: enhancing rim bright), not numbers taken from the generator's table.
@@ -148,6 +149,10 @@ EDITION_LAYOUT = {
     "2023-gli": ("ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData",
                  "ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData", "BraTS-GLI-00000-000", "BraTS-GLI-00002-000",
                  ("t1n", "t1c", "t2w", "t2f"), "-", ".nii.gz", {1, 2, 3}),
+    # post-treatment glioma 2024: NETC 1, SNFH 2, ET 3, resection cavity 4; the training zip holds training_data1_v2
+    "2024-gli": ("BraTS2024-BraTS-GLI-TrainingData/training_data1_v2",
+                 "BraTS2024-BraTS-GLI-ValidationData/validation_data", "BraTS-GLI-00000-100", "BraTS-GLI-00002-100",
+                 ("t1n", "t1c", "t2w", "t2f"), "-", ".nii.gz", {1, 2, 3, 4}),
 }
 
 
@@ -166,6 +171,63 @@ def test_brats_layout_and_naming(tmp_path, edition):
     if edition == "2020":
         assert (out["training"] / "name_mapping.csv").is_file() and (out["training"] / "survival_info.csv").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temporary folders left
+
+
+@pytest.fixture(scope="module")
+def post_treatment():
+    """Post-treatment cases at 3 mm and their pre-operative twins (same seed, no cavity)."""
+    return [(make_phantom_case([s, 0, 0], spacing=3.0, crop="brain", cavity=True),
+             make_phantom_case([s, 0, 0], spacing=3.0, crop="brain")) for s in range(3)]
+
+
+def test_post_treatment_cases_have_a_fluid_cavity_with_an_enhancing_rim(post_treatment):
+    """Labels (phantom convention: 1 edema/SNFH, 2 necrosis/NETC, 3 enhancing, 4 cavity) all present; the cavity
+    carved out of the pre-operative twin's tumour, disjoint from the tumour labels, with residual NETC/ET next
+    to it and SNFH around; CSF-like contrasts inside (dark T1/T1ce, bright T2, dark FLAIR) and a thin rim that
+    enhances on T1ce and is labelled SNFH, not enhancing tumour, where it is not residual tumour."""
+    from scipy.ndimage import binary_dilation
+    for post, pre in post_treatment:
+        counts = np.bincount(post.label.ravel(), minlength=5)
+        assert (counts[1:] > 0).all(), counts
+        cavity = post.label == 4
+        assert (pre.label[cavity] > 0).mean() > 0.9                 # carved out of the tumour (and its edema)
+        assert (post.brain[cavity] >= 0.5).all()
+        assert post.params["centre_mm"] == pre.params["centre_mm"]  # the same tumour as the twin
+        outside = ~binary_dilation(pre.label > 0, iterations=3)
+        np.testing.assert_array_equal(post.label[outside], pre.label[outside])
+        shell = binary_dilation(cavity, iterations=1) & ~cavity & (post.brain >= 0.5)
+        near = binary_dilation(cavity, iterations=2) & ~cavity
+        assert np.isin(post.label[near], (2, 3)).any()                # residual NETC / ET next to the cavity
+        assert (post.label[shell] > 0).mean() > 0.9                   # the rim: SNFH or residual tumour, no gap
+        assert not (post.label[shell] == 4).any()
+        im = {k: v.astype(float) for k, v in post.images.items()}
+        wm = (post.wm > 0.9) & (post.label == 0)
+        rim = shell & (post.label == 1)
+        assert _mean(im["T1"], cavity) < 0.6 * _mean(im["T1"], wm)
+        assert _mean(im["T1ce"], cavity) < 0.6 * _mean(im["T1ce"], wm)
+        assert _mean(im["T2"], cavity) > 1.5 * _mean(im["T2"], wm)
+        assert _mean(im["FLAIR"], cavity) < 0.6 * _mean(im["FLAIR"], wm)
+        assert _mean(im["T1ce"], rim) > 1.15 * max(_mean(im["T1ce"], cavity), _mean(im["T1ce"], wm))
+        edema_far = (post.label == 1) & ~near
+        assert _mean(im["T1ce"], rim) > _mean(im["T1ce"], edema_far)  # the rim enhances, the edema does not
+
+
+def test_post_treatment_phantoms_convert_as_2024_gli(tmp_path, monkeypatch):
+    from nnunet_diffusion.dataset_conversion.brats import convert_brats
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    out = make_phantoms(tmp_path / "src", "2024-gli", n=2, n_val=1, seed=2, spacing=6, crop="brain", progress=False)
+    res = convert_brats([out["training"], out["validation"]], "2024-gli", raw_root=tmp_path / "raw",
+                        progress=False)
+    assert (res.num_training, res.num_test) == (2, 1)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(res.dataset_dir / "labelsTr" / "BraTS-GLI-00000-100.nii.gz")))
+    assert set(np.unique(seg)) == {0, 1, 2, 3, 4}
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    verify_dataset_integrity(str(res.dataset_dir), num_processes=1)
+
+
+def test_layouts_without_phantoms_are_refused(tmp_path):
+    with pytest.raises(BratsConversionError, match="no phantoms in the BraTS 2024 paediatric tumours .*2024-gli"):
+        make_phantoms(tmp_path, "2024-ped", n=1, spacing=8, crop="brain", progress=False)
 
 
 def test_2020_case_355_label_quirk(tmp_path):

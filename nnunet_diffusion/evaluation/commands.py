@@ -21,11 +21,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lesionwise", action=argparse.BooleanOptionalAction, default=None,
                    help="add lesion-wise Dice and HD95, lesion counts and per_lesion.csv (default: on for BraTS "
                         "region datasets, off otherwise)")
-    p.add_argument("--lesionwise-convention", choices=LESIONWISE_CONVENTIONS, default=DEFAULT_LESIONWISE_CONVENTION,
-                   help="brats2023 (default): the BraTS 2023 challenge rule (lesions merged by dilation, small "
-                        "lesions dropped, misses and false positives averaged in as Dice 0 / HD95 374 mm); "
+    p.add_argument("--lesionwise-convention", choices=LESIONWISE_CONVENTIONS, default=None,
+                   help=f"{DEFAULT_LESIONWISE_CONVENTION}: the BraTS 2023 challenge rule (lesions merged by dilation, "
+                        "small lesions dropped, misses and false positives averaged in as Dice 0 / HD95 374 mm); "
                         "panoptica: the official brats-evaluation package (one-to-one matching, means over the "
-                        "matched lesions)")
+                        "matched lesions). Default: the one dataset.json names (nndiff convert-brats: panoptica for "
+                        f"the 2024/2025 cluster), else {DEFAULT_LESIONWISE_CONVENTION}")
     p.add_argument("--lesionwise-cohort", type=str.upper, choices=tuple(BRATS2023_COHORTS), default=None,
                    help="BraTS 2023 cohort whose dilation and minimum lesion volume apply (GLI, SSA, PED: 3 voxels, "
                         "50 mm³; MEN: 1, 50; MET: 1, 2; default: from dataset.json's brats_edition, else GLI)")
@@ -66,7 +67,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="Dice, IoU, mIoU, HD95 (mm), VS, PA, sensitivity, specificity and volumes per case and region",
         description="Evaluate the label maps in PRED_DIR against the same-named references in REF_DIR, per case and "
-                    "per region (BraTS: whole tumour, tumour core, enhancing) or label, as read from the "
+                    "per region (BraTS: the edition's label groups, e.g. whole tumour, tumour core, enhancing) or "
+                    "label, as read from the "
                     "dataset's dataset.json. Writes per_case.csv, summary.json and table.md into OUT_DIR, and with "
                     "lesion-wise metrics (default for BraTS region datasets) per_lesion.csv.",
         epilog="example: nndiff evaluate pred $nnUNet_raw/Dataset501_BraTS/labelsTs -d 501 -o eval_pred")

@@ -18,7 +18,12 @@ writes into ``output_dir``:
 Regions and labels come from the dataset's ``dataset.json`` exactly as nnU-Net reads them
 (``LabelManager``): a label whose value is a list is a region (BraTS: whole tumour (1, 2, 3), tumour core (2, 3),
 enhancing (3)), and a voxel belongs to a region when its label is in the region's tuple; datasets without regions
-are evaluated per foreground label. Voxels of an ignore label in the reference are left out. A label map with
+are evaluated per foreground label. ``nndiff convert-brats`` writes the label groups each BraTS edition is scored
+on as regions: for the 2024/2025 cluster the groups of brats-evaluation's config (post-treatment glioma: ET, NETC,
+SNFH, RC, TC, WT; paediatric: ET, NETC, CC, ED, TC, WT; ...), which are then the regions evaluated here, and the
+lesion-wise rule defaults to the one dataset.json names (``brats_lesionwise_convention``: "panoptica", the
+evaluator's own, for that cluster; else "brats2023").
+Voxels of an ignore label in the reference are left out. A label map with
 a value that dataset.json does not define, or prediction and reference of different geometry, stop the evaluation
 with a one-line message naming the case and the files.
 Metric definitions and empty-mask conventions: :mod:`nnunet_diffusion.evaluation.metrics`.
@@ -53,11 +58,15 @@ TABLE_COLUMNS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), (
 LESIONWISE_TABLE_COLUMNS = (("lesionwise_dice", "LW DSC (%)"), ("lesionwise_hd95", "LW HD95 (mm)"))
 """Shown right after DSC and HD95 when the evaluation is lesion-wise."""
 ALL_REGIONS = "mean over regions"
-BRATS_REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+BRATS_REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET",
+                              "non-enhancing tumor core": "NETC",
+                              "surrounding non-enhancing FLAIR hyperintensity": "SNFH", "resection cavity": "RC",
+                              "cystic component": "CC", "edema": "ED", "gross tumor volume": "GTV"}
 
 
 def short_region(name: str) -> str:
-    """WT / TC / ET for nndiff convert-brats' region names (table columns); any other name unchanged."""
+    """WT / TC / ET (NETC, SNFH, RC, CC, ED, GTV) for nndiff convert-brats' region names (table columns); any other
+    name unchanged."""
     return BRATS_REGION_ABBREVIATIONS.get(name, name)
 
 
@@ -163,24 +172,38 @@ _BRATS_REGION_NAMES = {"wholetumor", "tumorcore", "enhancingtumor", "wt", "tc", 
 
 
 def is_brats_region_dataset(dataset_json: dict) -> bool:
-    """True for a BraTS dataset with nnU-Net regions: dataset.json has regions (labels given as lists) and either
-    says it is BraTS ("brats_edition", written by ``nndiff convert-brats``, or "brats" in its name) or names its
-    regions whole tumor / tumor core / enhancing tumor."""
+    """True for a dataset written by ``nndiff convert-brats`` ("brats_edition" in dataset.json; a one-label edition
+    such as MEN-RT has no list-valued regions) and for a BraTS dataset with nnU-Net regions: dataset.json has
+    regions (labels given as lists) and either has "brats" in its name or names its regions whole tumor / tumor
+    core / enhancing tumor."""
+    if "brats_edition" in dataset_json:
+        return True
     labels = dataset_json.get("labels") or {}
     regions = [k for k, v in labels.items() if isinstance(v, (list, tuple)) and k not in ("background", "ignore")]
     if not regions:
         return False
-    if "brats_edition" in dataset_json or "brats" in str(dataset_json.get("name", "")).lower():
+    if "brats" in str(dataset_json.get("name", "")).lower():
         return True
     return {"".join(ch for ch in k.lower() if ch.isalnum()) for k in regions} <= _BRATS_REGION_NAMES
 
 
-def brats_cohort(dataset_json: dict) -> str:
-    """The BraTS 2023 cohort (GLI, SSA, PED, MEN, MET) whose lesion-wise parameters apply: from dataset.json's
-    "brats_edition" (e.g. "2023-gli") when it names one, else GLI (the adult glioma rule, also used for the
-    BraTS 2020/2021 data)."""
-    suffix = str(dataset_json.get("brats_edition", "")).rsplit("-", 1)[-1].upper()
-    return suffix if suffix in BRATS2023_COHORTS else "GLI"
+def brats_cohort(dataset_json: dict) -> str | None:
+    """The BraTS 2023 cohort (GLI, SSA, PED, MEN, MET) whose lesion-wise parameters apply: the cohort part of
+    dataset.json's "brats_edition" ("2023-met" → MET, "2024-gli" → GLI); GLI (the adult glioma rule, also used for
+    the BraTS 2020/2021 data) when the edition names no cohort or there is none; None when it names a cohort the
+    2023 rule has no parameters for (MEN-RT, GoAT)."""
+    edition = str(dataset_json.get("brats_edition", ""))
+    if "-" not in edition:
+        return "GLI"
+    cohort = edition.split("-", 1)[1].upper()
+    return cohort if cohort in BRATS2023_COHORTS else None
+
+
+def default_lesionwise_convention(dataset_json: dict) -> str:
+    """The lesion-wise convention dataset.json asks for ("brats_lesionwise_convention", written by ``nndiff
+    convert-brats`` for the editions brats-evaluation scores: "panoptica"), else :data:`.lesionwise.
+    DEFAULT_LESIONWISE_CONVENTION`."""
+    return str(dataset_json.get("brats_lesionwise_convention", DEFAULT_LESIONWISE_CONVENTION))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -472,15 +495,26 @@ class EvaluationResult:
     per_lesion: "object" = None  # pandas.DataFrame: one row per lesion (lesion-wise evaluation only)
 
 
-def lesionwise_settings(dataset_json: dict, lesionwise: bool | None, convention: str, cohort: str | None
+def lesionwise_settings(dataset_json: dict, lesionwise: bool | None, convention: str | None, cohort: str | None
                         ) -> tuple[str, str] | None:
     """(convention, cohort) when the evaluation is lesion-wise, else None. ``lesionwise=None``: on for BraTS
-    region datasets (:func:`is_brats_region_dataset`). ``cohort=None``: :func:`brats_cohort`."""
+    region datasets (:func:`is_brats_region_dataset`). ``convention=None``: :func:`default_lesionwise_convention`.
+    ``cohort=None``: :func:`brats_cohort` (used by "brats2023" only)."""
     if lesionwise is None:
         lesionwise = is_brats_region_dataset(dataset_json)
     if not lesionwise:
         return None
-    cohort = brats_cohort(dataset_json) if cohort is None else cohort
+    convention = default_lesionwise_convention(dataset_json) if convention is None else convention
+    if cohort is None:
+        cohort = brats_cohort(dataset_json)
+        if cohort is None:
+            if convention != "brats2023":
+                cohort = "GLI"   # not used by the other conventions
+            else:
+                raise EvaluationError(
+                    f"the BraTS 2023 lesion-wise rule has no parameters for edition "
+                    f"{dataset_json.get('brats_edition')}: choose a cohort's (--lesionwise-cohort "
+                    f"{'/'.join(BRATS2023_COHORTS)}) or --lesionwise-convention panoptica (brats-evaluation's rule)")
     try:
         rule = lesionwise_rule(convention, cohort)
     except ValueError as e:
@@ -493,7 +527,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
                     dataset_json: str | os.PathLike | dict | None = None, num_processes: int | None = None,
                     hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, only_predicted: bool = False,
                     cases: Sequence[str] | None = None, progress: bool = True, title: str | None = None,
-                    lesionwise: bool | None = None, lesionwise_convention: str = DEFAULT_LESIONWISE_CONVENTION,
+                    lesionwise: bool | None = None, lesionwise_convention: str | None = None,
                     lesionwise_cohort: str | None = None) -> EvaluationResult:
     """Evaluate every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
@@ -502,8 +536,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike,
     reference and, unless ``only_predicted`` (or ``cases``) is given, every reference a prediction. When
     ``output_dir`` is given, per_case.csv, summary.json and table.md (and per_lesion.csv) are written there (each
     atomically). ``lesionwise`` (None: on for BraTS region datasets) adds the lesion-wise metrics of
-    ``lesionwise_convention`` (one of :data:`.lesionwise.LESIONWISE_CONVENTIONS`, default "brats2023") with the
-    parameters of ``lesionwise_cohort`` (GLI, SSA, PED, MEN, MET; None: from dataset.json, else GLI).
+    ``lesionwise_convention`` (one of :data:`.lesionwise.LESIONWISE_CONVENTIONS`; None: dataset.json's
+    "brats_lesionwise_convention", else "brats2023") with the parameters of ``lesionwise_cohort`` (GLI, SSA, PED,
+    MEN, MET; None: from dataset.json's edition, else GLI).
     """
     if hd95_mode not in HD95_MODES:
         raise EvaluationError(f"hd95 mode must be one of {', '.join(HD95_MODES)}; got {hd95_mode!r}")

@@ -32,9 +32,11 @@ organisers' metrics code computes it (github.com/rachitsaluja/BraTS-2023-Metrics
    and when |L| + |FP| = 0 (both empty, or only dropped lesions and no false positive): Dice 1, HD95 0.
    TP = kept lesions with at least one touching component, FN = kept lesions with none, FP = |FP|.
 
-``"panoptica"`` — the current official package ``brats-evaluation`` (0.0.10, built on panoptica 2.1.7, config
-``gli``; its ``parse_seg_results`` reports ``lesionwise_dsc_mean`` = panoptica's ``sq_dsc`` and
-``lesionwise_hd95_mean`` = ``sq_hd95``):
+``"panoptica"`` — the current official package ``brats-evaluation`` (0.0.10, built on panoptica 2.1.7; its
+``parse_seg_results`` reports ``lesionwise_dsc_mean`` = panoptica's ``sq_dsc`` and ``lesionwise_hd95_mean`` =
+``sq_hd95``). Its six bundled configs (``gli``, ``ped``, ``mets``, ``MenPre``, ``MenRT``, ``GoAT``) differ only in
+their label groups (the regions ``nndiff convert-brats`` writes for each edition); matching, metrics and edge
+cases are the same in all of them, and none dilates or drops small lesions:
 
 1. instances are the 26-connected components of reference and prediction (panoptica's
    ``ConnectedComponentsInstanceApproximator``, cc3d backend for 3-D), no dilation, no merging, no volume
