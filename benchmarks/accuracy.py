@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from nnunet_diffusion import registry
+
 from .speed import FAST
 from .speed import TRAINERS as HEADS
 
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     run(f"nnUNetTrainer_{args.variant}", "stock")
     for head in args.heads:
         trainer = f"{HEADS[head]}_{args.variant}"
-        if head == "nndm":
+        if registry.head(head).refinement_toggle:
             run(trainer, "refine off", lambda net: replace(net.sampling, refine=False))
         base = TRAINERS[HEADS[head]]
         defaults = base.sampling_defaults()

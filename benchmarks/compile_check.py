@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .speed import TRAINERS, _env, _sync, _train_batches, device, prepare, stock_head_case
+from .speed import TRAINERS, _env, _sync, device, prepare, stock_head_case
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -59,7 +59,7 @@ def check(head: str, backend: str = "inductor", repeats: int = 3) -> list[str]:
         problems.append(f"{head}: compiling changed the state-dict keys")
     who = "by initialize() (nnUNet_compile=1)" if by_trainer else f"by compile_parts(backend={backend!r})"
     print(f"[{head}] compiled in place {who} on {dev}: {', '.join(tr.compiled_parts)}", flush=True)
-    for label, epoch, b in _train_batches(head, tr, batch):
+    for label, epoch, b in tr.stage_batches(batch):
         tr.current_epoch = epoch
         tr.lr_scheduler.step(epoch)
         runs = [_timed(lambda: tr.train_step(b)["loss"]) for _ in range(repeats)]

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_diffusion import registry
+
 from .accuracy import _predictor, demo_parser, evaluate_cases, fast_options, mean_metrics, use_demo_workdir
 from .speed import FAST
 from .speed import TRAINERS as HEADS
@@ -58,7 +60,7 @@ def settings_to_run(heads: list[str], variant: str) -> list[tuple[str, str, obje
     out = [(f"nnUNetTrainer_{variant}", "stock", None)]
     for head in heads:
         trainer = f"{HEADS[head]}_{variant}"
-        if head == "nndm":
+        if registry.head(head).refinement_toggle:
             out += [(trainer, "refine off", lambda o: replace(o, refine=False)), (trainer, "defaults", None)]
         else:
             fast = fast_options(head)
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
                      "per_case_dice": per_case})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_case_dice"}), flush=True)
     comparisons = {}
-    nndm = [r for r in rows if r["trainer"].startswith(HEADS["nndm"] + "_")]
+    refining = next(h.trainer for h in registry.HEADS if h.refinement_toggle)
+    nndm = [r for r in rows if r["trainer"].startswith(refining + "_")]
     if len(nndm) == 2:
         comparisons["NNDM defaults against its refinement off"] = paired(nndm[0]["per_case_dice"],
                                                                          nndm[1]["per_case_dice"])

@@ -169,25 +169,6 @@ FAST = {"medsegdiff": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_S
         "ddmd": {"NNDIFF_SAMPLER": "ddim", "NNDIFF_STEPS": "10", "NNDIFF_SAMPLES": "1"}}
 
 
-def _train_batches(head: str, trainer, batch) -> list[tuple[str, int, dict]]:
-    """(stage label, epoch that selects the stage, batch) for each training stage of ``head``."""
-    import torch
-    if head == "nndm":
-        s1, s2, _ = trainer.stage_epochs
-        return [("stage 1 (nnU-Net)", 0, batch), ("stage 2 (refiner)", s1, batch), ("stage 3 (joint)", s1 + s2, batch)]
-    if head in ("medsegdiff", "modiff"):  # no deep supervision: the full-resolution target
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        return [("(one stage)", 0, {"data": batch["data"], "target": target})]
-    if head == "recoseg":
-        with_residual = {"data": torch.cat([batch["data"], batch["data"][:, :1].abs()], 1), "target": batch["target"]}
-        return [("stage 1 (synthesis)", 0, batch), ("stage 2 (segmentation)", trainer.stage_epochs[0], with_residual)]
-    if head == "ddmd":
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        b = {"data": batch["data"], "target": target}
-        return [("stage 1 (autoencoders)", 0, b), ("stage 2 (diffusion)", trainer.stage_epochs[0], b)]
-    raise ValueError(f"no benchmark adapter for head {head!r}")
-
-
 def _warm_up(net, predict) -> None:
     """One untimed prediction at the network's sampling setting cut to one DDIM step: the same tensor shapes (samples
     included) as the timed run, so that first-call costs (cuDNN's algorithm search under nnU-Net's
@@ -268,7 +249,7 @@ def measure(head: str, settings: list[str], trainer_name: str | None = None, sam
             "patch_size": list(trainer.configuration_manager.patch_size), "batch_size": trainer.batch_size}
     trainer.network.train()
     steps = {"train_step nnUNetTrainer": lambda: stock.train_step(batch)}
-    for label, epoch, b in _train_batches(head, trainer, batch):
+    for label, epoch, b in trainer.stage_batches(batch):  # each trainer knows its stages
         steps[f"train_step {label}"] = lambda epoch=epoch, b=b: _head_step(trainer, epoch, b)
     for key, seconds in interleaved_medians(steps, TRAIN_ROUNDS).items():
         out[key] = seconds
@@ -341,7 +322,9 @@ def run_heads(workdir: Path, heads: list[str], settings: list[str], partial: Pat
     for head in heads:
         cmd = [sys.executable, "-m", "benchmarks.speed", "--workdir", str(workdir), "--child", head,
                "--setting", *settings,
-               *_child_options(trainer_name, sampling, per_mirror if head == "nndm" else None, repeats)]
+               *_child_options(trainer_name, sampling,
+                                                                          per_mirror if registry.head(head).refinement_toggle
+                                                                          else None, repeats)]
         proc = subprocess.run(cmd, env=_env(workdir), stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"speed benchmark of {head} failed (exit {proc.returncode}); its output is above")
@@ -440,7 +423,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--trainer {args.trainer} is a {head} trainer; --heads {' '.join(args.heads)} "
                              f"does not fit it (leave --heads out)")
         heads = [head]
-    if per_mirror and "nndm" not in heads:
+    if per_mirror and not any(registry.head(h).refinement_toggle for h in heads):
         raise SystemExit("--per-mirror times NNDM's refinement: add nndm to --heads")
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     prepare(args.workdir, args.shape)

@@ -666,7 +666,7 @@ def main(argv=None) -> int:
     if args.train_cases < 5 or args.heldout_cases < 2:
         raise SystemExit(f"--train-cases must be >= 5 (nnU-Net's 5-fold split) and --heldout-cases >= 2; got "
                          f"{args.train_cases} and {args.heldout_cases}")
-    heads = [(h, c) for h, c in HEADS if h == "nnunet" or h in args.heads]
+    heads = [(h, c) for h, c in HEADS if not registry.head(h).diffusion or h in args.heads]  # stock always
     try:
         budget = planned_budget(args.variant, heads, "the table")
     except NNDiffError as e:
@@ -785,7 +785,7 @@ class TableRun:
         env = dict(self.env, **final_validation_env(trainer))
         train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log",
                    "[table]", config.spec(head, self.args.variant).total_epochs, self.args.device,
-                   npz=head == "nnunet")
+                   npz=not registry.head(head).diffusion)
         b = training_budget(fold_dir / "checkpoint_final.pth")
         if b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
@@ -820,9 +820,9 @@ class TableRun:
         from nnunet_diffusion.trainers import TRAINERS
         fold = self.model_folder(trainer) / "fold_0"
         changes = {trainer: None}
-        if head == "nndm":
+        if registry.head(head).refinement_toggle:
             changes[f"{trainer} (refinement off)"] = lambda o: replace(o, refine=False)
-        elif head != "nnunet":
+        elif registry.head(head).diffusion:
             val = TRAINERS[trainer].sampling_defaults(validation=True)
             changes[trainer] = lambda o, v=val: replace(o, sampler=v.sampler, steps=v.steps, samples=v.samples)
         for ckpt in sorted(fold.glob("checkpoint_ep*.pth")) + [fold / "checkpoint_final.pth"]:
@@ -839,7 +839,7 @@ class TableRun:
         from nnunet_diffusion.trainers import TRAINERS
 
         from .accuracy import _predictor, sampling_grid
-        if head == "nnunet" or self.state.done(f"default {trainer}"):
+        if not registry.head(head).diffusion or self.state.done(f"default {trainer}"):
             return
         a = self.args
         samples = a.samples if _predictor(self.model_folder(trainer)).network.supports_samples else [1]
@@ -876,12 +876,12 @@ class TableRun:
         out = []
         for head, cls in self.heads:
             trainer = f"{cls}_{self.args.variant}"
-            if head == "nnunet":
+            if not registry.head(head).diffusion:
                 out.append((trainer, "stock", None))
                 continue
             c = heldout_choice(self.state.get(f"default {trainer}"))
             change = (lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"]))
-            if head == "nndm":
+            if registry.head(head).refinement_toggle:
                 out.append((trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)))
             out.append((trainer, c["setting"], change))
         return out

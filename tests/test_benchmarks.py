@@ -313,6 +313,10 @@ class _FakeTrainer:
     def train_step(self, batch):
         pass
 
+    def stage_batches(self, batch):  # NNDM's three stages (its trainer's stage_batches)
+        s1, s2, _ = self.stage_epochs
+        return [("stage 1 (nnU-Net)", 0, batch), ("stage 2 (refiner)", s1, batch), ("stage 3 (joint)", s1 + s2, batch)]
+
     def on_train_end(self):
         pass
 
@@ -380,3 +384,28 @@ def test_parameterisation_benchmark_writes_both_curves_and_refuses_points_outsid
     assert all(0.0 <= p["dice"] <= 1.0 for c in result["curves"].values() for p in c) and "machine" in result
     with pytest.raises(SystemExit, match=r"--eval-at \[3\]"):
         parameterisation.main(["--iterations", "2", "--eval-at", "3", "--out", str(out)])
+
+
+def test_every_trainer_names_its_stages_for_the_speed_benchmark():
+    """benchmarks.speed times each stage with the batch the trainer's own stage_batches gives (the registry has no
+    per-head branch for it): NNDM three stages, ReCoSeg two (stage 2 with one more channel, the residual map), DDMD
+    two, a one-stage head one with the full-resolution target when it trains without deep supervision."""
+    from nnunet_diffusion.trainers import TRAINERS
+
+    def bare(name, **attrs):
+        tr = object.__new__(TRAINERS[name])
+        tr.__dict__.update(attrs)
+        return tr
+    batch = {"data": torch.zeros(2, 4, 8, 8, 8), "target": [torch.ones(2, 3, 8, 8, 8), torch.ones(2, 3, 4, 4, 4)]}
+    nndm = bare("nnUNetTrainerNNDM_tiny", stage_epochs=[2, 3, 4], enable_deep_supervision=True)
+    assert [(label, epoch) for label, epoch, _ in nndm.stage_batches(batch)] == \
+        [("stage 1 (nnU-Net)", 0), ("stage 2 (refiner)", 2), ("stage 3 (joint)", 5)]
+    recoseg = bare("nnUNetTrainerReCoSeg_tiny", stage_epochs=[3, 1], enable_deep_supervision=True)
+    (_, e1, b1), (_, e2, b2) = recoseg.stage_batches(batch)
+    assert (e1, e2) == (0, 3) and b1["data"].shape[1] == 4 and b2["data"].shape[1] == 5
+    ddmd = bare("nnUNetTrainerDDMD_tiny", stage_epochs=[1, 2], enable_deep_supervision=False)
+    assert [(e, tuple(b["target"].shape)) for _, e, b in ddmd.stage_batches(batch)] == \
+        [(0, (2, 3, 8, 8, 8)), (1, (2, 3, 8, 8, 8))]
+    msd = bare("nnUNetTrainerMedSegDiff_tiny", enable_deep_supervision=False)
+    (label, epoch, b), = msd.stage_batches(batch)
+    assert (label, epoch, tuple(b["target"].shape)) == ("(one stage)", 0, (2, 3, 8, 8, 8))

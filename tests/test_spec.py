@@ -112,6 +112,20 @@ def test_no_head_specific_branch_outside_a_heads_own_modules():
     assert not bad, "\n".join(bad)
 
 
+def test_the_benchmarks_ask_the_registry_too():
+    """The generic benchmarks (speed, accuracy, held-out, the table) ask the registry for what differs between heads;
+    a head's own benchmark script (benchmarks/<head>_*.py) may name it."""
+    root = PACKAGE.parent / "benchmarks"
+    own = tuple(f"{h.name}_" for h in registry.HEADS)
+    bad = []
+    for f in sorted(root.glob("*.py")):
+        if f.name.startswith(own):
+            continue
+        bad += [f"benchmarks/{f.name}:{line} compares with {name!r}"
+                for line, name in _head_name_literals(ast.parse(f.read_text()))]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_branch_finder_sees_both_forms():
     tree = ast.parse('if head == "nndm":\n    pass\nif "recoseg" in trainers:\n    pass\n')
     assert [n for _, n in _head_name_literals(tree)] == ["nndm", "recoseg"]

@@ -52,6 +52,15 @@ class ConfiguredTrainer(nnUNetTrainer):
         ``initial_lr`` and ``weight_decay``) on ``params``, for a head whose nnU-Net part trains as nnU-Net's does."""
         return torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
 
+    def stage_batches(self, batch: dict) -> list[tuple[str, int, dict]]:
+        """(stage label, an epoch that selects the stage, the batch as that stage's ``train_step`` takes it) for each
+        training stage: what ``benchmarks.speed`` times. One stage here; without deep supervision the
+        full-resolution target only. A head with several stages overrides it."""
+        target = batch["target"]
+        if isinstance(target, list) and not self.enable_deep_supervision:
+            target = target[0]
+        return [("(one stage)", 0, {"data": batch["data"], "target": target})]
+
     def extra_checkpoint_state(self) -> dict:
         """Subclasses add their own state (saved under the checkpoint key 'nnunet_diffusion')."""
         return {}

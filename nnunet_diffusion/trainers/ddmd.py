@@ -112,6 +112,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         return DDMDNetwork(ae1, ae2, denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
                            num_output_channels, use_inter, use_intra, prediction_type=hp.prediction_type)
 
+    def stage_batches(self, batch: dict) -> list[tuple[str, int, dict]]:
+        (_, _, b), = super().stage_batches(batch)  # one full-resolution target for both stages
+        return [("stage 1 (autoencoders)", 0, b), ("stage 2 (diffusion)", self.stage_epochs[0], b)]
+
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
 

@@ -188,6 +188,10 @@ class nnUNetTrainerNNDM(DiffusionTrainer):
         regions = lm.foreground_regions if lm.has_regions else None
         return data[:, :c], y_hat_from_onehot(data[:, c:], lm.foreground_labels, regions, lm.has_regions)
 
+    def stage_batches(self, batch: dict) -> list[tuple[str, int, dict]]:
+        s1, s2, _ = self.stage_epochs
+        return [("stage 1 (nnU-Net)", 0, batch), ("stage 2 (refiner)", s1, batch), ("stage 3 (joint)", s1 + s2, batch)]
+
     def stage_of(self, epoch: int) -> int:
         s1, s2, _ = self.stage_epochs
         return 1 if epoch < s1 else 2 if epoch < s1 + s2 else 3

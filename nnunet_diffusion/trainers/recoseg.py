@@ -199,6 +199,11 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                        steps=int(hp.residual_sampling_steps), samples=1, fusion="mean")
         return opts.validate(int(hp.num_train_timesteps), source=f"{cls.__name__} residual_sampler/_steps")
 
+    def stage_batches(self, batch: dict) -> list[tuple[str, int, dict]]:
+        """Stage 2's batch carries the residual map as one more channel (a stand-in of the right shape)."""
+        with_residual = {"data": torch.cat([batch["data"], batch["data"][:, :1].abs()], 1), "target": batch["target"]}
+        return [("stage 1 (synthesis)", 0, batch), ("stage 2 (segmentation)", self.stage_epochs[0], with_residual)]
+
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
 
