@@ -220,11 +220,13 @@ def test_resuming_under_a_changed_training_config_is_refused(trained, nnunet_pat
     trainer.load_checkpoint(str(ckpt))
     trainer.current_epoch = 1  # as if checkpoint_latest.pth of an unfinished run
     trainer.check_resumed_config()
-    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, sampling_steps=hp.sampling_steps + 1)))
+    monkeypatch.setattr(cls, "hparams",
+                        classmethod(lambda c: dataclasses.replace(hp, sampling_steps=hp.sampling_steps + 1)))
     trainer.check_resumed_config()
-    monkeypatch.setattr(cls, "recorded_config", lambda self: dict(hp.as_dict(), a_key_added_since=3))
+    real_recorded = cls.recorded_config
+    monkeypatch.setattr(cls, "recorded_config", lambda self: dict(real_recorded(self), a_key_added_since=3))
     trainer.check_resumed_config()
-    monkeypatch.undo()
+    monkeypatch.setattr(cls, "recorded_config", real_recorded)
     log = Path(trainer.log_file).read_text()
     assert "predates the trainer config key(s) ['a_key_added_since']: resuming with their values [3]" in log
     monkeypatch.setattr(cls, "hparams", classmethod(lambda c: dataclasses.replace(hp, refiner_lr=hp.refiner_lr * 2)))
