@@ -20,7 +20,8 @@ from nnunet_diffusion import nnunet_compat
 VERSION = nnunet_compat.nnunet_version()
 
 
-def require(ok, name: str, function: str, what: str) -> None:
+def fail_unless(ok, name: str, function: str, what: str) -> None:
+    """Fail (pytest.fail) naming the nnU-Net internal, the compat function that uses it and what for, unless ``ok``."""
     if not ok:
         pytest.fail(f"nnU-Net {VERSION} renamed/removed {name}, used by nnunet_compat.{function} for {what}",
                     pytrace=False)
@@ -51,10 +52,10 @@ def trainer(planned):
 # ---------------------------------------------------------------------------------------------- logger
 def test_logger_dict_my_fantastic_logging(trainer):
     local = getattr(trainer.logger, "local_logger", None)
-    require(local is not None, "nnUNetTrainer.logger.local_logger", "register_log_key",
+    fail_unless(local is not None, "nnUNetTrainer.logger.local_logger", "register_log_key",
             "adding our per-epoch log keys (stages, per-loss curves)")
     logged = getattr(local, "my_fantastic_logging", None)
-    require(isinstance(logged, dict) and "ema_fg_dice" in logged, "LocalLogger.my_fantastic_logging",
+    fail_unless(isinstance(logged, dict) and "ema_fg_dice" in logged, "LocalLogger.my_fantastic_logging",
             "register_log_key / overwrite_logged_value", "adding log keys and restarting ReCoSeg's EMA pseudo Dice")
     with pytest.raises(AssertionError):  # what register_log_key is for: nnU-Net logs registered keys only
         trainer.logger.log("nndiff_probe", 1.0, 0)
@@ -68,7 +69,7 @@ def test_logger_dict_my_fantastic_logging(trainer):
 # ---------------------------------------------------------------------------------------------- best checkpoint
 def test_best_ema(trainer):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    require(hasattr(trainer, "_best_ema") and "self._best_ema" in source(nnUNetTrainer.on_epoch_end),
+    fail_unless(hasattr(trainer, "_best_ema") and "self._best_ema" in source(nnUNetTrainer.on_epoch_end),
             "nnUNetTrainer._best_ema", "best_ema / set_best_ema",
             "resetting checkpoint_best.pth's EMA pseudo Dice when a head's segmenter starts training")
     nnunet_compat.set_best_ema(trainer, float("inf"))
@@ -85,7 +86,7 @@ def test_checkpoint_dict_is_nnunets(trainer, tmp_path, monkeypatch):
     nnUNetTrainer.save_checkpoint(trainer, str(tmp_path / "c.pth"))
     theirs, ours = saved, nnunet_compat.checkpoint_dict(trainer)
     for key in nnunet_compat.NNUNET_CHECKPOINT_KEYS:
-        require(key in theirs, f"the checkpoint key {key!r} of nnUNetTrainer.save_checkpoint", "checkpoint_dict",
+        fail_unless(key in theirs, f"the checkpoint key {key!r} of nnUNetTrainer.save_checkpoint", "checkpoint_dict",
                 "checkpoints that nnUNetv2_predict, --c and --val read")
     added = [k for k in theirs if k not in nnunet_compat.NNUNET_CHECKPOINT_KEYS]
     assert not added, (f"nnU-Net {VERSION} added checkpoint key(s) {added} that nnunet_compat.checkpoint_dict does "
@@ -102,7 +103,7 @@ def test_checkpoint_dict_is_nnunets(trainer, tmp_path, monkeypatch):
 
 def test_on_epoch_end_counts_the_epoch():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    require("self.current_epoch += 1" in source(nnUNetTrainer.on_epoch_end),
+    fail_unless("self.current_epoch += 1" in source(nnUNetTrainer.on_epoch_end),
             "the epoch count (current_epoch += 1) at the end of nnUNetTrainer.on_epoch_end",
             "save_checkpoint_after_epoch_end", "ReCoSeg's checkpoint at the end of its synthesis stage")
 
@@ -123,7 +124,7 @@ def test_dataloader_finish():
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
     for cls in (MultiThreadedAugmenter, NonDetMultiThreadedAugmenter):
-        require(callable(getattr(cls, "_finish", None)), f"batchgenerators' {cls.__name__}._finish",
+        fail_unless(callable(getattr(cls, "_finish", None)), f"batchgenerators' {cls.__name__}._finish",
                 "finish_dataloader", "stopping ReCoSeg's stage-1 data loaders before stage 2's")
     nnunet_compat.finish_dataloader(None)  # any other loader is left alone
 
@@ -136,15 +137,15 @@ def test_preprocessed_case_storage_and_dataset_classes(tmp_path):
         from nnunetv2.training.dataloading.nnunet_dataset import (comp_blosc2_params, nnUNetBaseDataset,
                                                                   nnUNetDatasetBlosc2, nnUNetDatasetNumpy)
     except ImportError as e:
-        require(False, f"nnunetv2.training.dataloading.nnunet_dataset.{e.name or e}", "save_preprocessed_case",
+        fail_unless(False, f"nnunetv2.training.dataloading.nnunet_dataset.{e.name or e}", "save_preprocessed_case",
                 "storing ReCoSeg's unlabelled cases as nnU-Net's preprocessor does")
-    require(callable(comp_blosc2_params), "nnunet_dataset.comp_blosc2_params", "save_preprocessed_case",
+    fail_unless(callable(comp_blosc2_params), "nnunet_dataset.comp_blosc2_params", "save_preprocessed_case",
             "the blosc2 chunks and blocks of nnU-Net's preprocessor")
     params = inspect.signature(nnUNetDatasetBlosc2.save_case).parameters
-    require(all(p in params for p in ("chunks", "blocks", "chunks_seg", "blocks_seg")),
+    fail_unless(all(p in params for p in ("chunks", "blocks", "chunks_seg", "blocks_seg")),
             "nnUNetDatasetBlosc2.save_case(chunks, blocks, chunks_seg, blocks_seg)", "save_preprocessed_case",
             "storing ReCoSeg's unlabelled cases as nnU-Net's preprocessor does")
-    require(list(inspect.signature(nnUNetBaseDataset.__init__).parameters)[1:] ==
+    fail_unless(list(inspect.signature(nnUNetBaseDataset.__init__).parameters)[1:] ==
             ["folder", "identifiers", "folder_with_segs_from_previous_stage"],
             "nnUNetBaseDataset.__init__(folder, identifiers, folder_with_segs_from_previous_stage)",
             "save_preprocessed_case", "ReCoSeg's dataset subclasses (unlabelled cases, residual-map channel)")
@@ -156,7 +157,7 @@ def test_preprocessed_case_storage_and_dataset_classes(tmp_path):
         folder.mkdir()
         nnunet_compat.save_preprocessed_case(cls, cm, data, seg, {"spacing": [1, 1, 1]}, str(folder / "case"))
         loaded = cls(str(folder), ["case"], None).load_case("case")
-        require(isinstance(loaded, tuple) and len(loaded) == 4, f"{cls.__name__}.load_case's (data, seg, "
+        fail_unless(isinstance(loaded, tuple) and len(loaded) == 4, f"{cls.__name__}.load_case's (data, seg, "
                 f"seg_prev, properties)", "save_preprocessed_case",
                 "ReCoSeg's dataset subclasses (unlabelled cases, residual-map channel)")
         assert np.allclose(np.asarray(loaded[0][:]), data.astype(np.float32))
@@ -167,7 +168,7 @@ def test_preprocessed_case_storage_and_dataset_classes(tmp_path):
 def test_do_i_compile(trainer):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     fn = getattr(nnUNetTrainer, "_do_i_compile", None)
-    require(callable(fn) and list(inspect.signature(fn).parameters) == ["self"], "nnUNetTrainer._do_i_compile(self)",
+    fail_unless(callable(fn) and list(inspect.signature(fn).parameters) == ["self"], "nnUNetTrainer._do_i_compile(self)",
             "nnunet_would_compile", "compiling a diffusion trainer's parts where nnU-Net would compile its network "
             "(and overriding it so that nnU-Net never compiles the whole sampling loop)")
     assert nnunet_compat.nnunet_would_compile(trainer) is False  # nnU-Net never compiles on the CPU
@@ -177,12 +178,12 @@ def test_do_i_compile(trainer):
 def test_predictor_sliding_window_method_and_attributes():
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     fn = getattr(nnUNetPredictor, "predict_sliding_window_return_logits", None)
-    require(callable(fn) and list(inspect.signature(fn).parameters) == ["self", "input_image"],
+    fail_unless(callable(fn) and list(inspect.signature(fn).parameters) == ["self", "input_image"],
             "nnUNetPredictor.predict_sliding_window_return_logits(self, input_image)", "install_case_input_hook",
             "ReCoSeg's residual map of the whole case before nnU-Net's sliding window")
     p = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     for attr in ("network", "device", "tile_step_size", "configuration_manager"):
-        require(hasattr(p, attr), f"nnUNetPredictor.{attr}", "install_case_input_hook",
+        fail_unless(hasattr(p, attr), f"nnUNetPredictor.{attr}", "install_case_input_hook",
                 "ReCoSeg's residual map of the whole case (the predictor's network, device, patch and step)")
 
 
@@ -257,7 +258,7 @@ def test_trainer_class_search_of_one_folder(tmp_path):
     from nnunetv2.utilities import find_class_by_name
     fn = getattr(find_class_by_name, "recursive_find_python_class", None)
     params = inspect.signature(fn).parameters if callable(fn) else {}
-    require(all(p in params for p in ("folder", "class_name", "current_module", "base_folder", "verbose",
+    fail_unless(all(p in params for p in ("folder", "class_name", "current_module", "base_folder", "verbose",
                                       "cleanup_imports_from_base_folder")),
             "nnunetv2.utilities.find_class_by_name.recursive_find_python_class(folder, class_name, current_module, "
             "base_folder, verbose, cleanup_imports_from_base_folder)", "find_class_in_folder",
@@ -272,7 +273,7 @@ def test_trainer_class_search_of_one_folder(tmp_path):
 def test_ext_trainer_variable(monkeypatch, tmp_path):
     from nnunetv2 import paths
     env_name = getattr(getattr(paths, "nnUNet_extTrainer", None), "env_var_name", "nnUNet_extTrainer")
-    require(env_name == "nnUNet_extTrainer", "the nnUNet_extTrainer variable", "ext_trainer_folders",
+    fail_unless(env_name == "nnUNet_extTrainer", "the nnUNet_extTrainer variable", "ext_trainer_folders",
             "the folders nnU-Net searches for trainers")
     monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(tmp_path), str(tmp_path / "missing"), ""]))
     assert nnunet_compat.ext_trainer_folders() == [str(tmp_path)]
