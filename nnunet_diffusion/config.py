@@ -35,7 +35,7 @@ def resolve(head: str, variant: Optional[str] = None) -> dict:
     return spec(head, variant).as_dict()
 
 
-def total_epochs(hp: Spec, head: Optional[str] = None, from_baseline: bool = False) -> int:
+def total_epochs(hp: Spec, from_baseline: bool = False) -> int:
     """Epochs of a head's whole schedule (every stage) for its spec ``hp``; ``from_baseline``: a head whose first
     stage is a whole nnU-Net started from a trained one (NNDM's NNDIFF_BASELINE), that stage skipped."""
     keys = hp.STAGE_KEYS

@@ -26,7 +26,7 @@ def planned_epochs(trainer: str, job_env: dict) -> Optional[int]:
         cls = None
     if cls is not None:
         from ..config import total_epochs
-        return total_epochs(cls.hparams(), cls.head, from_baseline=bool(job_env.get(BASELINE_ENV)))
+        return total_epochs(cls.hparams(), from_baseline=bool(job_env.get(BASELINE_ENV)))
     m = re.search(r"_(\d+)epochs?$", trainer)
     if m:
         return int(m.group(1))

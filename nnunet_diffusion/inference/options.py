@@ -104,9 +104,7 @@ class Overrides:
         alone (no overrides) is returned as it is: it comes from a validated trainer config."""
         if not self.items:
             return base
-        opts = replace(base, **{f: v for f, v, _ in self.items})
-        opts.validate(num_train_timesteps, source=self.describe())
-        return opts.validate(num_train_timesteps)
+        return replace(base, **{f: v for f, v, _ in self.items}).validate(num_train_timesteps, source=self.describe())
 
     def describe(self) -> str:
         """Where the values came from, e.g. "environment (NNDIFF_STEPS, NNDIFF_SAMPLER)"."""

@@ -35,7 +35,7 @@ class SamplingNetwork(nn.Module):
         self.recorded_from = "trainer config"
         self.overrides = current_overrides() if overrides is None else overrides
         self.pinned: Optional[SamplingOptions] = None
-        self.sampling = self._resolve()
+        self.sampling = self._resolve(self.pinned)
         self.register_buffer("region_based", torch.tensor(int(region_based), dtype=torch.uint8))
         self._mirror_cache = MirrorCache()
         self._announced = None
@@ -58,20 +58,17 @@ class SamplingNetwork(nn.Module):
                                     f"window (one synthesis, as in its paper); set NNDIFF_SAMPLES=1 or unset it")
         return sampling
 
-    def _resolve(self, pinned: Optional[SamplingOptions] = None, recorded: Optional[SamplingOptions] = None,
-                 overrides: Optional[Overrides] = None) -> SamplingOptions:
-        """The settings that predict, from the given parts (default: the network's own); nothing is changed."""
-        pinned = self.pinned if pinned is None else pinned
+    def _resolve(self, pinned: Optional[SamplingOptions]) -> SamplingOptions:
+        """The settings that predict with ``pinned`` (None: the recorded settings with the user's overrides);
+        nothing is changed."""
         if pinned is not None:
             return self._checked(pinned)
-        overrides = self.overrides if overrides is None else overrides
-        return self._checked(overrides.apply(recorded or self.recorded, self.schedule.num_train_timesteps))
+        return self._checked(self.overrides.apply(self.recorded, self.schedule.num_train_timesteps))
 
     def set_sampling(self, sampling: Optional[SamplingOptions]) -> None:
         """Pin ``sampling`` (every field; checkpoint settings and overrides ignored until unpinned), or unpin with
         None (back to the recorded settings with the user's overrides). A refused setting changes nothing."""
-        self.sampling = self._resolve(pinned=sampling) if sampling is not None else \
-            self._checked(self.overrides.apply(self.recorded, self.schedule.num_train_timesteps))
+        self.sampling = self._resolve(sampling)
         self.pinned = sampling
         self._mirror_cache.clear()
 
@@ -88,7 +85,7 @@ class SamplingNetwork(nn.Module):
             known = {f.name for f in fields(SamplingOptions)}
             self.recorded = SamplingOptions(**{k: v for k, v in values.items() if k in known})
             self.recorded_from = "checkpoint"
-        self.sampling = self._resolve()
+        self.sampling = self._resolve(self.pinned)
         self._announce()
 
     def _announce(self) -> None:
