@@ -38,7 +38,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 # budget accounting lives in the package (the demo uses it too)
-from nnunet_diffusion.budget import Budget, optimizer_steps, planned_budget, training_budget  # noqa: F401
+from nnunet_diffusion.budget import (Budget, early_stop_of, optimizer_steps, planned_budget,  # noqa: F401
+                                     training_budget)
 from nnunet_diffusion import registry
 from nnunet_diffusion.errors import NNDiffError
 
@@ -224,11 +225,18 @@ def set_default_sampler(toml_text: str, sampler: str, steps: int, samples: int, 
 def apply_defaults(result: dict, configs: Path) -> list[str]:
     """Write every head's chosen default sampler (``result["defaults"]``, from ``table.json``) into the
     ``[defaults]`` of its ``configs/<head>.toml``, with the measurement as the comment; returns one line per head.
-    A head whose model did not learn (:func:`learned`) keeps its ``[defaults]``, and its line says why."""
+    A head with a model trained to its own plateau (issue 33) that learned takes that model's choice, else its
+    equal-budget model's. A head whose model did not learn (:func:`learned`) keeps its ``[defaults]``, and its line
+    says why."""
     from nnunet_diffusion.trainers import TRAINERS
     done = []
+    chosen: dict[str, tuple[str, dict]] = {}  # head -> (trainer, record): its own-plateau model's if that learned
     for trainer, d in sorted(result["defaults"].items()):
         head = TRAINERS[trainer].head
+        own = trainer.endswith("_" + PLATEAU_VARIANT) and learned(d)
+        if head not in chosen or own:
+            chosen[head] = (trainer, d)
+    for head, (trainer, d) in sorted(chosen.items()):
         c, best = d["chosen"], max(d["rows"], key=lambda r: r["dice"])
         path = configs / f"{head}.toml"
         if not learned(d):
@@ -320,7 +328,9 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         b = result["budget"][row["trainer"]]
         mark = NOT_LEARNED_MARK if not_learned(result, row["trainer"]) else ""
-        cells = [row["trainer"] + mark, row["setting"], str(b["steps"]), f"{b['seconds'] / 60:.0f} min"]
+        steps = str(b["steps"]) + (f" of {b['cap_steps']} ({b['early_stop']['reason'].split(':')[0]})"
+                                   if b.get("early_stop") else f" of {b['cap_steps']} (cap)" if "cap_steps" in b else "")
+        cells = [row["trainer"] + mark, row["setting"], steps, f"{b['seconds'] / 60:.0f} min"]
         cells += [_ci(row["dice"][r], 100) for r in regions] + [_ci(row["hd95"][r]) for r in regions]
         if row.get("against_stock"):
             cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, {p_text(c['p_value'])})"
@@ -381,15 +391,7 @@ def plot_curves(result: dict, png: Path) -> None:
 
 def verdict_sentences(result: dict) -> list[str]:
     """One plain sentence per head row: where it is better than stock, where worse, where no different."""
-    out = []
-    for row in result["rows"][1:]:
-        by = {}
-        for r, c in row["against_stock"].items():
-            by.setdefault(c["verdict"], []).append(r)
-        parts = [f"{v} than stock in {', '.join(rs)}" if v != "no significant difference" else
-                 f"not significantly different from stock in {', '.join(rs)}" for v, rs in by.items()]
-        out.append(f"{row['trainer']} ({row['setting']}): Dice " + "; ".join(parts) + ".")
-    return out
+    return [f"{row['trainer']} ({row['setting']}): Dice {_verdict_text(row)}." for row in result["rows"][1:]]
 
 
 def summary_sentence(result: dict) -> str:
@@ -398,6 +400,8 @@ def summary_sentence(result: dict) -> str:
     which no different in any; "none" said plainly."""
     groups = {"better": [], "worse everywhere": [], "worse": [], "same": []}
     for row in result["rows"][1:]:
+        if row.get("kind") == "plateau":
+            continue  # not at the equal budget: plateau_sentence
         verdicts = {r: c["verdict"] for r, c in row["against_stock"].items()}
         label = row["trainer"] + (" with its refinement off" if row["setting"].startswith("refinement off") else "")
         better = [r for r, v in verdicts.items() if v == "better"]
@@ -418,8 +422,44 @@ def summary_sentence(result: dict) -> str:
                      f"{'; '.join(groups['better']) or 'none'}.",
                      *(worse_clauses or ["Worse in some region: none."]),
                      f"No significant difference in any region: {'; '.join(groups['same']) or 'none'}.",
+                     *([plateau_sentence(result)] if plateau_sentence(result) else []),
                      "(Dice, paired Wilcoxon test per region: p < 0.05 and a bootstrap interval of the difference "
                      "that excludes 0.)"])
+
+
+def _verdict_text(row: dict) -> str:
+    by = {}
+    for r, c in row["against_stock"].items():
+        by.setdefault(c["verdict"], []).append(r)
+    return "; ".join(f"{v} than stock in {', '.join(rs)}" if v != "no significant difference" else
+                     f"not significantly different from stock in {', '.join(rs)}" for v, rs in by.items())
+
+
+def plateau_sentence(result: dict) -> str:
+    """The own-plateau rows (issue 33) in one sentence: each head's steps, why it stopped, and its verdict against
+    stock ("" when the run has none)."""
+    parts = []
+    for row in result["rows"]:
+        if row.get("kind") != "plateau":
+            continue
+        b = result["budget"][row["trainer"]]
+        stop = b.get("early_stop")
+        why = (f"stopped at {b['steps']} steps ({stop['reason'].split(':')[0]})" if stop else
+               f"ran to its cap of {b.get('cap_steps', b['steps'])} steps without a plateau")
+        parts.append(f"{row['trainer']} {why}, {b['seconds'] / 60:.0f} min: {_verdict_text(row)}")
+    if not parts:
+        return ""
+    return "Trained to their own plateau (up to 4x the budget): " + "; ".join(parts) + "."
+
+
+X0_NOTE = ("Rows marked \"x0 (NOT the paper's)\": the same head trained at the same budget with its denoiser predicting "
+           "the mask x0 (loss ||x0 - x0_hat||^2) instead of the noise, as Diff-UNet and ImgX-DiffSeg do: not the "
+           "parameterisation of its paper. They separate the method from its parameterisation.")
+PLATEAU_NOTE = ("Rows marked \"own plateau\": the head's [variants.table_plateau], trained until nnU-Net's online EMA "
+                "pseudo Dice (fold 0's validation patches, the head's cheap online-validation sampler) stopped rising "
+                "(trainers/early_stop.py), or stopped early where it was still at chance, capped at 4x the budget; "
+                "their sampler chosen on their own steps-accuracy curve. Not an equal-budget comparison: the steps and "
+                "wall time are in the row.")
 
 
 # issue 20's cost targets: every head's default prediction at most 3x stock nnU-Net's, NNDM's at most 1.3x
@@ -537,6 +577,8 @@ def section(result: dict, png_name: str) -> list[str]:
                  "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
                  f"the files excluded), {timing_runs(result)}."),
             markdown(result), *([para(footnote)] if footnote else []),
+            *([para(X0_NOTE)] if any(r.get("kind") == "x0" for r in result["rows"]) else []),
+            *([para(PLATEAU_NOTE)] if any(r.get("kind") == "plateau" for r in result["rows"]) else []),
             "\n".join(map(para, verdict_sentences(result))),
             f"![Dice per region against optimiser steps, fold 0 validation cases]({png_name})",
             para("Each head's default sampler: the cheapest setting (denoiser passes per window = steps x samples) "
@@ -611,6 +653,12 @@ def refiner_markdown(section: dict | None) -> str:
 
 DATASET_ID = 503
 HEADS = tuple((h.name, h.trainer) for h in registry.HEADS)  # stock nnU-Net first: the reference row
+# issue 33: beside its equal-budget row, a head whose trainer config declares these variants gets a row trained to its
+# own plateau (stop rules of trainers/early_stop.py, capped at PLATEAU_CAP x the budget) and a row under
+# x0-prediction at the equal budget (NOT its paper's parameterisation)
+PLATEAU_VARIANT, X0_VARIANT = "table_plateau", "table_x0"
+PLATEAU_CAP = 4
+EXTRA_KINDS = {PLATEAU_VARIANT: "plateau", X0_VARIANT: "x0"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -672,6 +720,10 @@ def main(argv=None) -> int:
     except NNDiffError as e:
         raise SystemExit(str(e)) from None
     run = TableRun(args, heads, budget)
+    try:
+        run.check_extra_budgets()
+    except NNDiffError as e:
+        raise SystemExit(str(e)) from None
     run.prepare()
     stock = f"{HEADS[0][1]}_{args.variant}"
     for fold in range(5):  # stock nnU-Net's 5-fold CV: fold 0 is the reference row, all five feed the refiner
@@ -687,10 +739,17 @@ def main(argv=None) -> int:
             return 0
     for head, cls in heads:
         run.train(head, f"{cls}_{args.variant}")
+    for head, cls, variant, kind in run.extra_trainings():  # issue 33: own plateau, x0
+        run.train(head, f"{cls}_{variant}", variant=variant, plateau=kind == "plateau")
     for head, cls in heads:
         run.curve(head, f"{cls}_{args.variant}")
+    for head, cls, variant, _ in run.extra_trainings():
+        run.curve(head, f"{cls}_{variant}")
     for head, cls in heads:
         run.choose_default(head, cls, f"{cls}_{args.variant}")
+    for head, cls, variant, kind in run.extra_trainings():
+        if kind == "plateau":  # its own sampler sweep: a model trained longer may want another chain
+            run.choose_default(head, cls, f"{cls}_{variant}")
     run.heldout()
     run.write()
     return 0
@@ -769,12 +828,37 @@ class TableRun:
             self.state.record("plan", {"seconds": seconds})
 
     # -------------------------------------------------------------- training
-    def train(self, head: str, trainer: str, fold: int = 0) -> None:
+    def extra_trainings(self) -> list[tuple[str, str, str, str]]:
+        """(head, class, variant, kind) of the issue-33 rows: each head of the run whose trainer config declares
+        :data:`PLATEAU_VARIANT` ("plateau") or :data:`X0_VARIANT` ("x0")."""
+        from nnunet_diffusion import config
+        return [(head, cls, v, kind) for head, cls in self.heads if registry.head(head).diffusion
+                for v, kind in EXTRA_KINDS.items() if v in config.variant_names(head)]
+
+    def check_extra_budgets(self) -> None:
+        """Before any training: every x0 variant takes the table's budget, every plateau variant's cap is
+        :data:`PLATEAU_CAP` x the budget (NNDiffError naming the variant otherwise)."""
+        for head, cls, variant, kind in self.extra_trainings():
+            want = self.budget * (PLATEAU_CAP if kind == "plateau" else 1)
+            got = optimizer_steps(head, variant)
+            if got != want:
+                raise NNDiffError(f"trainer_configs/{head}.toml [variants.{variant}]: {got} optimiser steps, but the "
+                                  f"table's {kind} rows take {want} ({'the cap, ' + str(PLATEAU_CAP) + ' x ' if kind == 'plateau' else ''}the "
+                                  f"budget of {self.budget})")
+
+    def extra_kind(self, trainer: str) -> str | None:
+        """"plateau" / "x0" for the trainer of an issue-33 row, None otherwise."""
+        return next((kind for _, cls, v, kind in self.extra_trainings() if f"{cls}_{v}" == trainer), None)
+
+    def train(self, head: str, trainer: str, fold: int = 0, variant: str | None = None, plateau: bool = False) -> None:
         """One training of ``trainer`` on ``fold`` (state key "train <trainer>", "train <trainer> fold <f>" beyond
         fold 0). Stock nnU-Net trains with ``--npz``: its folds' validation outputs are the out-of-fold predictions
-        a refiner trains on (issue 32)."""
+        a refiner trains on (issue 32). ``variant`` (default the run's) is the trainer's; ``plateau``: the training
+        may end before its schedule, by a stop rule its checkpoint records (issue 33), else it must take the table's
+        budget."""
         from nnunet_diffusion import config
         from nnunet_diffusion.environment import train_fold
+        variant = variant or self.args.variant
         key = f"train {trainer}" + (f" fold {fold}" if fold else "")
         if self.state.done(key):
             return
@@ -783,15 +867,21 @@ class TableRun:
         name = f"train_{trainer}" + (f"_fold{fold}" if fold else "")
         attempt = len(list(self.logs.glob(f"{name}.*.log")))
         env = dict(self.env, **final_validation_env(trainer))
+        spec = config.spec(head, variant)
         train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log",
-                   "[table]", config.spec(head, self.args.variant).total_epochs, self.args.device,
-                   npz=not registry.head(head).diffusion)
-        b = training_budget(fold_dir / "checkpoint_final.pth")
-        if b.steps != self.budget:
+                   "[table]", spec.total_epochs, self.args.device, npz=not registry.head(head).diffusion)
+        final = fold_dir / "checkpoint_final.pth"
+        b, stop = training_budget(final), early_stop_of(final)
+        if plateau:
+            if b.steps > spec.optimizer_steps or (b.steps < spec.optimizer_steps and not stop):
+                raise SystemExit(f"{trainer} trained {b.steps} optimiser steps: neither its cap of "
+                                 f"{spec.optimizer_steps} nor a recorded stop rule")
+        elif b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
         # the machine's load average (1, 5, 15 min) before and after: wall times taken beside other work say so
         self.state.record(key, {"steps": b.steps, "seconds": b.seconds, "load_average_before": load,
-                                "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+                                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                                **({"cap_steps": spec.optimizer_steps, "early_stop": stop} if plateau else {})})
 
     # -------------------------------------------------------------- measuring
     def _measure(self, key: str, trainer: str, cases: list[str], change=None, checkpoint="checkpoint_final.pth",
@@ -884,6 +974,16 @@ class TableRun:
             if registry.head(head).refinement_toggle:
                 out.append((trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)))
             out.append((trainer, c["setting"], change))
+        from nnunet_diffusion.trainers import TRAINERS
+        for head, cls, variant, kind in self.extra_trainings():
+            trainer = f"{cls}_{variant}"
+            if kind == "plateau":  # the sampler chosen on this model's own steps-accuracy curve
+                c = heldout_choice(self.state.get(f"default {trainer}"))
+                out.append((trainer, f"own plateau, {c['setting']}",
+                            lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"])))
+            else:  # its trainer config's own sampler
+                o = TRAINERS[trainer].sampling_defaults()
+                out.append((trainer, f"x0 (NOT the paper's), {setting_label((o.sampler, o.steps, o.samples))}", None))
         return out
 
     def heldout(self, settings=None) -> None:
@@ -998,7 +1098,7 @@ class TableRun:
         for m in measured:
             rows.append({"trainer": m["trainer"], "setting": m["setting"], "seconds_per_case": m["seconds_per_case"],
                          "run": m.get("run"), "resumed_cases": m.get("resumed_cases", 0),
-                         **score_against(m, stock, regions)})
+                         "kind": self.extra_kind(m["trainer"]), **score_against(m, stock, regions)})
         curves = {}
         for key, rec in self.state.records.items():
             if key.startswith("curve "):

@@ -62,3 +62,10 @@ def training_budget(checkpoint: str | os.PathLike) -> Budget:
         before = training_budget(seed)
         steps, seconds = steps + before.steps, seconds + before.seconds
     return Budget(steps, seconds)
+
+
+def early_stop_of(checkpoint: str | os.PathLike) -> dict | None:
+    """Why the training behind ``checkpoint`` ended before its schedule ({"epochs", "steps", "reason"}, written by a
+    stop rule of trainers/early_stop.py), or None: it ran its schedule, or is still running."""
+    import torch
+    return torch.load(checkpoint, map_location="cpu", weights_only=False).get("early_stop")

@@ -57,6 +57,11 @@ def _logged_lists(trainer) -> dict:
     return trainer.logger.local_logger.my_fantastic_logging
 
 
+def logged_values(trainer, key: str) -> list:
+    """The values nnU-Net's logger holds for ``key``, one per epoch logged so far (a copy)."""
+    return list(_logged_lists(trainer).get(key, []))
+
+
 def register_log_key(trainer, key: str) -> None:
     """Let ``trainer.logger.log(key, value, epoch)`` accept ``key`` (one value per epoch, saved in the checkpoint's
     ``logging`` and restored on ``--c``): nnU-Net's logger asserts that a key is already in its dict."""

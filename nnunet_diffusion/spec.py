@@ -61,6 +61,15 @@ class Spec:
     initial_lr: Optional[float] = key(default=None, min=0, min_open=True)
     weight_decay: Optional[float] = key(default=None, min=0)
     oversample_foreground_percent: Optional[float] = key(default=None, min=0, max=1)
+    # stopping at the model's own plateau (trainers/early_stop.py, issue 33): off unless set; they read nnU-Net's
+    # online EMA pseudo Dice of the fold's validation patches
+    stop_plateau_steps: int = key(default=0, min=0, doc="stop when nnU-Net's EMA pseudo Dice has not risen more "
+                                  "than stop_min_delta for this many optimiser steps (0: off)")
+    stop_min_delta: float = key(default=0.01, min=0, doc="the rise (Dice in [0, 1]) that counts as an improvement")
+    stop_chance_steps: int = key(default=0, min=0, doc="after this many optimiser steps, stop if the best EMA pseudo "
+                                 "Dice is below stop_chance_dice (0: off)")
+    stop_chance_dice: float = key(default=0.1, min=0, max=1, doc="the best EMA pseudo Dice below which a model counts "
+                                  "as not segmenting")
 
     def __post_init__(self):
         """Every value converted to its field's type and range-checked, then the head's cross-key checks: a spec made

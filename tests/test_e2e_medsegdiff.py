@@ -60,3 +60,31 @@ def test_same_seed_same_prediction(trained_msd, nnunet_paths, monkeypatch):
 
     a, b, c = logits(5), logits(5), logits(6)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_authors_cal_output_is_trained_and_recorded(trained_msd):
+    fold = model_folder(trained_msd, TRAINER) / "fold_0"
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("denoiser.cal.") for k in ckpt["network_weights"])  # the cal decoder is in the model
+    assert ckpt["network_weights"]["_extra_state"]["medsegdiff_output"] == "blend"
+    assert ckpt["trainer_config"]["cal_weight"] == 10.0
+
+
+def test_a_stop_rule_ends_the_training_through_nnunetv2_train_and_resuming_trains_nothing(planned, tmp_path):
+    """nnUNetTrainerMedSegDiff_tinyStop: 4 epochs x 2 steps, a chance rule that fires after the first epoch."""
+    stop = "nnUNetTrainerMedSegDiff_tinyStop"
+    first = train(planned.env, stop, 0)
+    fold = model_folder(planned, stop) / "fold_0"
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 1 and ckpt["early_stop"]["steps"] == 2
+    assert ckpt["early_stop"]["reason"].startswith("chance: after 2 optimiser steps")
+    assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's final validation ran as after a full run
+    assert "Stopping after epoch 0 of 4" in first.output or any(
+        "Stopping after epoch 0 of 4" in f.read_text() for f in fold.glob("training_log_*.txt"))
+    train(planned.env, stop, 0, "--c")
+    again = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert again["current_epoch"] == 1  # --c on a stopped training trained nothing more
+    out = tmp_path / "pred"
+    from conftest import predict
+    predict(planned.env, stop, 0, planned.raw / "imagesTs", out)
+    assert_valid_label_maps(out, planned.raw / "imagesTs", ["synth_ts_000", "synth_ts_001"])

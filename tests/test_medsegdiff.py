@@ -216,3 +216,84 @@ def test_default_block_counts_per_size(variant, expected):
     net = TRAINERS[f"nnUNetTrainerMedSegDiff{variant}"].build_network_architecture(None, cm, 4, 3).denoiser
     for stages in (net.image_stages, net.mask_stages):
         assert [len(s.blocks) for s in stages] + [len(net.last_stage.blocks)] == expected
+
+
+# ------------------------------------------------------------------------------- the authors' cal output (issue 33)
+def test_cal_head_decodes_the_conditional_image_path_and_sees_x_t():
+    net, patch = _unet(cal_head=True)
+    image, x_t, t = torch.randn(2, 4, *patch), torch.randn(2, 3, *patch), torch.tensor([5, 5])
+    eps, cal = net(x_t, image, t)
+    assert eps.shape == cal.shape == (2, 3, *patch)
+    _, cal_other = net(torch.randn(2, 3, *patch), image, t)
+    assert not torch.allclose(cal, cal_other)  # eq. 3 modulated the image path with x_t's features
+    plain, _ = _unet()
+    assert not isinstance(plain(x_t, image, t), tuple)
+
+
+def test_training_loss_adds_ten_times_the_mse_between_mask_and_cal():
+    net, patch = _unet(cal_head=True)
+    with torch.no_grad():  # cal = sigmoid(0.7) everywhere
+        net.cal.out.weight.zero_()
+        net.cal.out.bias.fill_(0.7)
+    sched = NoiseSchedule(ScheduleConfig(100))
+    image = torch.randn(2, 4, *patch)
+    y = (image[:, :3] > 0.5).float()
+
+    def loss(weight):
+        return medsegdiff.training_loss(net, sched, image, y, generator=torch.Generator().manual_seed(3),
+                                        cal_weight=weight).item()
+
+    c = 1 / (1 + np.exp(-0.7))
+    by_hand = float(((y.numpy() - c) ** 2).mean())
+    assert loss(10.0) - loss(0.0) == pytest.approx(10 * by_hand, rel=1e-4)
+
+
+def test_blend_is_the_authors_rule():
+    s = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 4)
+    agree = torch.tensor([0.8, 0.8, 0.0, 0.0]).view(1, 1, 4)  # Dice 2·1.6 / 3.6 = 0.89 >= 0.65: the mean
+    assert torch.allclose(medsegdiff.blend(s, agree).flatten(), torch.tensor([0.9, 0.9, 0.0, 0.0]))
+    disagree = torch.tensor([0.0, 0.0, 0.9, 0.9]).view(1, 1, 4)  # Dice 0: cal + a quarter of the sample
+    assert torch.allclose(medsegdiff.blend(s, disagree).flatten(), torch.tensor([0.25, 0.25, 0.9, 0.9]))
+    assert torch.equal(medsegdiff.blend(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4))
+    two = medsegdiff.blend(torch.cat([s, s], 1), torch.cat([agree, disagree], 1))  # per channel
+    assert torch.allclose(two[0, 1], torch.tensor([0.25, 0.25, 0.9, 0.9]))
+
+
+def test_sampling_outputs_and_their_refusal_without_cal():
+    net, patch = _unet(cal_head=True)
+    sched = NoiseSchedule(ScheduleConfig(100))
+    image = torch.randn(1, 4, *patch)
+    outs = {o: medsegdiff.sample_masks(net, sched, image, 3, 2, "ddim", output=o) for o in medsegdiff.OUTPUTS}
+    with torch.no_grad():
+        _, cal = net(torch.zeros(1, 3, *patch), image, torch.tensor([0]))
+    assert all(v.shape == (1, 1, 3, *patch) and 0 <= v.min() and v.max() <= 1 for v in outs.values())
+    assert not torch.equal(outs["blend"], outs["sample"])
+    plain, _ = _unet()
+    with pytest.raises(ValueError, match="cal output"):
+        medsegdiff.sample_masks(plain, sched, image, 3, 2, "ddim", output="blend")
+
+
+def test_the_spec_refuses_a_cal_reading_without_the_cal_output():
+    from nnunet_diffusion import config
+    from nnunet_diffusion.spec import SpecError
+    spec = config.spec("medsegdiff")
+    assert (spec.cal_head, spec.cal_weight, spec.output) == (True, 10.0, "blend")  # the authors' code
+    paper = config.spec("medsegdiff", "paperText")
+    assert (paper.cal_head, paper.cal_weight, paper.output) == (False, 0.0, "sample")
+    with pytest.raises(SpecError, match="output"):
+        replace(paper, output="blend")
+    with pytest.raises(SpecError, match="cal_weight"):
+        replace(paper, cal_weight=1.0)
+
+
+def test_the_checkpoint_keeps_its_output_and_old_weights_are_explained():
+    from nnunet_diffusion.errors import NNDiffCheckpointError
+    net, _ = _unet(cal_head=True)
+    trained = MedSegDiffNetwork(net, NoiseSchedule(ScheduleConfig(100)), OPTS, 3, True, output="cal")
+    fresh = MedSegDiffNetwork(_unet(cal_head=True)[0], NoiseSchedule(ScheduleConfig(100)), OPTS, 3, True,
+                              output="blend")
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.output == "cal"
+    old = MedSegDiffNetwork(_unet()[0], NoiseSchedule(ScheduleConfig(100)), OPTS, 3, True)
+    with pytest.raises(NNDiffCheckpointError, match="paperText"):
+        fresh.load_state_dict(old.state_dict())

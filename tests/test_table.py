@@ -565,3 +565,55 @@ def test_refiner_section_is_absent_until_every_row_is_measured(tmp_path):
     run = _refiner_run(tmp_path, {})
     assert run.refiner_result() is None
     assert "not been measured" in table.refiner_markdown(None)
+
+
+# ------------------------------------------------------------------------------- issue 33: own plateau and x0 rows
+def test_the_plateau_and_x0_rows_come_from_the_heads_trainer_configs_and_their_budgets_are_checked(tmp_path):
+    run = _refiner_run(tmp_path, {})
+    run.heads = [("nnunet", "nnUNetTrainer"), ("medsegdiff", "nnUNetTrainerMedSegDiff")]
+    run.budget = 2000
+    extra = run.extra_trainings()
+    assert ("medsegdiff", "nnUNetTrainerMedSegDiff", "table_plateau", "plateau") in extra
+    assert ("medsegdiff", "nnUNetTrainerMedSegDiff", "table_x0", "x0") in extra
+    assert all(h != "nnunet" for h, *_ in extra)  # stock is the reference, not a head
+    run.check_extra_budgets()  # 8000 = 4 x 2000 and 2000
+    assert run.extra_kind("nnUNetTrainerMedSegDiff_table_x0") == "x0"
+    assert run.extra_kind("nnUNetTrainerMedSegDiff_table") is None
+    run.budget = 1000
+    with pytest.raises(table.NNDiffError, match=r"medsegdiff.toml \[variants.table_plateau\]: 8000 optimiser steps"):
+        run.check_extra_budgets()
+
+
+def test_plateau_rows_stay_out_of_the_equal_budget_summary_and_say_why_they_stopped():
+    def row(trainer, kind=None, **verdicts):
+        return {"trainer": trainer, "setting": "s", "kind": kind,
+                "against_stock": {r: {"verdict": v} for r, v in verdicts.items()}}
+    result = {"budget_steps": 2000, "heldout_cases": list(range(20)), "rows": [
+        row("nnUNetTrainer_table"),
+        row("nnUNetTrainerMedSegDiff_table", WT="worse"),
+        row("nnUNetTrainerMedSegDiff_table_plateau", "plateau", WT="better"),
+        row("nnUNetTrainerMoDiff_table_plateau", "plateau", WT="worse")],
+        "budget": {"nnUNetTrainerMedSegDiff_table_plateau": {
+                       "steps": 5200, "seconds": 6000.0, "cap_steps": 8000,
+                       "early_stop": {"reason": "plateau: the EMA pseudo Dice has not risen ..."}},
+                   "nnUNetTrainerMoDiff_table_plateau": {"steps": 8000, "seconds": 9000.0, "cap_steps": 8000,
+                                                         "early_stop": None}}}
+    text = table.summary_sentence(result)
+    assert "better than stock nnU-Net in some region: none." in text  # the plateau row is not at the equal budget
+    assert ("Trained to their own plateau (up to 4x the budget): nnUNetTrainerMedSegDiff_table_plateau stopped at "
+            "5200 steps (plateau), 100 min: better than stock in WT; nnUNetTrainerMoDiff_table_plateau ran to its cap "
+            "of 8000 steps without a plateau, 150 min: worse than stock in WT.") in text
+
+
+def test_apply_defaults_prefers_the_model_trained_to_its_plateau_when_it_learned(tmp_path):
+    (tmp_path / "medsegdiff.toml").write_text(MADE_UP_TOML)
+
+    def record(setting, steps, dice):
+        return {"rows": [{"setting": setting, "dice": dice, "tags": []}], "tolerance": 1.0,
+                "chosen": {"setting": setting, "sampler": "ddim", "steps": steps, "samples": 1, "dice": dice}}
+    result = {"date": "2026-12-06 10:00 UTC", "budget_steps": 2000, "defaults": {
+        "nnUNetTrainerMedSegDiff_table": record("ddim 5 steps x 1 samples", 5, 3.0),          # did not learn
+        "nnUNetTrainerMedSegDiff_table_plateau": record("ddim 25 steps x 1 samples", 25, 70.0)}}
+    done = table.apply_defaults(result, tmp_path)
+    assert done == [f"{tmp_path / 'medsegdiff.toml'}: [defaults] sampler ddim 25 steps x 1 samples"]
+    assert "sampling_steps = 25" in (tmp_path / "medsegdiff.toml").read_text()

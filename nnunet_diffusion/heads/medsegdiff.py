@@ -11,6 +11,18 @@ the classes of a label dataset), scaled to [−1, 1]. The denoiser ε_θ(x_t, I,
 
 ``prediction_type`` "epsilon" is the paper's ε-prediction; "sample" (ours) lets the denoiser predict x_0 itself
 with the loss ||x_0 − x̂_0||², which learns from far fewer iterations (used by the short demo/test variants).
+
+What the authors' code adds to the paper (public repository ImprintLab/MedSegDiff, formerly KidsWithTokens/
+MedicineToken; the code behind the paper's numbers, not described in the paper). The denoiser has a second output,
+``cal``, a direct mask prediction of its conditional image path (nets/medsegdiff.py, :class:`CalDecoder`), and
+
+- training (``guided_diffusion/gaussian_diffusion.py``, ``training_losses_segmentation``: ``loss_cal`` = the MSE
+  between the mask and ``cal``; ``guided_diffusion/train_util.py``, ``forward_backward``: ``loss = (loss * weights +
+  loss_cal * 10).mean()``):  L = ||ε − ε_θ||² + λ_cal ||y − cal||², λ_cal = 10            (``training_loss``)
+- inference (``p_sample_loop_known``): with s the final diffusion sample and cal the ``cal`` of the last reverse
+  step, the output is clip(cal + ¼ s, 0, 1) when Dice(s, cal) < 0.65, else clip(½ cal + ½ s, 0, 1)  (``blend``)
+
+``cal_head = false`` and ``output = "sample"`` give the paper's text alone (variant ``paperText``).
 """
 from __future__ import annotations
 
@@ -36,34 +48,93 @@ def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
     return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def training_loss(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: torch.Tensor,
-                  mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                  prediction_type: str = "epsilon") -> torch.Tensor:
-    """MedSegDiff eq. 7: E ||ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, I, t)||², t ~ U{0..T−1}, ε ~ N(0, I)
-    (``prediction_type="sample"``: ||x_0 − x̂_θ(x_t, I, t)||², ours)."""
+OUTPUTS = ("blend", "sample", "cal")  # what a draw returns: the authors' blend, the diffusion sample (paper), cal
+CAL_WEIGHT_AUTHORS = 10.0             # train_util.py: loss_cal * 10
+BLEND_DICE = 0.65                     # p_sample_loop_known: the Dice below which cal leads the blend
+
+
+def cal_probabilities(cal_logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
+    """The ``cal`` output as probabilities: sigmoid per region (the authors' one-channel sigmoid), softmax over the
+    classes of a label dataset."""
+    return torch.sigmoid(cal_logits.float()) if has_regions else torch.softmax(cal_logits.float(), 1)
+
+
+def training_losses(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                    prediction_type: str = "epsilon", has_regions: bool = True) -> dict[str, torch.Tensor]:
+    """The terms of the training loss: "diffusion", MedSegDiff eq. 7, E ||ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, I, t)||²,
+    t ~ U{0..T−1}, ε ~ N(0, I) (``prediction_type="sample"``: ||x_0 − x̂_θ(x_t, I, t)||², ours); and, for a denoiser
+    with the authors' ``cal`` output, "cal" = ||y − cal||² (mean over voxels and channels; ``loss_cal``)."""
     x0 = mask_to_x0(y)
     t = schedule.sample_timesteps(x0.shape[0], x0.device, generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
     x_t = schedule.q_sample(x0, noise, t)
-    predicted = denoiser(x_t, image, t)
-    if prediction_type == "sample":
-        return masked_mse(x0, predicted, mask)
-    return noise_prediction_loss(noise, predicted, mask)
+    out = denoiser(x_t, image, t)
+    predicted, cal = out if isinstance(out, tuple) else (out, None)
+    losses = {"diffusion": masked_mse(x0, predicted, mask) if prediction_type == "sample"
+              else noise_prediction_loss(noise, predicted, mask)}
+    if cal is not None:
+        losses["cal"] = masked_mse(y.float(), cal_probabilities(cal, has_regions), mask)
+    return losses
+
+
+def training_loss(denoiser, schedule: NoiseSchedule, image: torch.Tensor, y: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  prediction_type: str = "epsilon", cal_weight: float = CAL_WEIGHT_AUTHORS,
+                  has_regions: bool = True) -> torch.Tensor:
+    """L = L_diffusion (eq. 7) + ``cal_weight`` x L_cal (the authors' code; no L_cal without a ``cal`` output)."""
+    losses = training_losses(denoiser, schedule, image, y, mask, generator, prediction_type, has_regions)
+    return losses["diffusion"] + cal_weight * losses["cal"] if "cal" in losses else losses["diffusion"]
+
+
+def agreement_dice(sample: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
+    """The authors' ``dice_score(sample, cal)`` per batch element and channel: the sample binarised (their
+    ``pred > 0`` on the diffusion scale, here probability > 0.5) against the soft ``cal``; 2 Σ s·c / Σ (s + c), and 1
+    where both are empty (their 0/0 is NaN, which also takes the mean branch)."""
+    s = (sample > 0.5).float()
+    dims = tuple(range(2, sample.ndim))
+    inter, total = (s * cal).sum(dims), (s + cal).sum(dims)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-8), torch.ones_like(total))
+
+
+def blend(sample: torch.Tensor, cal: torch.Tensor, threshold: float = BLEND_DICE) -> torch.Tensor:
+    """The authors' final output (``p_sample_loop_known``): clip(cal + ¼ s, 0, 1) where Dice(s, cal) < ``threshold``
+    (the model's two outputs disagree: trust cal), else clip(½ cal + ½ s, 0, 1); per batch element and channel."""
+    low = (agreement_dice(sample, cal) < threshold).view(*sample.shape[:2], *([1] * (sample.ndim - 2)))
+    return torch.where(low, cal + 0.25 * sample, 0.5 * cal + 0.5 * sample).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
 def sample_masks(denoiser, schedule: NoiseSchedule, image: torch.Tensor, mask_channels: int, steps: int,
                  sampler: str = "ddpm", num_samples: int = 1, seed: int = 0,
-                 prediction_type: str = "epsilon") -> torch.Tensor:
+                 prediction_type: str = "epsilon", output: str = "sample", has_regions: bool = True) -> torch.Tensor:
     """n masks drawn by the reverse process (eq. 1) with K steps; returns (n, B, C, *spatial) probabilities in
-    [0, 1]. Draw i uses a generator seeded with ``seed + i`` on the image's device (reproducible per window)."""
+    [0, 1]. Draw i uses a generator seeded with ``seed + i`` on the image's device (reproducible per window).
+    ``output`` (:data:`OUTPUTS`): each draw's diffusion sample (the paper), the ``cal`` of its last reverse step, or
+    the authors' :func:`blend` of the two; "blend" and "cal" need a denoiser with the ``cal`` output."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}")
     shape = (image.shape[0], mask_channels, *image.shape[2:])
     draws = []
     for i in range(num_samples):
         gen = torch.Generator(device=image.device).manual_seed(int(seed) + i)
-        x0 = sample(lambda x_t, t: denoiser(x_t, image, t), shape, schedule, steps, sampler, generator=gen,
-                    device=image.device, clip=1.0, prediction_type=prediction_type)
-        draws.append(x0_to_probabilities(x0))
+        last = {}
+
+        def denoise(x_t, t):
+            out = denoiser(x_t, image, t)
+            if isinstance(out, tuple):
+                out, last["cal"] = out
+            return out
+
+        s = x0_to_probabilities(sample(denoise, shape, schedule, steps, sampler, generator=gen, device=image.device,
+                                       clip=1.0, prediction_type=prediction_type))
+        if output != "sample":
+            if "cal" not in last:
+                raise ValueError(f"output {output!r} needs the denoiser's cal output (cal_head); this denoiser has "
+                                 f"none")
+            cal = cal_probabilities(last["cal"], has_regions)
+            s = cal if output == "cal" else blend(s, cal)
+        draws.append(s)
     return torch.stack(draws)
 
 
@@ -112,13 +183,26 @@ DOWNSAMPLINGS = {"S": 4, "B": 5, "L": 6, "++": 6}
 class MedSegDiffSpec(DiffusionSpec):
     """trainer_configs/medsegdiff.toml."""
     HEAD: ClassVar[str] = "medsegdiff"
+    PREDICT_ONLY: ClassVar[frozenset] = DiffusionSpec.PREDICT_ONLY | {"output"}
     size: str = key(choices=tuple(DOWNSAMPLINGS))
     width: float = key(min=0, min_open=True)
     blocks: tuple[int, ...] = key(item_min=0)
     dynamic_conditioning: bool = key()
     ff_parser: bool = key()
     ff_parser_on: str = key(choices=FF_PARSER_PLACEMENTS)
+    cal_head: bool = key(doc="the authors' direct mask output cal (their code, not the paper)")
+    cal_weight: float = key(min=0, doc="λ_cal of L = L_diffusion + λ_cal ||y − cal||² (the authors' code: 10)")
+    output: str = key(choices=OUTPUTS, doc="a draw's result: the authors' blend of cal and the sample, the sample "
+                                           "(the paper), or cal")
     num_epochs: int = key(min=1)
     lr: float = key(min=0, min_open=True)
     weight_decay: Optional[float] = key(default=None, min=0)
     grad_clip: float = key(min=0, min_open=True)
+
+    def check(self) -> None:
+        super().check()
+        if not self.cal_head and self.output != "sample":
+            self.fail("output", f"{self.output!r} needs the cal output; with cal_head = false only \"sample\" exists")
+        if not self.cal_head and self.cal_weight:
+            self.fail("cal_weight", f"must be 0 with cal_head = false (there is no cal to train); got "
+                                    f"{self.cal_weight:g}")

@@ -35,6 +35,16 @@ the image features; the main U-Net's own decoder skips are not filtered, and the
 the bottleneck. (Differences left as they are here: the authors' parser starts from small random weights, not
 the identity, and they fuse at every level with that map-times-mean product rather than eq. 3 on the middle two
 stages, which follows the paper.)
+
+The ``cal`` output (``cal_head``; not in the paper, in the authors' code). The same repository's highway U-Net also
+*decodes*: besides the bottleneck feature it adds to the main path, it returns a one-channel, sigmoid-activated mask
+of its own, ``cal`` (``UNetModel_newpreview.forward`` returns ``(out, cal)``), which the training loss pulls towards
+the reference mask and the sampler blends with the diffusion sample (see heads/medsegdiff.py). Here the conditional
+image path is the image encoder E^I after eq. 3 has modulated it with the x_t features, so :class:`CalDecoder` decodes
+those image-path features of every separate encoder stage into a direct mask prediction (logits; the head applies
+sigmoid per region or softmax over classes). Like the authors' highway decoder (nnU-Net's Generic_UNet: transposed
+convolution up, concatenation with the skip, two convolution–InstanceNorm–LeakyReLU blocks, a 1×1 output
+convolution) it has no time embedding; it sees t only through the x_t features that modulated the image path.
 """
 from __future__ import annotations
 
@@ -110,6 +120,38 @@ class _Stage(nn.Module):
         return h
 
 
+def _conv_norm_act(dim: int, cin: int, cout: int) -> nn.Sequential:
+    """nnU-Net's ConvDropoutNormNonlin without dropout: 3×3 convolution, InstanceNorm (affine), LeakyReLU(0.01)."""
+    norm = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dim]
+    return nn.Sequential(_conv(dim)(cin, cout, 3, padding=1), norm(cout, eps=1e-5, affine=True),
+                         nn.LeakyReLU(0.01, inplace=True))
+
+
+class CalDecoder(nn.Module):
+    """The authors' ``cal`` branch (see the module docstring): a U-Net decoder over the conditional image path's
+    features of the n − 1 separate encoder stages, deepest first, to ``out_channels`` logits at full resolution."""
+
+    def __init__(self, dim: int, channels: Sequence[int], strides: Sequence[Sequence[int]], out_channels: int):
+        super().__init__()
+        channels = [int(c) for c in channels]  # the n − 1 separate stages' widths
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for i in reversed(range(len(channels) - 1)):
+            self.ups.append(_convT(dim)(channels[i + 1], channels[i], strides[i], stride=strides[i], bias=False))
+            self.blocks.append(nn.Sequential(_conv_norm_act(dim, 2 * channels[i], channels[i]),
+                                             _conv_norm_act(dim, channels[i], channels[i])))
+        self.out = _conv(dim)(channels[0], out_channels, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        h = features[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(features[:-1])):
+            h = up(h)
+            if h.shape[2:] != skip.shape[2:]:
+                h = h[(slice(None), slice(None)) + tuple(slice(0, s) for s in skip.shape[2:])]
+            h = block(torch.cat([h, skip], 1))
+        return self.out(h)
+
+
 class MedSegDiffUNet(nn.Module):
     """ε_θ(x_t, I, t) of MedSegDiff eq. 2.
 
@@ -123,12 +165,14 @@ class MedSegDiffUNet(nn.Module):
         dynamic_conditioning / ff_parser: the paper's Table II ablation switches.
         ff_parser_on: ``"mask"`` (the x_t encoder's features before fusion; default, as the authors' code) or
             ``"skip"`` (the fused decoder skips); see the module docstring.
+        cal_head: also return the authors' direct mask prediction ``cal`` (logits, :class:`CalDecoder`); forward then
+            returns ``(ε̂, cal)``.
     """
 
     def __init__(self, dim: int, image_channels: int, mask_channels: int, channels: Sequence[int],
                  strides: Sequence[Sequence[int]], blocks: Sequence[int], patch_size: Sequence[int],
                  dynamic_conditioning: bool = True, ff_parser: bool = True, norm_groups: int = 8,
-                 ff_parser_on: str = "mask"):
+                 ff_parser_on: str = "mask", cal_head: bool = False):
         super().__init__()
         if ff_parser_on not in FF_PARSER_PLACEMENTS:
             raise ValueError(f"ff_parser_on must be one of {FF_PARSER_PLACEMENTS}; got {ff_parser_on!r}")
@@ -172,6 +216,7 @@ class MedSegDiffUNet(nn.Module):
         for i in reversed(range(n - 1)):
             self.upsamples.append(_convT(dim)(channels[i + 1], channels[i], strides[i], stride=strides[i]))
             self.up_blocks.append(TimeResBlock(dim, 2 * channels[i], channels[i], temb, norm_groups))
+        self.cal = CalDecoder(dim, channels[:n - 1], strides[:n - 2], mask_channels) if cal_head else None
         self.out_norm = nn.GroupNorm(_groups(channels[0], norm_groups), channels[0])
         self.out = _conv(dim)(channels[0], mask_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -180,7 +225,7 @@ class MedSegDiffUNet(nn.Module):
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.time_mlp(get_timestep_embedding(t, self.channels[0]).to(image.dtype))
         h_i, h_x = self.image_stem(image), self.mask_stem(x_t.to(image.dtype))
-        skips = []
+        skips, image_path = [], []
         on_mask = self.ff is not None and self.ff_parser_on == "mask"
         on_skip = self.ff is not None and self.ff_parser_on == "skip"
         for k, (stage_i, stage_x) in enumerate(zip(self.image_stages, self.mask_stages)):
@@ -188,6 +233,7 @@ class MedSegDiffUNet(nn.Module):
             m_x = self.ff[k](h_x) if on_mask else h_x                                  # eqs. 4–6 on x_t's m_x
             if k in self.dyn_stages:
                 h_i = self.dyn[str(k)](h_i, m_x)                                      # eq. 3
+            image_path.append(h_i)
             fused = h_i + m_x
             skips.append(self.ff[k](fused) if on_skip else fused)                      # eqs. 4–6 ("skip")
         h = self.last_stage(fused, temb)                                               # E^I + E^x → last stage
@@ -197,4 +243,7 @@ class MedSegDiffUNet(nn.Module):
             if h.shape[2:] != skip.shape[2:]:
                 h = h[(slice(None), slice(None)) + tuple(slice(0, s) for s in skip.shape[2:])]
             h = block(torch.cat([h, skip], 1), temb)
-        return self.out(F.silu(self.out_norm(h)))                                      # D(·, t) → ε̂
+        out = self.out(F.silu(self.out_norm(h)))                                       # D(·, t) → ε̂
+        if self.cal is None:
+            return out
+        return out, self.cal(image_path)                                               # the authors' cal

@@ -11,6 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from .. import config, nnunet_compat
 from ..errors import NNDiffCheckpointError
 from ..spec import Spec, description
+from .early_stop import StopRule, StopTraining, stop_reason
 
 
 class ConfiguredTrainer(nnUNetTrainer):
@@ -37,6 +38,7 @@ class ConfiguredTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         hp = self.hparams()
         self._resumed_from: Optional[tuple[str, Optional[dict]]] = None  # (checkpoint, its trainer config)
+        self.early_stop: Optional[dict] = None  # {"epochs", "steps", "reason"} once a stop rule has fired
         for key in config.TRAINING_KEYS:
             if getattr(hp, key, None) is not None:
                 setattr(self, key, getattr(hp, key))
@@ -83,6 +85,7 @@ class ConfiguredTrainer(nnUNetTrainer):
             **nnunet_compat.checkpoint_dict(self),  # nnU-Net's own keys, then ours
             "nnunet_diffusion": self.extra_checkpoint_state(),
             "trainer_config": self.recorded_config(),  # what check_resumed_config compares on --c
+            "early_stop": self.early_stop,  # why a training ended before num_epochs (None: it did not)
         }
         self._save_atomic(checkpoint, filename)
         if self.hparams().keep_snapshots and os.path.basename(filename) == "checkpoint_latest.pth":
@@ -108,6 +111,9 @@ class ConfiguredTrainer(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
         self.load_extra_checkpoint_state(ckpt.get("nnunet_diffusion", {}))
         self._resumed_from = (filename_or_checkpoint, ckpt.get("trainer_config"))
+        self.early_stop = ckpt.get("early_stop")
+        if self.early_stop:  # a training that stopped at its plateau is finished: --c trains nothing more
+            self.num_epochs = min(self.num_epochs, self.current_epoch)
 
     def recorded_config(self) -> dict:
         """The trainer config a checkpoint records: the resolved TOML, plus what a head reads from elsewhere that
@@ -146,6 +152,38 @@ class ConfiguredTrainer(nnUNetTrainer):
     def on_train_start(self):
         self.check_resumed_config()  # before anything of the old run is touched
         super().on_train_start()
+
+    # ------------------------------------------------------------------ stopping at the plateau (issue 33)
+    def stop_rule(self) -> StopRule:
+        hp = self.hparams()
+        return StopRule(hp.stop_plateau_steps, hp.stop_min_delta, hp.stop_chance_steps, hp.stop_chance_dice)
+
+    def stop_history_start(self) -> int:
+        """The first epoch whose pseudo Dice the stop rules read (a head whose first stages cannot segment yet starts
+        them at its last stage)."""
+        return 0
+
+    def on_epoch_end(self):
+        super().on_epoch_end()  # nnU-Net's: logs, checkpoints, current_epoch += 1
+        rule = self.stop_rule()
+        if not rule.active or self.early_stop or self.current_epoch >= self.num_epochs:
+            return
+        start = self.stop_history_start()
+        history = nnunet_compat.logged_values(self, "ema_fg_dice")[start:self.current_epoch]
+        reason = stop_reason(history, self.num_iterations_per_epoch, rule, start)
+        if reason:
+            self.early_stop = {"epochs": self.current_epoch, "steps": self.current_epoch * self.num_iterations_per_epoch,
+                               "reason": reason}
+            self.print_to_log_file(f"Stopping after epoch {self.current_epoch - 1} of {self.num_epochs}: {reason}")
+            raise StopTraining(reason)
+
+    def run_training(self):
+        """nnU-Net's training loop; a stop rule (:meth:`on_epoch_end`) ends it the way reaching ``num_epochs`` does
+        (``on_train_end``: checkpoint_final.pth, the dataloaders shut down), with the reason in the checkpoint."""
+        try:
+            super().run_training()
+        except StopTraining:
+            self.on_train_end()
 
 
 def resolve_checkpoint(value: Optional[str], trainer: nnUNetTrainer, variable: str, what: str) -> Optional[str]:

@@ -6,7 +6,9 @@ two-encoder denoiser (eqs. 2–6) trained with eq. 7 on nnU-Net's augmented patc
 number of stages nnU-Net planned for the patch; widths are the plans' features per stage × ``width``; residual
 blocks per stage from :func:`default_blocks` unless ``blocks`` is set. The FF-Parsers filter the x_t encoder's
 features before they are fused with the image's (``ff_parser_on = "mask"``, as the authors' code; see
-nets/medsegdiff.py); ``_ffSkip`` filters the fused decoder skips instead.
+nets/medsegdiff.py); ``_ffSkip`` filters the fused decoder skips instead. By default the denoiser also has the
+authors' ``cal`` output, trained with their ×10 MSE term and blended with the sample at inference (heads/medsegdiff.py);
+``_paperText`` trains and samples as the paper's text alone.
 """
 from __future__ import annotations
 
@@ -63,10 +65,11 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
         denoiser = MedSegDiffUNet(len(configuration_manager.patch_size), num_input_channels, num_output_channels,
                                   channels, pools[1:n], blocks[:n], configuration_manager.patch_size,
                                   bool(hp.dynamic_conditioning), bool(hp.ff_parser),
-                                  ff_parser_on=str(hp.ff_parser_on))
+                                  ff_parser_on=str(hp.ff_parser_on), cal_head=hp.cal_head)
         schedule = cls.schedule()
         return MedSegDiffNetwork(denoiser, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                                 num_output_channels, prediction_type=hp.prediction_type)
+                                 num_output_channels, prediction_type=hp.prediction_type, output=hp.output,
+                                 cal_weight=hp.cal_weight)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no deep supervision: nothing to switch
@@ -84,10 +87,14 @@ class nnUNetTrainerMedSegDiff(DiffusionTrainer):
                                   self.label_manager.ignore_label)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.network(data, y=y, mask=mask)
+            # under DDP the loss must come through the wrapper's forward (gradient sync); the terms are named only
+            # for the non-finite message
+            terms = None if self.is_ddp else self.unwrapped_network().losses(data, y, mask)
+            loss = self.network(data, y=y, mask=mask) if terms is None else terms["total"]
         if not torch.isfinite(loss):
-            self.stop_on_non_finite("MedSegDiff", {"L (eq. 7)": loss}, "e.g. lower lr in trainer_configs/"
-                                                                       "medsegdiff.toml, check the data")
+            shown = {"L (eq. 7)": terms["diffusion"], "L_cal (authors' code)": terms.get("cal")} if terms else {}
+            self.stop_on_non_finite("MedSegDiff", {**shown, "L total": loss}, "e.g. lower lr in trainer_configs/"
+                                                                               "medsegdiff.toml, check the data")
         self.backward_and_step(loss, self.optimizer, self.network.parameters(), float(self.hparams().grad_clip))
         return {"loss": loss.detach().cpu().numpy()}
 
