@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def test_slurm_submission_array_dependencies_gpus_environment(fake_dataset, fake
         delayed = pickle.load(f)
     job = delayed.function
     assert isinstance(job, G.TrainJob) and job.job.trainer == "nnUNetTrainerNNDM" and job.job.fold == 1
-    assert job.job.after == FoldRef("nnUNetTrainer", 1)
+    assert job.job.after == (FoldRef("nnUNetTrainer", 1),)
     assert job.job.environment() == {"NNDIFF_BASELINE": "nnUNetTrainer"}
     assert job.environment()["NNDIFF_BASELINE"] == "nnUNetTrainer"
     grid = G.Grid(folder, state)
@@ -193,6 +194,39 @@ def test_slurm_dependency_on_exact_tasks_when_folds_do_not_line_up(fake_dataset,
     assert state["jobs"]["nnUNetTrainer__fold_1"]["job_id"] == "1001_0"
     assert state["jobs"]["nnUNetTrainerNNDM__fold_0"]["job_id"] == "1001_1"
     assert "job_id" not in state["jobs"]["nnUNetTrainer__fold_0"]  # done: not submitted
+
+
+def test_slurm_out_of_fold_refiner_waits_for_every_baseline_task(fake_dataset, fake_slurm, monkeypatch, capsys):
+    """NNDM with out-of-fold residuals (nnUNetTrainerNNDM_oof): a grid that trains only some of the baseline's folds
+    (the others not trained either) is refused in one line naming the missing folds' folders and the command that
+    trains them, nothing submitted; with all five folds, the refiner's array waits (afterok) for all five baseline
+    tasks, and grid.json holds the five [trainer, fold] pairs of each refiner job."""
+    monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
+    pre = fake_dataset / "preprocessed" / DATASET
+    (pre / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 5))
+    for p in (pre / "nnUNetPlans_3d_fullres").glob("*.npz"):
+        p.with_suffix(".npy").write_bytes(b"")             # unpacked already: no prepare job
+    rc = grid_cli("-d", DATASET_ID, "-tr", "nnUNetTrainer", "nnUNetTrainerNNDM_oof", "-f", 0, 1, 2, "--executor",
+                  "slurm", "--no-select")
+    err = capsys.readouterr().err.strip()
+    base = fake_dataset / "results" / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    assert rc == 2 and len(err.splitlines()) == 1 and "nothing submitted" in err, err
+    assert f"fold(s) 3 4 are neither in this grid nor trained ({base / 'fold_3'}, {base / 'fold_4'})" in err, err
+    assert f"nnUNetv2_train {DATASET} 3d_fullres FOLD -tr nnUNetTrainer -p nnUNetPlans --npz" in err, err
+    assert not (fake_slurm / "calls").exists()
+
+    rc = grid_cli("-d", DATASET_ID, "-tr", "nnUNetTrainer", "nnUNetTrainerNNDM_oof", "-f", 0, 1, 2, 3, 4,
+                  "--executor", "slurm", "--no-select")
+    assert rc == 0, capsys.readouterr().err
+    scripts = sbatch_scripts(fake_slurm)
+    assert sorted(scripts) == [1001, 1002]
+    first, second = sbatch_params(scripts[1001]), sbatch_params(scripts[1002])
+    assert first["array"] == "0-4%4" and "dependency" not in first
+    assert second["array"] == "0-4%4"
+    assert second["dependency"] == "afterok:1001_0:1001_1:1001_2:1001_3:1001_4"
+    state = json.loads((fake_dataset / "results" / DATASET / "nndiff_grid" / "grid.json").read_text())
+    assert state["jobs"]["nnUNetTrainerNNDM_oof__fold_2"]["after"] == [["nnUNetTrainer", f] for f in range(5)]
+    assert state["jobs"]["nnUNetTrainerNNDM_oof__fold_2"]["job_id"] == "1002_2"
 
 
 def test_resume_flags_and_done(tmp_path):
@@ -257,7 +291,8 @@ def test_checkpoint_inside_signal_handler_stops_training_and_resubmits_with_c(tm
 
 
 class FakeLocalJob:
-    """Stands in for a submitit LocalJob: 'runs' for two polls, then leaves a finished fold behind."""
+    """Stands in for a submitit LocalJob: 'runs' for two polls, then leaves a finished fold behind (or, for a
+    (trainer, fold) in its executor's ``fail``, fails)."""
 
     def __init__(self, executor, fn, params):
         self.executor, self.fn, self.params, self.polls = executor, fn, params, 0
@@ -269,6 +304,8 @@ class FakeLocalJob:
             return False
         if self in self.executor.running:
             self.executor.running.remove(self)
+            if self.failed:
+                return True
             grid = G.Grid(Path(self.fn.grid_folder), self.fn.spec)
             fold = grid.fold_folder(self.fn.job.trainer, self.fn.job.fold)
             (fold / "validation").mkdir(parents=True, exist_ok=True)
@@ -276,11 +313,19 @@ class FakeLocalJob:
                 (fold / f).write_text("{}")
         return True
 
+    @property
+    def failed(self):
+        return (self.fn.job.trainer, self.fn.job.fold) in self.executor.fail
+
     def result(self):
+        if self.failed:
+            raise RuntimeError("nnUNetv2_train exited with 1")
         return "done"
 
 
 class FakeLocalExecutor:
+    fail = frozenset()   # (trainer, fold) of the jobs that fail
+
     def __init__(self, folder):
         self.params, self.submitted, self.running, self.log = {}, [], [], []
 
@@ -292,7 +337,8 @@ class FakeLocalExecutor:
         after = fn.job.after
         self.log.append((fn.job.trainer, fn.job.fold, job.params["visible_gpus"],
                          [tuple(j.params["visible_gpus"]) for j in self.running],
-                         bool(after) and G.Grid(Path(fn.grid_folder), fn.spec).is_done(after.trainer, after.fold)))
+                         bool(after) and all(G.Grid(Path(fn.grid_folder), fn.spec).is_done(a.trainer, a.fold)
+                                             for a in after)))
         self.submitted.append(job)
         self.running.append(job)
         return job
@@ -323,14 +369,59 @@ def test_local_scheduling_gpus_timeout_and_order(fake_dataset, monkeypatch, caps
     assert [(t, f) for t, f, *_ in ex.log][:2] == [("nnUNetTrainer", 0), ("nnUNetTrainer", 1)]
 
 
+def test_local_out_of_fold_refiner_waits_for_every_baseline_fold_and_is_cancelled_when_one_failed(
+        fake_dataset, monkeypatch, capsys):
+    """NNDM with out-of-fold residuals x 5 folds on the local executor: no refiner job starts before all five
+    baseline folds are done; when one baseline fold fails, every refiner job is cancelled, naming it (message and
+    state file), and the grid reports the failure."""
+    made = []
+    monkeypatch.setattr(L.submitit, "LocalExecutor", lambda folder: made.append(FakeLocalExecutor(folder)) or made[-1])
+    monkeypatch.setattr(L, "_visible_gpus", lambda: [0, 1])
+    monkeypatch.setenv("NNDIFF_BASELINE", "nnUNetTrainer")
+    pre = fake_dataset / "preprocessed" / DATASET
+    (pre / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 5))
+    for p in (pre / "nnUNetPlans_3d_fullres").glob("*.npz"):
+        p.with_suffix(".npy").write_bytes(b"")
+    trainers = ["nnUNetTrainer", "nnUNetTrainerNNDM_oof"]
+
+    def grid_in(folder):
+        args = argparse.Namespace(
+            executor="local", max_parallel=2, timeout_min=720, gpus_per_job=1, d=str(DATASET_ID), tr=trainers,
+            c="3d_fullres", p="nnUNetPlans", f=["0", "1", "2", "3", "4"], grid_dir=str(folder), no_npz=False,
+            device="cuda", slurm_partition=None, slurm_account=None, slurm_setup=None)
+        return G.build_grid(args)
+
+    monkeypatch.setattr(FakeLocalExecutor, "fail", {("nnUNetTrainer", 3)})
+    grid = grid_in(fake_dataset / "grid_failing")
+    assert G.run_local(grid, G.pending_jobs(grid, trainers, list(range(5))), select=False, poll_s=0.01) == 1
+    out = capsys.readouterr().out
+    assert [(t, f) for t, f, *_ in made[0].log] == [("nnUNetTrainer", f) for f in range(5)]   # no refiner started
+    for f in range(5):
+        name = f"nnUNetTrainerNNDM_oof__fold_{f}"
+        assert f"nndiff grid: {name} not started: its baseline nnUNetTrainer__fold_3 failed" in out, out
+        state = grid.job_state(name)
+        assert state["state"] == "cancelled" and state["error"] == "its baseline nnUNetTrainer__fold_3 failed"
+
+    monkeypatch.setattr(FakeLocalExecutor, "fail", set())
+    for d in fake_dataset.glob("results/*/*__nnUNetPlans__3d_fullres"):
+        shutil.rmtree(d)
+    grid = grid_in(fake_dataset / "grid_ok")
+    assert G.run_local(grid, G.pending_jobs(grid, trainers, list(range(5))), select=False, poll_s=0.01) == 0
+    ex = made[1]
+    assert len(ex.submitted) == 10
+    assert [t for t, *_ in ex.log] == ["nnUNetTrainer"] * 5 + ["nnUNetTrainerNNDM_oof"] * 5
+    for trainer, fold, gpus, busy, baselines_done in ex.log:
+        assert baselines_done == (trainer == "nnUNetTrainerNNDM_oof")   # all five done when a refiner starts
+
+
 # ---------------------------------------------------------------------------------------------- the typed job model
 def test_job_round_trip_through_grid_json(tmp_path):
-    """A job is written to grid.json as {"trainer", "fold", "after": [trainer, fold] or null, "env", "job_id" (once
+    """A job is written to grid.json as {"trainer", "fold", "after": [[trainer, fold], ...], "env", "job_id" (once
     submitted)} and read back as the same typed job; the environment is kept sorted whatever order it was given in."""
     jobs = [FoldJob("nnUNetTrainer", 0),
             FoldJob("nnUNetTrainerNNDM", "all", FoldRef("nnUNetTrainer", "all"), {"B": "2", "A": "1"}, "1003_1")]
-    assert jobs[0].to_json() == {"trainer": "nnUNetTrainer", "fold": 0, "after": None, "env": {}}
-    assert jobs[1].to_json() == {"trainer": "nnUNetTrainerNNDM", "fold": "all", "after": ["nnUNetTrainer", "all"],
+    assert jobs[0].to_json() == {"trainer": "nnUNetTrainer", "fold": 0, "after": [], "env": {}}
+    assert jobs[1].to_json() == {"trainer": "nnUNetTrainerNNDM", "fold": "all", "after": [["nnUNetTrainer", "all"]],
                                  "env": {"A": "1", "B": "2"}, "job_id": "1003_1"}
     assert jobs[1].env == (("A", "1"), ("B", "2")) and jobs[1].name == "nnUNetTrainerNNDM__fold_all"
     grid = G.Grid(tmp_path, {"jobs": {}})
@@ -346,6 +437,47 @@ def test_job_round_trip_through_grid_json(tmp_path):
     assert pickle.loads(pickle.dumps(jobs[1])) == jobs[1]
 
 
+def test_grid_json_of_an_earlier_version_single_after_pair_or_null_loads(tmp_path):
+    """A grid.json written when a job waited for one job at most ("after": [trainer, fold] or null) loads, and is
+    written back in today's form (a list of pairs); a job waiting for several round-trips; a FoldJob pickled when
+    'after' was one FoldRef (a SLURM job requeued across the upgrade) unpickles with a tuple."""
+    old = {"jobs": {
+        "nnUNetTrainerNNDM__fold_1": {"trainer": "nnUNetTrainerNNDM", "fold": 1, "after": ["nnUNetTrainer", 1],
+                                      "env": {"NNDIFF_BASELINE": "nnUNetTrainer"}, "job_id": "1003_1"},
+        "nnUNetTrainer__fold_1": {"trainer": "nnUNetTrainer", "fold": 1, "after": None, "env": {}}}}
+    (tmp_path / "grid.json").write_text(json.dumps(old))
+    grid = G.Grid.load(tmp_path)
+    nndm = grid.job("nnUNetTrainerNNDM__fold_1")
+    assert nndm == FoldJob("nnUNetTrainerNNDM", 1, (FoldRef("nnUNetTrainer", 1),),
+                           {"NNDIFF_BASELINE": "nnUNetTrainer"}, "1003_1")
+    assert grid.job("nnUNetTrainer__fold_1").after == ()
+    assert nndm.to_json()["after"] == [["nnUNetTrainer", 1]]
+
+    several = FoldJob("nnUNetTrainerNNDM_oof", 2, tuple(FoldRef("nnUNetTrainer", f) for f in range(5)))
+    assert several.to_json()["after"] == [["nnUNetTrainer", f] for f in range(5)]
+    assert FoldJob.from_json(several.to_json()) == several
+    assert FoldJob("t", 0, [FoldRef("b", 0), FoldRef("b", 0)]).after == (FoldRef("b", 0),)   # duplicates dropped
+
+    legacy = FoldJob("nnUNetTrainerNNDM", 1)
+    object.__setattr__(legacy, "after", FoldRef("nnUNetTrainer", 1))
+    assert pickle.loads(pickle.dumps(legacy)).after == (FoldRef("nnUNetTrainer", 1),)
+    object.__setattr__(legacy, "after", None)
+    assert pickle.loads(pickle.dumps(legacy)).after == ()
+
+    spec = {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans", "npz": False,
+            "env": {"nnUNet_results": str(tmp_path)}, "jobs": {}}
+    queued = G.Grid(tmp_path / "g", spec)
+    done = queued.fold_folder("nnUNetTrainer", 0)
+    (done / "validation").mkdir(parents=True)
+    (done / "checkpoint_final.pth").write_text("")
+    (done / "validation" / "summary.json").write_text("{}")
+    assert G.job_status(queued, replace(several, job_id="7")) == (
+        "queued", "job 7; waits for " + ", ".join(f"nnUNetTrainer__fold_{f}" for f in range(1, 5)))
+    queued.add_job(several)
+    [pending] = G.pending_jobs(queued, ["nnUNetTrainerNNDM_oof"], [2])
+    assert pending.after == tuple(FoldRef("nnUNetTrainer", f) for f in range(1, 5))   # fold 0 done: dropped
+
+
 BAD_JOBS = [
     ({"trainer": "t", "fold": "x"}, "fold 'x' of t is not a fold (0, 1, ... or 'all')"),
     ({"trainer": "t", "fold": -1}, "fold -1 of t is not a fold"),
@@ -355,6 +487,8 @@ BAD_JOBS = [
     ({"trainer": "t", "fold": 0, "folds": [1]}, "unknown key(s) 'folds' (a job has trainer, fold, after, env, job_id)"),
     ({"trainer": "t", "fold": 0, "after": "b"}, "after: 'b' is not a [trainer, fold] pair"),
     ({"trainer": "t", "fold": 0, "after": ["b", "1"]}, "after: fold '1' of b is not a fold"),
+    ({"trainer": "t", "fold": 0, "after": [["b", 0], "x"]}, "after: 'x' is not a [trainer, fold] pair"),
+    ({"trainer": "t", "fold": 0, "after": [["b", 0], ["t", 0]]}, "t__fold_0: a job cannot wait for itself"),
     ({"trainer": "t", "fold": 0, "after": ["t", 0]}, "t__fold_0: a job cannot wait for itself"),
     ({"trainer": "t", "fold": 0, "env": {"A": 1}}, "t__fold_0: env 'A'=1: names and values must be strings"),
     ({"trainer": "t", "fold": 0, "env": ["A"]}, "t__fold_0: 'env' must map variable names to values"),
@@ -395,9 +529,9 @@ def test_dependency_order_and_done_dependencies_dropped(tmp_path):
     (done / "checkpoint_final.pth").write_text("")
     (done / "validation" / "summary.json").write_text("{}")
     pending = G.pending_jobs(grid, ["base", "refiner"], [0, 1])
-    assert [(j.name, j.after) for j in pending] == [("base__fold_1", None), ("refiner__fold_0", None),
-                                                    ("refiner__fold_1", FoldRef("base", 1))]
-    assert grid.job("refiner__fold_0").after == FoldRef("base", 0)    # grid.json itself keeps the dependency
+    assert [(j.name, j.after) for j in pending] == [("base__fold_1", ()), ("refiner__fold_0", ()),
+                                                    ("refiner__fold_1", (FoldRef("base", 1),))]
+    assert grid.job("refiner__fold_0").after == (FoldRef("base", 0),)    # grid.json itself keeps the dependency
 
 
 def test_head_specific_job_nndm_waits_for_its_baseline(tmp_path):
@@ -416,6 +550,61 @@ def test_head_specific_job_nndm_waits_for_its_baseline(tmp_path):
         "nnUNetTrainerNNDM", 1, env={"NNDIFF_BASELINE": checkpoint})
     with pytest.raises(NNDiffError, match="fold 1 of nnUNetTrainer_tiny is neither in this grid"):
         head_specific_job(nndm, "nnUNetTrainer_tiny", trainers, grid)
+
+
+def test_head_specific_job_out_of_fold_refiner_waits_for_every_baseline_fold(tmp_path):
+    """NNDM whose residual source is "oof" waits for every fold of the baseline (n from splits_final.json, else 5;
+    fold "all" also for the baseline's fold all) that the grid trains, the others being trained already; missing
+    ones are refused in one line naming their folders. "auto" waits for every fold when each is in the grid or
+    trained (then it uses "oof"), else for the same fold only (it uses "backbone"), as a "backbone" job always does."""
+    def grid(folds, n_splits=None):
+        pre = tmp_path / "pre"
+        (pre / DATASET).mkdir(parents=True, exist_ok=True)
+        splits = pre / DATASET / "splits_final.json"
+        splits.unlink(missing_ok=True)
+        if n_splits:
+            splits.write_text(json.dumps([{"train": [], "val": []}] * n_splits))
+        return G.Grid(tmp_path, {"dataset": DATASET, "configuration": "3d_fullres", "plans": "nnUNetPlans",
+                                 "folds": folds, "jobs": {},
+                                 "env": {"nnUNet_results": str(tmp_path / "res"), "nnUNet_preprocessed": str(pre)}})
+
+    def refs(*folds):
+        return tuple(FoldRef("nnUNetTrainer", f) for f in folds)
+
+    trainers = ["nnUNetTrainer", "nnUNetTrainerNNDM_oof", "nnUNetTrainerNNDM", "nnUNetTrainerNNDM_refiner_insample"]
+    env = {"NNDIFF_BASELINE": "nnUNetTrainer"}
+    five = grid([0, 1, 2, 3, 4])
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", 2), "nnUNetTrainer", trainers, five) == FoldJob(
+        "nnUNetTrainerNNDM_oof", 2, refs(0, 1, 2, 3, 4), env)
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM", 2), "nnUNetTrainer", trainers, five).after == \
+        refs(0, 1, 2, 3, 4)                                                 # "auto": every fold is in the grid
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM_refiner_insample", 2), "nnUNetTrainer", trainers,
+                             five).after == refs(2)                         # "backbone": the same fold
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", "all"), "nnUNetTrainer", trainers,
+                             grid([0, 1, 2, 3, 4, "all"])).after == refs(0, 1, 2, 3, 4, "all")
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", 1), "nnUNetTrainer", trainers,
+                             grid([0, 1, 2], n_splits=3)).after == refs(0, 1, 2)   # splits_final.json's 3 folds
+
+    some = grid([0, 1, 2])
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM", 2), "nnUNetTrainer", trainers, some).after == refs(2)
+    with pytest.raises(NNDiffError) as e:
+        head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", 2), "nnUNetTrainer", trainers, some)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and message.endswith("nothing submitted")
+    assert f"fold(s) 3 4 are neither in this grid nor trained ({some.fold_folder('nnUNetTrainer', 3)}, " \
+           f"{some.fold_folder('nnUNetTrainer', 4)})" in message
+    for f in (3, 4):                                     # trained outside the grid: nothing to wait for there
+        some.fold_folder("nnUNetTrainer", f).mkdir(parents=True)
+        (some.fold_folder("nnUNetTrainer", f) / "checkpoint_final.pth").write_text("")
+    for trainer in ("nnUNetTrainerNNDM_oof", "nnUNetTrainerNNDM"):
+        assert head_specific_job(FoldJob(trainer, 2), "nnUNetTrainer", trainers, some).after == refs(0, 1, 2)
+    alone = ["nnUNetTrainerNNDM_oof"]                    # the baseline not in the grid: every fold trained already
+    with pytest.raises(NNDiffError, match=r"fold\(s\) 0 1 2 are neither in this grid nor trained"):
+        head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", 2), "nnUNetTrainer", alone, grid([2]))
+    for f in (0, 1, 2):
+        some.fold_folder("nnUNetTrainer", f).mkdir(parents=True)
+        (some.fold_folder("nnUNetTrainer", f) / "checkpoint_final.pth").write_text("")
+    assert head_specific_job(FoldJob("nnUNetTrainerNNDM_oof", 2), "nnUNetTrainer", alone, grid([2])).after == ()
 
 
 def test_selection_step(tmp_path):

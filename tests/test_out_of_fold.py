@@ -27,6 +27,11 @@ def test_every_training_case_gets_the_fold_that_held_it_out():
                                                   "i": 4, "j": 4}
 
 
+def test_fold_all_takes_every_case_from_the_fold_that_held_it_out():
+    sources = oof.out_of_fold_sources(SPLITS, "all")
+    assert sources == {c: i // 2 for i, c in enumerate(CASES)}  # a, b by fold 0; c, d by fold 1; ...
+
+
 def test_a_case_is_never_predicted_by_a_model_that_trained_on_it():
     bad = json.loads(json.dumps(SPLITS))
     bad[1]["train"].append("c")  # fold 1 holds c out and trains on it

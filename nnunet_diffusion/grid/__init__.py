@@ -5,11 +5,12 @@ Each job runs nnU-Net's own ``nnUNetv2_train <dataset> <configuration> <fold> -t
 environment given explicitly (nnUNet_raw, nnUNet_preprocessed, nnUNet_results, nnUNet_extTrainer and the
 ``nnUNet_*``/``NNDIFF_*`` variables set at submission). What the grid adds, and nothing more:
 
-* order: a job of an NNDM trainer with ``NNDIFF_BASELINE=<trainer>`` waits for that fold of the baseline (SLURM:
-  ``aftercorr`` between two arrays whose tasks line up fold by fold, else ``afterok`` on the exact tasks; locally
-  the same order). A short preparation step runs first: it unpacks npz-preprocessed data (nnU-Net's advice for
-  folds trained in parallel; a no-op for nnU-Net 2.8's blosc2 data) and writes nnU-Net's own seeded 5-fold
-  ``splits_final.json`` once, so parallel folds do not race to write it.
+* order: a job of an NNDM trainer with ``NNDIFF_BASELINE=<trainer>`` waits for that fold of the baseline, or for
+  all its folds when its refiner learns from the baseline's out-of-fold predictions
+  (:func:`~.jobs.head_specific_job`) (SLURM: ``aftercorr`` between two arrays whose tasks line up fold by fold,
+  else ``afterok`` on the exact tasks; locally the same order). A short preparation step runs first: it unpacks
+  npz-preprocessed data (nnU-Net's advice for folds trained in parallel; a no-op for nnU-Net 2.8's blosc2 data) and
+  writes nnU-Net's own seeded 5-fold ``splits_final.json`` once, so parallel folds do not race to write it.
 * resuming: a job is done when its fold has ``checkpoint_final.pth`` and ``validation/summary.json`` (and the
   validation ``.npz`` files when they are asked for); done jobs are never re-run. A job with a checkpoint continues
   with nnU-Net's ``--c``; one whose training finished but whose validation did not runs ``--val``. On SLURM a job

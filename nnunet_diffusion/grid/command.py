@@ -22,7 +22,8 @@ def register(sub) -> None:
                      "then nnUNetv2_find_best_configuration",
         description="ACTION is run (default), status, cancel or select. 'run' trains the missing (trainer, fold) "
                     "pairs (finished ones are skipped, unfinished ones continue with --c); NNDM trainers with "
-                    "NNDIFF_BASELINE=<trainer> wait for that fold of the baseline.",
+                    "NNDIFF_BASELINE=<trainer> wait for that fold of the baseline (for all its folds when their "
+                    "refiner learns from its out-of-fold predictions).",
         epilog="examples: nndiff grid -d 501 -c 3d_fullres -tr nnUNetTrainer nnUNetTrainerNNDM -f 0 1 2 3 4 "
                "--executor slurm --slurm-partition gpu --gpus-per-job 1 --timeout-min 2880;  "
                "nndiff grid status -d 501")

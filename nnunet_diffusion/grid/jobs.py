@@ -1,9 +1,10 @@
 """The grid's job model, at the bottom of the ``grid`` package (it imports no other module of it).
 
 * :class:`FoldRef`: one (trainer, fold) of a grid; what a job trains and what a dependent job waits for.
-* :class:`FoldJob`: one training job: its (trainer, fold), the job it waits for, the environment it adds to the
-  grid's, and its job id once submitted. Written to ``grid.json`` as ``{"trainer", "fold", "after": [trainer, fold]
-  or null, "env": {...}, "job_id"}`` (``job_id`` only once submitted); :meth:`FoldJob.from_json` reads it back and
+* :class:`FoldJob`: one training job: its (trainer, fold), the jobs it waits for, the environment it adds to the
+  grid's, and its job id once submitted. Written to ``grid.json`` as ``{"trainer", "fold", "after": [[trainer,
+  fold], ...], "env": {...}, "job_id"}`` (``job_id`` only once submitted); :meth:`FoldJob.from_json` reads it back
+  (and the ``"after": [trainer, fold]`` or ``null`` of a grid.json written before a job could wait for several) and
   refuses a bad value with the file, the job and the key.
 * :class:`SelectionStep`: the model selection (and ensembling) step after the trainings: nnU-Net's
   ``nnUNetv2_find_best_configuration`` over the trainers whose requested folds are all done.
@@ -13,7 +14,8 @@
   written through :class:`FoldJob`.
 * :func:`pending_jobs`: the jobs still to run, in dependency order.
 * :func:`head_specific_job`: the grid's only branch on a head (a head with a ``baseline_stage`` in the registry,
-  NNDM, waits for its baseline).
+  NNDM, waits for its baseline: the same fold, or every fold when it learns from the baseline's out-of-fold
+  predictions).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ..variables import BASELINE as BASELINE_ENV
 
 GRID_FILE = "grid.json"
 JOB_KEYS = ("trainer", "fold", "after", "env", "job_id")
+DEFAULT_NUM_FOLDS = 5  # nnU-Net's 5-fold split (PrepareJob writes it when splits_final.json is missing)
 
 Fold = Union[int, str]   # a cross-validation fold 0..n-1, or "all"
 
@@ -45,6 +48,14 @@ def read_json(path: Path, default=None):
 def job_name(trainer: str, fold) -> str:
     """``<trainer>__fold_<fold>``: the name of a job, of its state file and of its log."""
     return f"{trainer}__fold_{fold}"
+
+
+def baselines_text(names: list[str], singular: str, plural: str) -> str:
+    """``its baseline <name> <singular>`` or ``its baselines <a>, <b> <plural>``: what a job waits for, in
+    messages."""
+    if len(names) == 1:
+        return f"its baseline {names[0]} {singular}"
+    return f"its baselines {', '.join(names)} {plural}"
 
 
 def _check_trainer_fold(trainer, fold) -> None:
@@ -82,24 +93,47 @@ class FoldRef:
             raise NNDiffError(f"{where}{e}") from None
 
 
+def refs_from_json(value, where: str = "") -> tuple:
+    """The ``after`` of a job in ``grid.json``: a list of ``[trainer, fold]`` pairs (``[]``: none); also what a
+    grid.json written before a job could wait for several holds: one ``[trainer, fold]`` pair, or ``null``."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (list, tuple)):
+        return (FoldRef.from_json(value, where),)      # one pair: a grid.json of an earlier version
+    if not isinstance(value, (list, tuple)):
+        raise NNDiffError(f"{where}{value!r} is not a [trainer, fold] pair or a list of them")
+    return tuple(FoldRef.from_json(v, where) for v in value)
+
+
+def _as_refs(after, name: str) -> tuple:
+    """``after`` as a tuple of FoldRefs, duplicates dropped (None and a lone FoldRef are accepted)."""
+    if after is None:
+        return ()
+    if isinstance(after, FoldRef):
+        return (after,)
+    if isinstance(after, (list, tuple)) and all(isinstance(a, FoldRef) for a in after):
+        return tuple(dict.fromkeys(after))
+    raise NNDiffError(f"{name}: 'after' must be FoldRefs (a tuple of them, one, or None), not {after!r}")
+
+
 @dataclass(frozen=True)
 class FoldJob:
     """One training job of the grid: nnU-Net's ``nnUNetv2_train`` on (``trainer``, ``fold``).
 
-    ``after``: the (trainer, fold) that must be done before this job starts (None: none). ``env``: the variables
-    this job adds to the grid's environment, as sorted (name, value) pairs (a mapping is accepted and sorted).
-    ``job_id``: the SLURM job id (``123`` or ``123_4``) or ``local:<id>`` once submitted, else None."""
+    ``after``: the (trainer, fold)s that must all be done before this job starts, a tuple of :class:`FoldRef`
+    (empty: none; one FoldRef or None is accepted and made a tuple). ``env``: the variables this job adds to the
+    grid's environment, as sorted (name, value) pairs (a mapping is accepted and sorted). ``job_id``: the SLURM job
+    id (``123`` or ``123_4``) or ``local:<id>`` once submitted, else None."""
     trainer: str
     fold: Fold
-    after: Optional[FoldRef] = None
+    after: tuple = ()
     env: tuple = field(default_factory=tuple)
     job_id: Optional[str] = None
 
     def __post_init__(self):
         _check_trainer_fold(self.trainer, self.fold)
-        if self.after is not None and not isinstance(self.after, FoldRef):
-            raise NNDiffError(f"{self.name}: 'after' must be a FoldRef or None, not {self.after!r}")
-        if self.after == self.ref:
+        object.__setattr__(self, "after", _as_refs(self.after, self.name))
+        if self.ref in self.after:
             raise NNDiffError(f"{self.name}: a job cannot wait for itself")
         env = self.env.items() if isinstance(self.env, Mapping) else self.env
         try:
@@ -112,6 +146,13 @@ class FoldJob:
         object.__setattr__(self, "env", pairs)
         if self.job_id is not None and not (isinstance(self.job_id, str) and self.job_id):
             raise NNDiffError(f"{self.name}: job_id {self.job_id!r} is not a job id (a non-empty string)")
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (submitit's pickled jobs): a job pickled when ``after`` was one FoldRef or None (a SLURM job
+        requeued across the upgrade) gets its tuple."""
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "after", _as_refs(getattr(self, "after", None), self.name))
 
     @property
     def ref(self) -> FoldRef:
@@ -127,16 +168,17 @@ class FoldJob:
 
     def to_json(self) -> dict:
         """The job as ``grid.json`` holds it (``job_id`` only once submitted)."""
-        out = {"trainer": self.trainer, "fold": self.fold,
-               "after": self.after.to_json() if self.after else None, "env": self.environment()}
+        out = {"trainer": self.trainer, "fold": self.fold, "after": [a.to_json() for a in self.after],
+               "env": self.environment()}
         if self.job_id is not None:
             out["job_id"] = self.job_id
         return out
 
     @classmethod
     def from_json(cls, value, where: str = "") -> "FoldJob":
-        """A job as :meth:`to_json` writes it (``after``, ``env`` and ``job_id`` may be missing); ``where`` (the
-        file and the job's key) prefixes the error, which names the key at fault."""
+        """A job as :meth:`to_json` writes it (``after``, ``env`` and ``job_id`` may be missing; ``after`` may be
+        an earlier version's one ``[trainer, fold]`` pair or ``null``); ``where`` (the file and the job's key)
+        prefixes the error, which names the key at fault."""
         if not isinstance(value, Mapping):
             raise NNDiffError(f"{where}a job must be a JSON object, not {value!r}")
         unknown = sorted(set(value) - set(JOB_KEYS))
@@ -146,10 +188,8 @@ class FoldJob:
         missing = [k for k in ("trainer", "fold") if k not in value]
         if missing:
             raise NNDiffError(f"{where}key(s) {', '.join(map(repr, missing))} missing")
-        after = value.get("after")
         try:
-            return cls(value["trainer"], value["fold"],
-                       FoldRef.from_json(after, "after: ") if after is not None else None,
+            return cls(value["trainer"], value["fold"], refs_from_json(value.get("after"), "after: "),
                        value.get("env") or {}, value.get("job_id"))
         except NNDiffError as e:
             raise NNDiffError(f"{where}{e}") from None
@@ -216,6 +256,13 @@ class Grid:
     def fold_folder(self, trainer: str, fold) -> Path:
         return self.model_folder(trainer) / f"fold_{fold}"
 
+    def num_folds(self) -> int:
+        """The number of cross-validation folds: those of the dataset's ``splits_final.json``, else nnU-Net's 5 (the
+        split :class:`~.tasks.PrepareJob` writes)."""
+        pre = self.env.get("nnUNet_preprocessed")
+        splits = read_json(Path(pre) / self.spec["dataset"] / "splits_final.json") if pre else None
+        return len(splits) if isinstance(splits, list) and splits else DEFAULT_NUM_FOLDS
+
     def job_file(self, name: str) -> Path:
         return self.folder / "jobs" / f"{name}.json"
 
@@ -276,22 +323,23 @@ class Grid:
 def ordered(jobs: list[FoldJob]) -> list[FoldJob]:
     """Jobs without a dependency first (those another job waits for first, in their given order), then the
     dependent ones."""
-    needed = {j.after for j in jobs if j.after}
+    needed = {a for j in jobs for a in j.after}
     first = [j for j in jobs if not j.after and j.ref in needed]
     rest = [j for j in jobs if not j.after and j.ref not in needed]
     return first + rest + [j for j in jobs if j.after]
 
 
 def pending_jobs(grid: Grid, trainers: list[str], folds: list) -> list[FoldJob]:
-    """The requested jobs that are not done, dependency order; a dependency that is done is dropped."""
+    """The requested jobs that are not done, dependency order; the dependencies that are done are dropped."""
     out = []
     for t in trainers:
         for f in folds:
             job = grid.job(job_name(t, f))
             if job is None or grid.is_done(t, f):
                 continue
-            if job.after and grid.is_done(job.after.trainer, job.after.fold):
-                job = replace(job, after=None)
+            after = tuple(a for a in job.after if not grid.is_done(a.trainer, a.fold))
+            if after != job.after:
+                job = replace(job, after=after)
             out.append(job)
     return ordered(out)
 
@@ -300,13 +348,29 @@ def pending_jobs(grid: Grid, trainers: list[str], folds: list) -> list[FoldJob]:
 HEAD_SPECIFIC_ENV = (BASELINE_ENV,)   # given to the jobs head_specific_job chooses, never to every job
 
 
+OUT_OF_FOLD_SOURCES = ("oof", "auto")  # NNDM's residual sources that read the baseline's out-of-fold predictions
+
+
 def head_specific_job(job: FoldJob, baseline: str, trainers: list[str], grid: Grid) -> FoldJob:
     """HEAD-SPECIFIC: the grid's only branch on a head, through the registry: a trainer of a head whose first stage
-    is a whole nnU-Net (``registry.Head.baseline_stage``: NNDM)
-    started with ``NNDIFF_BASELINE=<baseline>`` (``baseline``, '' when unset) gets that variable in its job's
-    environment; when the baseline is a trainer name (not a path to a checkpoint or model folder), the job waits
-    for that trainer's same fold if it is in this grid (``trainers``), else that fold must be trained already (an
-    error naming the fold's folder otherwise). Any other job is returned as it is."""
+    is a whole nnU-Net (``registry.Head.baseline_stage``: NNDM) started with ``NNDIFF_BASELINE=<baseline>``
+    (``baseline``, '' when unset) gets that variable in its job's environment. When the baseline is a trainer name
+    (not a path to a checkpoint or model folder), the job waits for the baseline's folds it needs that this grid
+    trains (``trainers``, the grid's folds); the others must be trained already (``checkpoint_final.pth``), else a
+    one-line error naming their folders, nothing submitted. Any other job is returned as it is.
+
+    Which folds it needs follows the trainer's spec (``residual_source``, read from the class, no trainer built):
+
+    * ``"oof"``: the refiner of fold f learns e = y - ŷ with ŷ the baseline's out-of-fold prediction of each of its
+      training cases, made by the fold model that held that case out (``trainers/out_of_fold.py``): every fold of
+      the baseline (0..n-1, n from ``splits_final.json``, else nnU-Net's 5), and fold ``all`` too for a job of fold
+      ``all`` (its backbone starts from the baseline's same fold).
+    * ``"auto"``: the trainer uses ``"oof"`` when every fold of the baseline is trained as it starts, else
+      ``"backbone"`` (``trainers/nndm.py``, ``_choose_residual_source``). When every fold is in this grid or trained,
+      the job waits for all of them, so that the choice is ``"oof"`` and does not depend on which folds happen to be
+      finished when it starts; otherwise it resolves to ``"backbone"`` and the job waits as below.
+    * ``"backbone"``/``"dropout"`` (and "auto" without every fold): the baseline's same fold, whose checkpoint the
+      backbone starts from."""
     if not baseline:
         return job
     from ..registry import head
@@ -317,10 +381,29 @@ def head_specific_job(job: FoldJob, baseline: str, trainers: list[str], grid: Gr
     job = replace(job, env={**job.environment(), BASELINE_ENV: baseline})
     if os.sep in baseline or os.path.exists(baseline):
         return job
+    in_grid = list(grid.spec.get("folds", [job.fold])) if baseline in trainers else []
+
+    def trained(fold) -> bool:
+        return grid.is_done(baseline, fold) or (grid.fold_folder(baseline, fold) / "checkpoint_final.pth").is_file()
+
+    source = getattr(cls.hparams(), "residual_source", None)
+    if source in OUT_OF_FOLD_SOURCES:
+        needed = list(range(grid.num_folds())) + ([job.fold] if job.fold == "all" else [])
+        missing = [g for g in needed if g not in in_grid and not trained(g)]
+        if not missing:
+            return replace(job, after=tuple(FoldRef(baseline, g) for g in needed if g in in_grid))
+        if source == "oof":
+            s = grid.spec
+            folders = ", ".join(str(grid.fold_folder(baseline, g)) for g in missing)
+            raise NNDiffError(
+                f"{BASELINE_ENV}={baseline}: {job.name} learns from the out-of-fold predictions of every fold of "
+                f"{baseline} (residual_source \"oof\"), but fold(s) {' '.join(map(str, missing))} are neither in this "
+                f"grid nor trained ({folders}): add them to this grid (-tr {baseline} -f "
+                f"{' '.join(map(str, needed))}) or train each first with `nnUNetv2_train {s['dataset']} "
+                f"{s['configuration']} FOLD -tr {baseline} -p {s['plans']} --npz`; nothing submitted")
     if baseline in trainers:
         return replace(job, after=FoldRef(baseline, job.fold))
-    if not grid.is_done(baseline, job.fold) and not (grid.fold_folder(baseline, job.fold) /
-                                                     "checkpoint_final.pth").is_file():
+    if not trained(job.fold):
         raise NNDiffError(f"{BASELINE_ENV}={baseline}: fold {job.fold} of {baseline} is neither in this grid (-tr) "
                           f"nor trained ({grid.fold_folder(baseline, job.fold)}); nothing submitted")
     return job

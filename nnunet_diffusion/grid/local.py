@@ -1,7 +1,8 @@
 """The local executor: the grid's jobs on this machine through submitit's ``LocalExecutor``, driven from the
 foreground ``nndiff grid`` process: at most ``max_parallel`` at a time, each with its own GPU(s)
-(``visible_gpus``) and the grid's timeout, a dependent job started once its baseline is done; Ctrl-C cancels the
-running jobs, and a re-run waits for a job still training from an earlier driver instead of restarting it."""
+(``visible_gpus``) and the grid's timeout, a dependent job started once all the jobs it waits for are done (and
+cancelled when one of them failed); Ctrl-C cancels the running jobs, and a re-run waits for a job still training
+from an earlier driver instead of restarting it."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from typing import Any, Optional
 import submitit
 
 from ..errors import NNDiffError
-from .jobs import FoldJob, Grid
+from .jobs import FoldJob, Grid, baselines_text
 from .process import pid_alive
 from .tasks import PrepareJob, TrainJob, run_select
 
@@ -45,7 +46,8 @@ class Running:
 
 def run_local(grid: Grid, jobs: list[FoldJob], select: bool, poll_s: float = 1.0) -> int:
     """Run ``jobs`` through submitit's LocalExecutor, at most ``max_parallel`` at a time, each with its own GPUs
-    (visible_gpus) and the grid's timeout; a dependent job starts when its baseline is done."""
+    (visible_gpus) and the grid's timeout; a dependent job starts when all its ``after`` are done, and is cancelled
+    (state file and message naming it) when one of them failed."""
     spec = grid.spec
     per_job = spec["gpus_per_job"] if spec["device"] == "cuda" else 0
     gpus = _visible_gpus() if per_job else []
@@ -89,14 +91,16 @@ def run_local(grid: Grid, jobs: list[FoldJob], select: bool, poll_s: float = 1.0
                                            error="the job ended without finishing (killed?)")
                 print(f"nndiff grid: {name} {'done' if ok else 'failed'}")
             for job in list(waiting):
-                name, after = job.name, job.after
-                if after and after.name in failed:
+                name = job.name
+                gone = [a.name for a in job.after if a.name in failed]
+                if gone:
                     waiting.remove(job)
                     failed.add(name)
-                    grid.set_job_state(name, state="cancelled", error=f"its baseline {after.name} failed")
-                    print(f"nndiff grid: {name} not started: its baseline {after.name} failed")
+                    why = baselines_text(gone, "failed", "failed")
+                    grid.set_job_state(name, state="cancelled", error=why)
+                    print(f"nndiff grid: {name} not started: {why}")
                     continue
-                if after and not grid.is_done(after.trainer, after.fold):
+                if not all(grid.is_done(a.trainer, a.fold) for a in job.after):
                     continue
                 if len(running) >= slots or len(free) < per_job:
                     break

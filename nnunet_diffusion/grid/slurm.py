@@ -3,7 +3,8 @@ sbatch scripts: time, GPUs, partition, account, ``--requeue``, ``--signal=USR2@1
 ``export`` lines), with SLURM dependencies for the order, and SLURM's own view of the jobs (squeue, sacct).
 
 The submission: [prepare] -> one array of the independent jobs -> one array per dependent trainer (``aftercorr``
-when its tasks line up with the first array's fold by fold, else ``afterok`` on the exact tasks) -> [select,
+when each of its tasks waits for one task and they line up with the first array's fold by fold, else ``afterok`` on
+the exact tasks all its jobs wait for, e.g. every baseline fold for NNDM's out-of-fold refiner) -> [select,
 ``afterok`` on every array]."""
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def _submit_array(ex: submitit.SlurmExecutor, grid: Grid, jobs: list[FoldJob]) -
 
 def run_slurm(grid: Grid, jobs: list[FoldJob], args, select: bool) -> int:
     """Submit: [prepare] -> one array of the independent jobs -> one array per dependent trainer (``aftercorr``
-    when its tasks line up with the first tasks of the first array fold by fold, else ``afterok`` on the exact
-    tasks) -> [select, afterok on every array]."""
+    when each of its jobs waits for one job and they line up with the first tasks of the first array fold by fold,
+    else ``afterok`` on the union of the exact tasks its jobs wait for: SLURM applies an array's dependency to
+    every task of it) -> [select, afterok on every array]."""
     spec = grid.spec
     if not jobs:
         print("nndiff grid: every job is done")
@@ -80,10 +82,12 @@ def run_slurm(grid: Grid, jobs: list[FoldJob], args, select: bool) -> int:
     first_names = [j.name for j in independent]
     for trainer in dict.fromkeys(j.trainer for j in dependent):
         group = [j for j in dependent if j.trainer == trainer]
-        group.sort(key=lambda j: first_names.index(j.after.name))
-        wanted = [j.after.name for j in group]
+        one_to_one = all(len(j.after) == 1 for j in group)
+        if one_to_one:
+            group.sort(key=lambda j: first_names.index(j.after[0].name))
+        wanted = sorted({a.name for j in group for a in j.after}, key=first_names.index)
         is_array = len(independent) > 1 and len(group) > 1
-        if is_array and wanted == first_names[:len(group)]:
+        if one_to_one and is_array and [j.after[0].name for j in group] == first_names[:len(group)]:
             dep = f"aftercorr:{arrays[0]}"
         else:
             dep = "afterok:" + ":".join(ids[w] for w in wanted)

@@ -69,8 +69,8 @@ def job_status(grid: Grid, job: FoldJob, slurm: Optional[dict] = None) -> tuple[
         tail = log_tail(grid.log_file(name))
         return state, " | ".join([st.get("error", f"exit code {st.get('returncode')}")] + tail)
     if state == "queued" or job.job_id:
-        after = job.after
-        wait = f"; waits for {after.name}" if after and not grid.is_done(after.trainer, after.fold) else ""
+        unfinished = [a.name for a in job.after if not grid.is_done(a.trainer, a.fold)]
+        wait = f"; waits for {', '.join(unfinished)}" if unfinished else ""
         return "queued", f"job {job.job_id or st.get('job_id')}{wait}"
     return "not submitted", ""
 

@@ -20,7 +20,7 @@ import submitit
 
 from ..atomic import write_json_atomic
 from ..errors import NNDiffError
-from .jobs import FoldJob, Grid, SelectionStep
+from .jobs import FoldJob, Grid, SelectionStep, baselines_text
 from .process import die_with_parent, log_tail, nnunet_script, stop_child
 
 
@@ -76,9 +76,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if grid.is_done(j.trainer, j.fold):
             grid.set_job_state(self.name, state="done")
             return "done (already)"
-        after = j.after
-        if after and not grid.is_done(after.trainer, after.fold):
-            msg = f"{self.name}: its baseline {after.name} is not finished"
+        unfinished = [a.name for a in j.after if not grid.is_done(a.trainer, a.fold)]
+        if unfinished:
+            msg = f"{self.name}: {baselines_text(unfinished, 'is not finished', 'are not finished')}"
             grid.set_job_state(self.name, state="failed", error=msg)
             raise NNDiffError(msg)
         cmd = self.command(grid)

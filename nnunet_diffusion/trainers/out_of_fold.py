@@ -32,13 +32,26 @@ def oof_folder(baseline_folder: str | os.PathLike, configuration: str) -> Path:
     return Path(baseline_folder) / FOLDER / configuration
 
 
-def out_of_fold_sources(splits: list[dict], fold: int) -> dict[str, int]:
+def out_of_fold_sources(splits: list[dict], fold: int | str) -> dict[str, int]:
     """{case: the fold whose model did not train on it} for every case of ``fold`` in nnU-Net's ``splits``
     (splits_final.json): its training cases (what the refiner trains on, each predicted by another fold's model) and
     its validation cases (predicted by the baseline's own fold ``fold``, which held them out; nnU-Net's loader reads a
-    map for every case it loads, online validation included). A case that is in no fold's validation set, or that
+    map for every case it loads, online validation included). Fold "all" (nnU-Net's training on every case) takes
+    every case, each predicted by the fold that held it out. A case that is in no fold's validation set, or that
     the fold meant to predict it trained on, is an error: its prediction would not be out of fold."""
-    if not 0 <= fold < len(splits):
+    if fold == "all":
+        out = {}
+        for g, split in enumerate(splits):
+            for case in split["val"]:
+                if case in out:
+                    raise NNDiffConfigError(f"splits_final.json: case {case} is in the validation sets of folds "
+                                            f"{out[case]} and {g}")
+                if case in split["train"]:
+                    raise NNDiffConfigError(f"splits_final.json: case {case} is both trained on and held out by fold "
+                                            f"{g}")
+                out[case] = g
+        return out
+    if not isinstance(fold, int) or not 0 <= fold < len(splits):
         raise NNDiffConfigError(f"fold {fold} is not in splits_final.json (it has {len(splits)} folds)")
     held_out_by = {}
     for g, split in enumerate(splits):
