@@ -43,6 +43,8 @@ from nnunet_diffusion.budget import (Budget, early_stop_of, optimizer_steps, pla
 from nnunet_diffusion import registry
 from nnunet_diffusion.errors import NNDiffError
 
+from . import table_uncertainty
+
 
 # ------------------------------------------------------------------------------------------------ statistics
 def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
@@ -593,7 +595,8 @@ def section(result: dict, png_name: str) -> list[str]:
                     "NNDIFF_BASELINE, each residual source's refiner trained its own steps on top of it, and stock "
                     "trained as many steps longer; the same held-out cases, scored against stock fold 0 (Dice paired "
                     "Wilcoxon; HD95's verdict beside it; LW Dice: lesion-wise, cases without a lesion left out)."),
-               refiner_markdown(result["refiner"])] if result.get("refiner") else [])]
+               refiner_markdown(result["refiner"])] if result.get("refiner") else []),
+            *table_uncertainty.section_blocks(result, png_name.replace("_curves", "_reliability"))]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -741,6 +744,7 @@ def main(argv=None) -> int:
         run.train(head, f"{cls}_{args.variant}")
     for head, cls, variant, kind in run.extra_trainings():  # issue 33: own plateau, x0
         run.train(head, f"{cls}_{variant}", variant=variant, plateau=kind == "plateau")
+    table_uncertainty.train_second_stock(run)  # issue 34: the two-stock ensemble's second model
     for head, cls in heads:
         run.curve(head, f"{cls}_{args.variant}")
     for head, cls, variant, _ in run.extra_trainings():
@@ -751,6 +755,7 @@ def main(argv=None) -> int:
         if kind == "plateau":  # its own sampler sweep: a model trained longer may want another chain
             run.choose_default(head, cls, f"{cls}_{variant}")
     run.heldout()
+    table_uncertainty.measure(run)  # issue 34: uncertainty quality and ensembles at equal compute
     run.write()
     return 0
 
@@ -1118,15 +1123,20 @@ class TableRun:
                 "validation_stock_seconds": self.state.get(
                     f"curve {self.heads[0][1]}_{self.args.variant} checkpoint_final.pth")["seconds_per_case"],
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
-                "rows": rows, "refiner": self.refiner_result()}
+                "rows": rows, "refiner": self.refiner_result(),
+                "uncertainty": table_uncertainty.uncertainty_result(self),
+                "ensembles": table_uncertainty.ensemble_result(self)}
 
     def write(self) -> None:
         from nnunet_diffusion.atomic import write_text_atomic
         result = self.result()
         out = self.args.out or RESULTS / ("table.json" if self.args.device == "cpu" else "table_cuda.json")
         plot_curves(result, out.with_name(out.stem + "_curves.png"))
+        table_uncertainty.reliability_png(result["uncertainty"], out.with_name(out.stem + "_reliability.png"))
         write_text_atomic(out, json.dumps(result, indent=2))
         print(markdown(result))
+        print(table_uncertainty.uncertainty_markdown(result["uncertainty"]))
+        print(table_uncertainty.ensemble_markdown(result["ensembles"]))
         print(f"[table] written: {out} and {out.with_name(out.stem + '_curves.png')}")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .lesionwise import BRATS2023_COHORTS, DEFAULT_LESIONWISE_CONVENTION, LESIONWISE_CONVENTIONS
 from .metrics import BRATS_EMPTY_HD95, HD95_MODES
+from .uncertainty_quality import DEFAULT_MARGIN
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -54,10 +55,12 @@ def cmd_compare(args) -> int:
                            n_cases=args.n_cases, num_processes=args.num_processes, hd95_mode=args.hd95_mode,
                            empty_hd95=args.empty_hd95, plots=not args.no_plots, progress=not args.no_progress,
                            lesionwise=args.lesionwise, lesionwise_convention=args.lesionwise_convention,
-                           lesionwise_cohort=args.lesionwise_cohort)
+                           lesionwise_cohort=args.lesionwise_cohort,
+                           uncertainty_margin=None if args.uncertainty_margin < 0 else args.uncertainty_margin)
     print(res.table, end="")
     lesions = "per_lesion.csv, " if "lesionwise" in res.summary else ""
-    print(f"\nwritten to {res.output_dir}: per_case.csv, {lesions}paired.csv, summary.json, table.md, "
+    uncertainty = "uncertainty_quality.csv, " if "uncertainty_quality" in res.summary else ""
+    print(f"\nwritten to {res.output_dir}: per_case.csv, {lesions}paired.csv, {uncertainty}summary.json, table.md, "
           f"{len(res.figures)} figure(s)")
     return 0
 
@@ -88,7 +91,9 @@ def register(sub) -> None:
                     "<configuration>/fold_<f>/validation against $nnUNet_preprocessed/<Dataset>/gt_segmentations, "
                     "then write one table per region (Method | DSC | HD95 | VS | IoU | mIoU, mean ± std over cases and "
                     "over folds), paired per-case differences against the baseline with Wilcoxon p-values, box "
-                    "plots and slice pictures of chosen cases.",
+                    "plots and slice pictures of chosen cases; for trainers whose folders hold <case>.npz probabilities "
+                    "for every case, how well the entropy of those probabilities finds the errors (AUROC, AURC, ECE, "
+                    "Brier, Spearman of mean uncertainty against Dice).",
         epilog="example: nndiff compare -d 501 -tr nnUNetTrainer nnUNetTrainerNNDM -f 0 1 2 3 4 -o cmp")
     p.add_argument("-d", required=True, metavar="ID", help="nnU-Net dataset id or name")
     p.add_argument("-tr", nargs="+", required=True, metavar="TRAINER", help="trainers to compare")
@@ -104,5 +109,9 @@ def register(sub) -> None:
     p.add_argument("--ref", help="reference folder (default $nnUNet_preprocessed/<Dataset>/gt_segmentations)")
     p.add_argument("--images", help="image folder for the pictures (default $nnUNet_raw/<Dataset>/imagesTr)")
     p.add_argument("--dataset-json", help="dataset.json to take regions/labels from (default: the dataset's)")
+    p.add_argument("--uncertainty-margin", type=float, default=DEFAULT_MARGIN, metavar="VOXELS",
+                   help="where a trainer's folders hold <case>.npz probabilities for every case (validation with "
+                        "--npz): measure its uncertainty (entropy of the fused probabilities) against its errors within "
+                        f"this many voxels of reference or prediction (default {DEFAULT_MARGIN}; negative: every voxel)")
     _add_common(p)
     p.set_defaults(func=cmd_compare)

@@ -19,7 +19,13 @@ uses) and writes into the output folder:
   and T1ce (as named in dataset.json; else the first channel) with the reference, baseline and other trainers'
   contours; where a trainer wrote an uncertainty map ``uncertainty/<case><file_ending>`` beside its prediction
   (``nndiff predict --uncertainty``), per view the error map (false positives and negatives in two colours) right
-  above the uncertainty map on the same slice.
+  above the uncertainty map on the same slice;
+* where a trainer's folders hold nnU-Net's fused probabilities for every case (``<case>.npz``: validation run with
+  ``--npz``, or ``nndiff predict --save_probabilities``), how good their uncertainty is: the entropy of the fused
+  probabilities (the map ``nndiff predict --uncertainty`` writes) against the errors, inside a margin around reference
+  and prediction (:mod:`.uncertainty_quality`: voxel AUROC, AURC, ECE, Brier, case-level Spearman of mean uncertainty
+  vs Dice), pooled over the trainer's cases, in ``table.md`` beside its Dice, ``uncertainty_quality.csv``,
+  ``summary.json`` (``uncertainty_quality``) and ``figures/reliability.png``.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from .evaluate import (ALL_REGIONS, LESIONWISE_TABLE_COLUMNS, PERCENT_METRICS, U
                        per_case_region_mean, regions_from_dataset_json, rows_to_frame, run_cases, table_notes,
                        to_json, unknown_dataset_message, write_text_atomic)
 from .metrics import BRATS_EMPTY_HD95, HD95_MODES, region_mask
+from .uncertainty_quality import DEFAULT_MARGIN
 
 COMPARE_METRICS = (("dice", "DSC (%)"), ("hd95", "HD95 (mm)"), ("vs", "VS (%)"), ("iou", "IoU (%)"),
                    ("miou", "mIoU (%)"))
@@ -116,7 +123,8 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
                      hd95_mode: str = "brats", empty_hd95: float = BRATS_EMPTY_HD95, plots: bool = True,
                      progress: bool = True, lesionwise: bool | None = None,
                      lesionwise_convention: str | None = None,
-                     lesionwise_cohort: str | None = None) -> CompareResult:
+                     lesionwise_cohort: str | None = None,
+                     uncertainty_margin: float | None = DEFAULT_MARGIN) -> CompareResult:
     """Evaluate the validation predictions of ``trainers`` on ``folds`` and compare them (see module docstring).
 
     ``baseline`` (default: the first trainer) is what paired differences are taken against. ``cases`` picks the
@@ -124,7 +132,9 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
     the baseline and the second trainer (the worst cases when there is one trainer). The folders default to
     nnU-Net's: ``$nnUNet_results``, ``$nnUNet_preprocessed/<Dataset>/gt_segmentations`` and
     ``$nnUNet_raw/<Dataset>/imagesTr``. ``lesionwise``, ``lesionwise_convention``, ``lesionwise_cohort``: as
-    for :func:`.evaluate.evaluate_folder`.
+    for :func:`.evaluate.evaluate_folder`. ``uncertainty_margin``: voxels around reference and prediction inside which
+    the uncertainty quality is measured (:func:`.uncertainty_quality.margin_mask`; None: every voxel), for the
+    trainers whose folders hold ``<case>.npz`` probabilities for every case (:func:`uncertainty_quality_of`).
     """
     import pandas as pd
     trainers = list(dict.fromkeys(trainers))
@@ -215,6 +225,12 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
             for tr in trainers}
         notes.append(lesionwise_note(summary["lesionwise"], with_counts=False))
     table = compare_table(stats, paired, trainers, baseline, shown_regions, folds, name, conv, metrics, notes)
+    uq = uncertainty_quality_of(folders, trainers, regions, ignore_label, uncertainty_margin)
+    if uq is not None:
+        summary["uncertainty_quality"] = uncertainty_summary(uq)
+        table += "\n" + uncertainty_table(uq, stats, region_names)
+        write_text_atomic(out / "uncertainty_quality.csv",
+                          uncertainty_frame(uq).to_csv(index=False, float_format="%.6g"))
 
     write_text_atomic(out / "per_case.csv", df.to_csv(index=False, float_format="%.6g"))
     write_text_atomic(out / "paired.csv", paired.to_csv(index=False, float_format="%.6g"))
@@ -229,6 +245,12 @@ def compare_trainers(dataset: int | str, trainers: Sequence[str], output_dir: st
         figs = out / "figures"
         for metric, label in metrics:
             result.figures.append(box_plot(df, trainers, region_names, metric, label, figs / f"box_{metric}.png"))
+        if uq is not None and uq["quality"]:
+            from .uncertainty_quality import reliability_diagram
+            curves = {tr: {r: q.calibration for r, q in per_region.items() if q.calibration is not None}
+                      for tr, per_region in uq["quality"].items()}
+            result.figures.append(reliability_diagram(curves, figs / "reliability.png",
+                                                      "fused probabilities against the reference, inside the margin"))
         chosen = list(cases) if cases is not None else choose_cases(df, trainers, baseline, region_names[0],
                                                                      n_cases)
         images_dir = _env_dir("nnUNet_raw", images_dir, name, "imagesTr") if chosen else None
@@ -352,6 +374,91 @@ def compare_table(stats, paired, trainers, baseline, regions, folds, dataset_nam
         lines.append("")
     lines += ["Notes:", *[f"- {n}" for n in table_notes(conv)], *[f"- {n}" for n in notes],
               f"- '{ALL_REGIONS}': per case the mean over the regions, then summarised."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# uncertainty quality (issue 34)
+
+
+def uncertainty_quality_of(folders: dict, trainers: Sequence[str], regions, ignore_label: int | None,
+                           margin: float | None = DEFAULT_MARGIN) -> dict | None:
+    """The uncertainty quality of every trainer whose compared folders (``folders``: {(trainer, fold): (folder,
+    [(case, prediction, reference)])}) hold nnU-Net's fused probabilities ``<case>.npz`` for every case: the entropy
+    of those probabilities (:func:`.uncertainty_quality.entropy_map`, what ``nndiff predict --uncertainty`` writes)
+    against the errors of the segmentation beside them, inside ``margin`` (:func:`.uncertainty_quality.pooled_quality`
+    over all its folds' cases). None when no folder holds any ``.npz`` (the comparison is then what it was without
+    them). Returns {"margin", "quality": {trainer: {region: RegionQuality}}, "not_measured": {trainer: why}}."""
+    from .uncertainty_quality import case_voxels_from_files, pooled_quality
+    if not any(next(vf.glob("*.npz"), None) is not None for vf, _ in folders.values()):
+        return None
+    quality, not_measured = {}, {}
+    for tr in trainers:
+        items = [(vf / f"{c}.npz", p, r) for (t, _), (vf, matched) in folders.items() if t == tr
+                 for c, p, r in matched]
+        missing = [str(npz) for npz, _, _ in items if not npz.is_file()]
+        if missing:
+            not_measured[tr] = (f"{len(missing)} of {len(items)} cases have no probabilities (.npz), e.g. "
+                                f"{missing[0]}: validate with --npz, or predict with --save_probabilities")
+            continue
+        per_case = [case_voxels_from_files(p, r, npz, regions, margin, ignore_label) for npz, p, r in items]
+        quality[tr] = pooled_quality(per_case)
+    return {"margin": margin, "quality": quality, "not_measured": not_measured}
+
+
+UNCERTAINTY_MAP = "entropy of the fused probabilities"
+
+
+def uncertainty_summary(uq: dict) -> dict:
+    """summary.json's ``uncertainty_quality``: the map, the margin, per trainer and region every measure (with the
+    reliability table) and the trainers not measured with the reason."""
+    return {"map": UNCERTAINTY_MAP, "margin_voxels": uq["margin"],
+            "trainers": {tr: {r: q.as_dict() for r, q in per_region.items()} for tr, per_region in uq["quality"].items()},
+            "not_measured": dict(uq["not_measured"])}
+
+
+def uncertainty_frame(uq: dict):
+    """uncertainty_quality.csv: one row per trainer and region (no reliability table)."""
+    import pandas as pd
+    rows = [{"trainer": tr, "region": r, **{k: v for k, v in q.as_dict().items() if k not in ("calibration", "notes")},
+             "notes": "; ".join(q.notes)} for tr, per_region in uq["quality"].items() for r, q in per_region.items()]
+    return pd.DataFrame(rows)
+
+
+def _num(v: float, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def uncertainty_table(uq: dict, stats: dict, regions: Sequence[str]) -> str:
+    """The uncertainty section of table.md: per region one row per measured trainer, its DSC (mean over cases, as in
+    the tables above) beside the voxel AUROC, AURC (optimal), E-AURC, ECE, Brier and the case-level Spearman ρ; the
+    trainers without probabilities and the definitions below."""
+    margin = "every voxel" if uq["margin"] is None else f"within {uq['margin']:g} voxels of reference or prediction"
+    lines = [f"## Uncertainty quality ({UNCERTAINTY_MAP}, {margin})", ""]
+    head = ("| Method | DSC (%) | AUROC (errors) | AURC (optimal) | E-AURC | ECE | Brier | Spearman ρ (p) | cases | "
+            "voxels (errors) |")
+    for reg in regions:
+        rows = [(tr, q[reg]) for tr, q in uq["quality"].items() if reg in q]
+        if not rows:
+            continue
+        lines += [f"### {reg}", "", head, "|" + "---|" * 10]
+        for tr, q in rows:
+            dsc = stats.get(tr, {}).get(reg, {}).get("dice", {}).get("cases", {})
+            rho = "–" if math.isnan(q.spearman_rho) else f"{q.spearman_rho:+.2f} ({_fmt_p(q.spearman_p)})"
+            lines.append(f"| {tr} | {fmt(dsc, 'dice', std=False) if dsc else '–'} | {_num(q.auroc)} | "
+                         f"{_num(q.aurc, 4)} ({_num(q.optimal_aurc, 4)}) | {_num(q.e_aurc, 4)} | {_num(q.ece)} | "
+                         f"{_num(q.brier, 4)} | {rho} | {q.n_cases} | {q.n_voxels} ({q.n_errors}) |")
+        lines.append("")
+    notes = [f"{tr}: not measured: {why}" for tr, why in uq["not_measured"].items()]
+    notes += [f"{tr}, {reg}: {n}" for tr, q in uq["quality"].items() for reg, rq in q.items() for n in rq.notes]
+    lines += ["Uncertainty notes:",
+              "- AUROC: how well the uncertainty separates the wrong voxels from the right ones (1 perfect, 0.5 chance); "
+              "AURC: area under the risk-coverage curve, the voxels taken from the most certain (lower is better; the "
+              "optimal AURC is the least any map reaches on those errors, E-AURC the excess); ECE (15 equal-width bins) "
+              "and Brier: calibration of the fused probability of each region; Spearman ρ: the cases' mean "
+              "uncertainty against their Dice (negative: the uncertain cases are the worse ones). All voxel measures "
+              "pooled over the trainer's cases inside the margin.",
+              *[f"- {n}" for n in notes]]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -515,3 +515,56 @@ def pooled_quality(per_case: Sequence[Mapping[str, RegionVoxels]], bins: int = D
                                     auroc=error_auroc(u, e), aurc=aurc(u, e), optimal_aurc=optimal_aurc(e), ece=ece,
                                     brier=brier, spearman_rho=rho, spearman_p=pval, calibration=cal, notes=notes)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# from files: nnU-Net's prediction folders
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A label map (segmentation or reference) as a numpy array, SimpleITK's axis order (the order of nnU-Net's
+    probabilities in ``<case>.npz``)."""
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def load_probabilities(path: str | Path) -> np.ndarray:
+    """The fused probabilities nnU-Net writes with ``--save_probabilities`` (or a validation run with ``--npz``):
+    ``<case>.npz``'s ``probabilities`` array, channels first, on the original image grid."""
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            return f["probabilities"]
+    except KeyError:
+        raise UncertaintyQualityError(f"{path}: no 'probabilities' array (not an nnU-Net probabilities file)") from None
+    except (OSError, ValueError) as e:
+        raise UncertaintyQualityError(f"{path}: cannot read it as .npz ({e})") from None
+
+
+def case_voxels_from_files(prediction: str | Path, reference: str | Path, probabilities: str | Path,
+                           regions: Sequence[tuple[str, object]], margin: float | None = DEFAULT_MARGIN,
+                           ignore_label: int | None = None, uncertainty: np.ndarray | None = None
+                           ) -> dict[str, RegionVoxels]:
+    """:func:`case_voxels` of one case of an nnU-Net prediction folder: the segmentation ``prediction`` and the
+    reference label map (image files), the fused probabilities ``probabilities`` (``<case>.npz``, see
+    :func:`load_probabilities`) and the uncertainty map: ``uncertainty`` (an array as :func:`region_channel` reads
+    it, e.g. :func:`mirror_variance`) or, None, :func:`entropy_map` of the probabilities (what ``nndiff predict
+    --uncertainty`` writes). Probabilities of another shape than the segmentation are an error naming the file."""
+    seg, ref = read_label_map(prediction), read_label_map(reference)
+    probs = load_probabilities(probabilities)
+    if probs.ndim != seg.ndim + 1 or probs.shape[1:] != seg.shape:
+        raise UncertaintyQualityError(f"{probabilities}: probabilities of shape {probs.shape} do not fit the "
+                                      f"segmentation {Path(prediction).name} of shape {seg.shape} (expected channels "
+                                      f"first on the same grid)")
+    if uncertainty is None:
+        uncertainty = entropy_map(probs, is_region_dataset(regions))
+    return case_voxels(seg, ref, uncertainty, probs, regions, margin, ignore_label)
+
+
+def bins_from_dict(d: Mapping) -> CalibrationBins:
+    """A :class:`CalibrationBins` back from its :meth:`CalibrationBins.as_dict` (e.g. read from a JSON file; NaN
+    written as null by some JSON writers reads back as NaN)."""
+    def arr(key, dtype=np.float64):
+        return np.array([np.nan if v is None else v for v in d[key]], dtype=dtype)
+    return CalibrationBins(edges=arr("edges"), counts=arr("counts", np.int64), mean_probability=arr("mean_probability"),
+                           frequency=arr("frequency"))
