@@ -331,6 +331,86 @@ def test_two_dimensional_plans():
     assert x.shape == yy.shape == (3, 1, 24, 32) and (x >= 0).all() and (yy >= 0).all()
 
 
+# ------------------------------------------------------------------------------------ the paper's slices in 3D
+def test_slices_round_trip_and_blank_slices_are_no_image():
+    t = torch.randn(2, 3, 5, 4, 6)
+    s = ddmd.to_slices(t)
+    assert s.shape == (10, 3, 4, 6) and torch.equal(s[1 * 5 + 3], t[1, :, 3])  # slice k of item i at i·Z + k
+    assert torch.equal(ddmd.from_slices(s, 2), t)
+    assert ddmd.to_slices(s) is s  # 2D patches are slices already
+    t[0, :, 2] = 0
+    assert ddmd.has_image(ddmd.to_slices(t)).tolist() == [True, True, False] + [True] * 7
+
+
+def _slices_trainer(monkeypatch, hp_changes):
+    """A DDMD trainer without nnU-Net's set-up: _tiny's sizes on PLANS_3D, ``hp_changes`` on its config."""
+    cls = TRAINERS["nnUNetTrainerDDMD_tiny"]
+    hp = replace(cls.hparams(), **hp_changes)
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c: hp))
+    tr = cls.__new__(cls)
+    torch.manual_seed(0)
+    tr.network = cls.build_network_architecture(None, PLANS_3D, 4, 3, False).train()
+    tr.configuration_manager, tr.device, tr.is_ddp, tr.grad_scaler = PLANS_3D, torch.device("cpu"), False, None
+    tr.label_manager = SimpleNamespace(has_regions=True, num_segmentation_heads=3, ignore_label=None)
+    tr.ae_optimizer = torch.optim.Adam([q for m in tr.network.autoencoders for q in m.parameters()], lr=1e-3)
+    tr.current_epoch, tr.stage_epochs = 0, [1, 1]
+    tr.logger = SimpleNamespace(log=lambda *a: None)
+    tr.log_lines = []
+    tr.print_to_log_file = lambda *a, **k: tr.log_lines.append(" ".join(str(v) for v in a))
+    return tr
+
+
+def test_ae_input_slices_makes_2d_autoencoders_whose_maps_are_the_slices_maps(monkeypatch):
+    tr = _slices_trainer(monkeypatch, {"ae2_normal": "patch", "ae_input": "slices"})
+    net = tr.network
+    assert net.ae1.dim == net.ae2.dim == 2 and net.ae1.models[0].padded_patch == (24, 24)  # PLANS_3D's slices
+    b = torch.randn(2, 4, 16, 24, 24)
+    x, y = net.discrepancy(b)
+    assert x.shape == y.shape == (2, 1, 16, 24, 24)
+    x5, y5 = ddmd.discrepancy(net.ae1(b[1, :, 5][None]), net.ae2(b[1, :, 5][None]))  # one slice alone
+    assert torch.allclose(x[1, :, 5], x5[0], atol=1e-6) and torch.allclose(y[1, :, 5], y5[0], atol=1e-6)
+    assert net.condition(b).shape == (2, 6, 16, 24, 24)  # b ⊕ X ⊕ Y for the 3D denoiser (eq. 15)
+
+
+def test_ae2_learns_only_from_the_tumour_free_slices_and_batches_without_one_are_counted(monkeypatch):
+    tr = _slices_trainer(monkeypatch, {"ae2_normal": "patch", "ae_input": "slices"})
+    seen = []
+    tr.network.ae2.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach().clone()))
+    data = torch.randn(2, 4, 16, 24, 24)
+    target = torch.zeros(2, 3, 16, 24, 24)
+    target[0, 0, 3:9, 10:14, 10:14] = 1          # case 0: tumour in slices 3–8 (whole tumour region) ...
+    target[0, 2, 12, 0, 0] = 1                   # ... and one enhancing voxel in slice 12
+    target[1, 0, :, 5, 5] = 1                    # case 1: tumour in every slice
+    data[0, :, 15] = 0                           # case 0's last slice is padding: no image
+    free = [z for z in range(15) if not (3 <= z <= 8 or z == 12)]
+    out = tr.train_step({"data": data, "target": target})
+    assert len(seen) == 1 and torch.equal(seen[0], data[0, :, free].transpose(0, 1))  # exactly the free ones
+    assert float(out["normal"]) == pytest.approx(len(free) / 31) and float(out["ae2_skipped"]) == 0
+    assert int(tr.network.ae2.updates) == 1
+    target[0, 0, :, 0, 0] = 1                    # now every slice of both cases holds tumour
+    out2 = tr.train_step({"data": data, "target": target})
+    assert len(seen) == 1 and float(out2["ae2_skipped"]) == 1 and int(tr.network.ae2.updates) == 1  # no step
+    assert int(tr.network.ae1.updates) == 2      # AE-1 learns from every slice (eq. 9)
+    assert np.isfinite(tr.validation_step({"data": data, "target": target})["loss"])  # stage 1: AE-1 on the slices
+    tr.on_train_epoch_end([out, out2])
+    assert "1 of its 2 batches had none, AE-2 skipped them" in tr.log_lines[-1], tr.log_lines
+    assert "normal slices only" in tr.log_lines[-1]
+
+
+def test_bad_ae_input_is_a_one_line_error_naming_the_key():
+    with pytest.raises(NNDiffConfigError, match="ae_input must be one of patch, slices; got 'cubes'") as e:
+        replace(config.spec("ddmd"), ae_input="cubes")
+    assert "\n" not in str(e.value)
+
+
+def test_the_table_trains_ae2_in_the_papers_regime():
+    table = TRAINERS["nnUNetTrainerDDMD_table"].hparams()
+    assert (table.ae2_normal, table.ae_input, table.normal_max_tumour_fraction) == ("patch", "slices", 0)
+    assert table.ae1_balanced
+    assert config.spec("ddmd").ae_input == "patch"  # the defaults keep the patch (2d: a slice) as the image
+    assert _build("nnUNetTrainerDDMD_tiny").ae2.dim == 3  # ae_input = "patch" on 3D plans: 3D autoencoders
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 def _ddp_worker(rank, world, port, result_dir):
     import os

@@ -2,6 +2,8 @@
 
 Discrepancy features (§3.2):
 - image-level labels from the ground truth: normal (no tumour) / abnormal               (``image_labels``)
+- the images: the patch, or its slices along the first axis (``ae_input = "slices"``)   (``to_slices``,
+  ``from_slices``, ``has_image``)
 - eq. 9:  AE-1 trained on all images,  L_AE-1 = Σ_j ||b_B − b̂_Bj||²                     (``ae_loss``)
   over a balanced mixture of normal and abnormal images (§4.1)                           (``balanced_weights``)
 - eq. 10: AE-2 trained on normal images, L_AE-2 = Σ_j ||b_A − b̂_Aj||²                    (``ae_loss``)
@@ -31,6 +33,32 @@ from ..spec import DiffusionSpec, key
 from .medsegdiff import mask_to_x0, x0_to_probabilities
 
 NORMAL_MODES = ("patch", "voxel")
+AE_INPUTS = ("patch", "slices")
+
+
+def to_slices(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, Z, Y, X) → (B·Z, C, Y, X): the slices along the first spatial axis as a batch of 2D images (slice k
+    of item i at index i·Z + k). The first axis is the one nnU-Net's 2d configuration slices (after the plans'
+    transpose: the axis of the coarsest spacing, axial on BraTS), so a slice of a 3D patch is the paper's image,
+    an axial slice (§4.1). 2D input (B, C, Y, X) is returned as it is: its patches are slices already."""
+    if t.ndim != 5:
+        return t
+    b, c, z = t.shape[:3]
+    return t.transpose(1, 2).reshape(b * z, c, *t.shape[3:])
+
+
+def from_slices(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """The inverse of :func:`to_slices`: (B·Z, C, Y, X) → (B, C, Z, Y, X) for ``batch`` = B."""
+    n, c = t.shape[:2]
+    return t.reshape(batch, n // batch, c, *t.shape[2:]).transpose(1, 2)
+
+
+def has_image(b: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the images (patches or slices) of ``b`` (N, C, …) with a non-zero voxel in some channel. An
+    all-zero slice is nnU-Net's padding beyond the case, or air outside the brain once nnU-Net's BraTS
+    normalisation has set it to 0: no brain, so neither a normal nor an abnormal image (the paper's images are
+    middle axial slices, §4.1)."""
+    return (b != 0).flatten(1).any(1)
 
 
 def tumour_voxels(y: torch.Tensor, regions: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,6 +193,7 @@ class DDMDSpec(DiffusionSpec):
     ae_lr: float = key(min=0, min_open=True)
     ae_epochs: int = key(min=0)
     ae2_normal: str = key(choices=NORMAL_MODES)
+    ae_input: str = key(choices=AE_INPUTS)
     normal_max_tumour_fraction: float = key(min=0, max=1, max_open=True)
     ae1_balanced: bool = key()
     diffusion_epochs: int = key(min=1)

@@ -5,8 +5,9 @@ For every case of ``input_folder`` (nnU-Net's raw layout, ``<case>_XXXX<ending>`
 1. nnU-Net's own preprocessing of the trained configuration (``preprocessor_class(...).run_case``): transpose,
    crop to the non-zero bounding box, resample, normalise — exactly what the predictor does;
 2. the autoencoders of each fold slide over it in nnU-Net's windows (``compute_steps_for_sliding_window``, step
-   0.5, Gaussian weighting ``compute_gaussian``; 2d configurations slice by slice): the inter-discrepancy X
-   (DDMD eq. 12) and intra-discrepancy Y (eq. 13), per modality and over all of them; folds are averaged;
+   0.5, Gaussian weighting ``compute_gaussian``; 2d configurations slice by slice, and so do 2D autoencoders inside
+   each 3D window, ``ae_input = "slices"``): the inter-discrepancy X (DDMD eq. 12) and intra-discrepancy Y
+   (eq. 13), per modality and over all of them; folds are averaged;
 3. the scores (§3.2: "the mean values of X and Y ... the inter-discrepancy score and intra-discrepancy
    score"), over the preprocessed crop — the brain's bounding box, so air outside the head does not dilute
    them — per case, and per modality ("considering the c-th modality in Eq. (12) and (13)");

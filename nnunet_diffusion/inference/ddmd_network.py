@@ -7,7 +7,7 @@ here: both autoencoder ensembles (they give X and Y for every window), the denoi
 
 Training (the trainer picks the stage):
 - ``forward(b, mode="ae", normal=…, ae2_voxels=…, ae1_weights=…)`` → (L_AE-1, L_AE-2 or None, per-model MSEs,
-  zero): eqs. 9–10;
+  zero): eqs. 9–10, on the autoencoders' images (patches, or with ``ae_input = "slices"`` their slices);
 - ``forward(b, y=…, mode="diffusion")`` → (eq. 16 loss, zero), X and Y from the frozen AEs (no gradient).
 ``zero`` is a 0-valued term that, with ``tie_frozen`` (under DDP), ties the parameters a stage does not train
 into the graph: nnU-Net wraps without ``find_unused_parameters``.
@@ -66,14 +66,30 @@ class DDMDNetwork(SamplingNetwork):
         return int(self.use_inter) + int(self.use_intra)
 
     # ------------------------------------------------------------------ discrepancy features
+    def sliced(self, b: torch.Tensor) -> bool:
+        """True when the autoencoders are 2D and ``b`` a batch of 3D windows (``ae_input = "slices"``): their images
+        are the windows' slices along the first axis (``heads.ddmd.to_slices``)."""
+        ae = self.ae2 if self.ae2 is not None else self.ae1
+        return ae is not None and b.ndim == ae.dim + 3
+
+    def ae_images(self, b: torch.Tensor) -> torch.Tensor:
+        """The autoencoders' images of a batch of windows ``b``: the windows, or their slices (``sliced``)."""
+        return ddmd.to_slices(b) if self.sliced(b) else b
+
     @torch.no_grad()
     def discrepancy(self, b: torch.Tensor, per_channel: bool = False):
         """(X, Y) of DDMD eqs. 11–13 for a batch of windows, (B, 1, …) each (X is None without AE-1); no
-        gradient. ``per_channel``: per-modality maps (B, C, …)."""
+        gradient. ``per_channel``: per-modality maps (B, C, …). 2D autoencoders on 3D windows (``ae_input =
+        "slices"``) give each slice's maps, stacked back along the first axis, as the paper's per-slice X and Y."""
         if self.ae2 is None:
             raise ValueError("this DDMD variant (DDMD-mini) has no autoencoders, so no discrepancy features")
-        r1 = self.ae1(b) if self.ae1 is not None else None  # plain convolutions: no train/eval difference
-        return ddmd.discrepancy(r1, self.ae2(b), per_channel=per_channel)
+        images = self.ae_images(b)
+        r1 = self.ae1(images) if self.ae1 is not None else None  # plain convolutions: no train/eval difference
+        x, y = ddmd.discrepancy(r1, self.ae2(images), per_channel=per_channel)
+        if images is not b:
+            x = None if x is None else ddmd.from_slices(x, b.shape[0])
+            y = ddmd.from_slices(y, b.shape[0])
+        return x, y
 
     def condition(self, b: torch.Tensor) -> torch.Tensor:
         """b ⊕ X ⊕ Y (what the variant uses)."""
@@ -92,10 +108,11 @@ class DDMDNetwork(SamplingNetwork):
 
     def ae_forward(self, b: torch.Tensor, normal: Optional[torch.Tensor], ae2_voxels: Optional[torch.Tensor],
                    tie_frozen: bool, ae1_weights: Optional[torch.Tensor] = None):
-        """Stage 1: L_AE-1 on every patch (eq. 9; each patch weighted by ``ae1_weights`` (B,) if given, e.g. the
-        balanced mixture of §4.1); L_AE-2 (eq. 10) on the normal patches (``normal``, (B,) bool) or, with
-        ``ae2_voxels`` (B, 1, …), on those voxels of every patch; None when there is nothing to learn from in
-        this batch."""
+        """Stage 1: L_AE-1 on every image (eq. 9; each weighted by ``ae1_weights`` (B,) if given, e.g. the
+        balanced mixture of §4.1); L_AE-2 (eq. 10) on the normal images (``normal``, (B,) bool) or, with
+        ``ae2_voxels`` (B, 1, …), on those voxels of every image; None when there is nothing to learn from in
+        this batch. ``b`` holds the autoencoders' images: patches, or slices (the trainer cuts them,
+        ``ae_images``)."""
         l1, mse1 = ddmd.ae_loss(self.ae1, b, weights=ae1_weights) if self.ae1 is not None else (None, None)
         l2, mse2 = None, None
         if ae2_voxels is not None:

@@ -16,7 +16,8 @@ layers." The paper works on 256×256 slices; here the layout follows nnU-Net's p
   are not bounded.
 
 Because of the fully connected layers an autoencoder only accepts windows of the patch it was built for
-(nnU-Net's predictor and our sliding window always give it exactly that).
+(nnU-Net's predictor and our sliding window always give it exactly that). With ``ae_input = "slices"`` on a 3D plan
+the autoencoders are 2D, built for the patch's slices (its last two axes, the in-plane parts of the planned strides).
 """
 from __future__ import annotations
 
@@ -123,6 +124,12 @@ class AutoencoderEnsemble(nn.Module):
 
     def __len__(self) -> int:
         return len(self.models)
+
+    @property
+    def dim(self) -> int:
+        """2 or 3: the autoencoders' spatial dimensions (2D autoencoders on a 3d_fullres plan with
+        ``ae_input = "slices"``)."""
+        return self.models[0].dim
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(b) for m in self.models])

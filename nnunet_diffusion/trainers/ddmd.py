@@ -2,11 +2,13 @@
 predictor (3d_fullres or 2d, regions or labels; the paper: 2D middle slices, binary masks).
 
 Stages by epoch (trainer_configs/ddmd.toml):
-  1. ``ae_epochs``: the 2L autoencoders — AE-1 on every patch (eq. 9; with ``ae1_balanced`` the batch's normal
-     and abnormal patches weigh half each, the paper's balanced set, §4.1), AE-2 on the normal ones (eq. 10) —
-     with one Adam optimiser at the paper's fixed 1e-4. The image-level label of a patch comes from its own
-     ground truth inside ``train_step`` (no extra files); see ``ae2_normal`` in the config for what "normal"
-     means for a patch. AE-2's step is skipped for a batch without a normal patch.
+  1. ``ae_epochs``: the 2L autoencoders — AE-1 on every image (eq. 9; with ``ae1_balanced`` the batch's normal
+     and abnormal images weigh half each, the paper's balanced set, §4.1), AE-2 on the normal ones (eq. 10) —
+     with one Adam optimiser at the paper's fixed 1e-4. An image is the patch, or with ``ae_input = "slices"``
+     each slice of the patch along its first axis (2D autoencoders, the paper's axial slices, on a 3D plan).
+     The image-level label comes from the image's own ground truth inside ``train_step`` (no extra files); see
+     ``ae2_normal`` in the config for what "normal" means. AE-2's step is skipped for a batch without a normal
+     image, and the log counts those batches.
   2. ``diffusion_epochs``: the diffusion segmenter (Algorithm 1, eqs. 14–16), Adam at the paper's fixed 1e-4,
      with X and Y (eqs. 11–13) computed per batch from the frozen autoencoders.
 ``--c`` resumes in either stage (stage epochs, the autoencoders' optimiser and their update counts are in the
@@ -96,7 +98,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         dim = len(patch)
         pools = [tuple(int(v) for v in s) for s in configuration_manager.pool_op_kernel_sizes]
         use_inter, use_intra = bool(hp.inter_discrepancy), bool(hp.intra_discrepancy)
-        ae_args = (dim, num_input_channels, patch, encoder_strides(pools[1:], dim))
+        if hp.ae_input == "slices" and dim == 3:  # 2D autoencoders on the patch's slices: in-plane size and strides
+            ae_args = (2, num_input_channels, patch[1:], encoder_strides([p[1:] for p in pools[1:]], 2))
+        else:
+            ae_args = (dim, num_input_channels, patch, encoder_strides(pools[1:], dim))
         ae_kwargs = {"channels": hp.ae_channels, "fc": hp.ae_fc}
         size = int(hp.ensemble_size)
         ae1 = AutoencoderEnsemble(size, *ae_args, **ae_kwargs) if use_inter else None
@@ -119,6 +124,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
     def stage_of(self, epoch: int) -> int:
         return 1 if epoch < self.stage_epochs[0] else 2
 
+    def stop_history_start(self) -> int:
+        """The stop rules (issue 33) read the pseudo Dice of the diffusion stage: the autoencoders segment nothing."""
+        return self.stage_epochs[0]
+
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no deep supervision: nothing to switch
 
@@ -137,7 +146,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         weights = ckpt.get("network_weights", {})
         if any(k not in weights or tuple(weights[k].shape) != tuple(v.shape) for k, v in own.items()):
             problems.append(f"its autoencoders (trainer {ckpt.get('trainer_name')!r}) do not match this variant's "
-                            f"(ensemble size, widths, or DDMD-light/-mini without AE-1/AE-2)")
+                            f"(ensemble size, widths, ae_input, or DDMD-light/-mini without AE-1/AE-2)")
         elif any(int(weights[k]) == 0 for k in own if k.endswith(".updates")):
             problems.append("its autoencoders were never trained")
         if problems:
@@ -164,11 +173,13 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         hp = self.hparams()
         feats = " + ".join(["b"] + ["X"] * bool(hp.inter_discrepancy) + ["Y"] * bool(hp.intra_discrepancy))
         self.print_to_log_file(f"DDMD stages (epochs): autoencoders {self.stage_epochs[0]}, diffusion "
-                               f"{self.stage_epochs[1]}; conditioning {feats}; AE-2 normal: {hp.ae2_normal}")
+                               f"{self.stage_epochs[1]}; conditioning {feats}; AE-2 normal: {hp.ae2_normal}; "
+                               f"autoencoders' images: {self._image_name(plural=True)}")
         if hp.ae2_normal == "voxel" and self.stage_epochs[0] > 0:
             self.print_to_log_file("DDMD: ae2_normal = 'voxel' (ours, not the paper's): AE-2 sees tumour voxels as "
-                                   "input and is only left out of the loss there; the paper's regime is the 2d "
-                                   "configuration with ae2_normal = 'patch' (see trainer_configs/ddmd.toml)")
+                                   "input and is only left out of the loss there; the paper's regime is "
+                                   "ae2_normal = 'patch' on axial slices: ae_input = 'slices' on 3d_fullres, or the "
+                                   "2d configuration (see trainer_configs/ddmd.toml)")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -184,9 +195,10 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         untrained = [name for name, m in (("AE-1", net.ae1), ("AE-2", net.ae2))
                      if m is not None and int(m.updates) == 0]
         if untrained:
-            hint = ("no patch of the training data was normal (free of tumour) under ae2_normal = 'patch'; on "
-                    "3d_fullres BraTS patches nearly always hold tumour: use the 2d configuration (the paper's "
-                    "slices), a positive normal_max_tumour_fraction, or the variant _voxel") \
+            hint = (f"no {self._image_name()} of the training data was normal (free of tumour) under ae2_normal = "
+                    f"'patch'; on 3d_fullres BraTS patches nearly always hold tumour: use ae_input = 'slices' (the "
+                    f"paper's axial slices inside the 3D patches: the variant _slices), the 2d configuration, a "
+                    f"positive normal_max_tumour_fraction, or the variant _voxel") \
                 if untrained == ["AE-2"] else "stage 1 made no optimiser step"
             raise NNDiffTrainingError(f"DDMD: {' and '.join(untrained)} never trained in stage 1 ({hint}). The "
                                       f"discrepancy features would be meaningless, so the diffusion stage does not "
@@ -201,8 +213,26 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         y, mask = target_channels(target, self.label_manager.num_segmentation_heads, self.label_manager.has_regions,
                                   self.label_manager.ignore_label)
         if self.stage_of(self.current_epoch) == 1:
-            return self._autoencoder_step(data, y, mask)
+            return self._autoencoder_step(*self.autoencoder_images(data, y, mask))
         return self._diffusion_step(data, y, mask)
+
+    def _image_name(self, plural: bool = False) -> str:
+        sliced = self.hparams().ae_input == "slices" and len(self.configuration_manager.patch_size) == 3
+        return ("slices" if plural else "slice") if sliced else ("patches" if plural else "patch")
+
+    def autoencoder_images(self, data, y, mask):
+        """Stage 1's images with their targets: the patches, or with 2D autoencoders on 3D patches (``ae_input =
+        "slices"``) every slice of them along the first axis (``heads.ddmd.to_slices``), the all-zero ones left out
+        (``has_image``: padding or air, no brain; all of them kept in the odd batch with none other)."""
+        net = self.unwrapped_network()
+        if not net.sliced(data):
+            return data, y, mask
+        data, y = ddmd.to_slices(data), ddmd.to_slices(y)
+        mask = None if mask is None else ddmd.to_slices(mask)
+        keep = ddmd.has_image(data)
+        if bool(keep.any()) and not bool(keep.all()):
+            data, y, mask = data[keep], y[keep], (None if mask is None else mask[keep])
+        return data, y, mask
 
     def _autoencoder_step(self, data, y, mask) -> dict:
         hp = self.hparams()
@@ -253,7 +283,8 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         return {"loss": loss.detach().float().cpu().numpy(),
                 "ae1_loss": nan if mse1 is None else mse1.mean().cpu().numpy(),
                 "ae2_loss": nan if mse2 is None else mse2.mean().cpu().numpy(),
-                "normal": np.float32((~abnormal).float().mean().item())}
+                "normal": np.float32((~abnormal).float().mean().item()),
+                "ae2_skipped": nan if hp.ae2_normal == "voxel" else np.float32(l2 is None)}
 
     def _diffusion_step(self, data, y, mask) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,7 +298,8 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         self.backward_and_step(total, self.optimizer, net.denoiser.parameters(), float(self.hparams().grad_clip))
         net.denoiser_updates += 1
         nan = np.float32(np.nan)
-        return {"loss": loss.detach().float().cpu().numpy(), "ae1_loss": nan, "ae2_loss": nan, "normal": nan}
+        return {"loss": loss.detach().float().cpu().numpy(), "ae1_loss": nan, "ae2_loss": nan, "normal": nan,
+                "ae2_skipped": nan}
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -280,14 +312,20 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
             values[key] = float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
             self.logger.log(name, values[key], self.current_epoch)
         hp = self.hparams()
-        normal = ("non-tumour voxels of every patch" if hp.ae2_normal == "voxel" else
-                  f"normal patches only: {values['normal']:.0%} of this epoch's patches on this rank")
+        images = self._image_name(plural=True)
+        if hp.ae2_normal == "voxel":
+            normal = f"non-tumour voxels of every {self._image_name()}"
+        else:
+            skipped = int(np.nansum([float(o["ae2_skipped"]) for o in train_outputs]))
+            normal = (f"normal {images} only: {values['normal']:.0%} of this epoch's {images} on this rank; "
+                      f"{skipped} of its {len(train_outputs)} batches had none, AE-2 skipped them")
         self.print_to_log_file(f"DDMD L_AE-1 (eq. 9) {values['ae1_loss']:.4f}, L_AE-2 (eq. 10) "
                                f"{values['ae2_loss']:.4f} (mean MSE per autoencoder; AE-2 learns from the {normal})")
         if hp.ae2_normal == "patch" and self.unwrapped_network().ae2 is not None \
                 and int(self.unwrapped_network().ae2.updates) == 0:
-            self.print_to_log_file("DDMD WARNING: AE-2 has not seen a single normal patch yet (see ae2_normal in "
-                                   "trainer_configs/ddmd.toml); the diffusion stage will not start without it")
+            self.print_to_log_file(f"DDMD WARNING: AE-2 has not seen a single normal {self._image_name()} yet (see "
+                                   f"ae2_normal in trainer_configs/ddmd.toml); the diffusion stage will not start "
+                                   f"without it")
 
     def validation_step(self, batch: dict) -> dict:
         if self.stage_of(self.current_epoch) == 2:
@@ -297,7 +335,7 @@ class nnUNetTrainerDDMD(DiffusionTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         net = self.unwrapped_network()
         ae = net.ae1 if net.ae1 is not None else net.ae2
-        loss, _ = ddmd.ae_loss(ae, data)
+        loss, _ = ddmd.ae_loss(ae, net.ae_images(data))
         n = self.label_manager.num_segmentation_heads - (0 if self.label_manager.has_regions else 1)
         zeros = np.zeros(n)
         return {"loss": (loss / len(ae)).detach().float().cpu().numpy(), "tp_hard": zeros, "fp_hard": zeros,
