@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoDiff: also write the binarised samples to <output>/samples/<case>_sample<i>.nii.gz")
     p.add_argument("--threshold", type=float, help="MoDiff: cut every sample of --samples-out at this probability "
                                                    "(the paper's §4.1 reading; default: the trainer config's "
-                                                   "sample_reading, \"at least k of R raters\")")
+                                                   "sample_reading and binarize_threshold, the paper's 0.9)")
     p.set_defaults(func=cmd_predict, passthrough=True)
 
     p = sub.add_parser("demo", help="the whole road on BraTS-layout phantoms: convert, plan, train stock nnU-Net and "

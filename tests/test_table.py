@@ -582,6 +582,11 @@ def test_the_plateau_and_x0_rows_come_from_the_heads_trainer_configs_and_their_b
     run.budget = 1000
     with pytest.raises(table.NNDiffError, match=r"medsegdiff.toml \[variants.table_plateau\]: 8000 optimiser steps"):
         run.check_extra_budgets()
+    # every head of the table: the three epsilon heads of issue 33 have both rows, at the right budgets
+    run.heads, run.budget = list(table.HEADS), 2000
+    run.check_extra_budgets()
+    kinds = {(h, kind) for h, _, _, kind in run.extra_trainings()}
+    assert {(h, k) for h in ("medsegdiff", "modiff", "ddmd") for k in ("plateau", "x0")} <= kinds
 
 
 def test_plateau_rows_stay_out_of_the_equal_budget_summary_and_say_why_they_stopped():

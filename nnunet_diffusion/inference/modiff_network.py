@@ -27,7 +27,7 @@ class MoDiffNetwork(SamplingNetwork):
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, sampling: SamplingOptions,
                  mask_channels: int, region_based: bool = False, prediction_type: str = "epsilon",
                  lambda_ldf: float = 0.5, lambda_mca: float = 0.5, threshold: float = modiff.PAPER_THRESHOLD,
-                 reading: str = "raters", overrides=None):
+                 reading: str = "threshold", overrides=None):
         super().__init__(schedule, sampling, region_based, overrides)
         self.denoiser = denoiser
         self.mask_channels = mask_channels

@@ -4,11 +4,12 @@ nnU-Net's predictor returns one (fused) segmentation per case, so the n individu
 second pass over the whole case: nnU-Net's preprocessing, the same tiling and Gaussian blending
 (``whole_case.sliding_window``) and nnU-Net's geometry revert (``whole_case.revert_to_original_geometry``).
 Each sample is then binarised by :func:`sample_segmentation` with the trainer config's ``sample_reading`` (default
-"raters": sample i keeps the voxels that at least k_i = 1 + ((i − 1) mod R) of the R raters mark in its sampled
-map, R = 1 for single-rater models; "threshold": the paper's probability ≥ 0.9 of §4.1, the config's
-``binarize_threshold``; an explicit ``threshold`` argument / ``--threshold`` means "threshold" at that value), the
-same rule for multi-rater and single-rater models, and written as ``<output>/samples/<case>_sample<i>.nii.gz`` (i from 1; uint8 0/1 for multi-rater
-models; the label map of the sample otherwise).
+"threshold": the paper's probability ≥ 0.9 of §4.1, the config's ``binarize_threshold``; "raters", ours, variant
+``_raters``: sample i keeps the voxels that at least k_i = 1 + ((i − 1) mod R) of the R raters mark in its sampled
+map, R = 1 for single-rater models; an explicit ``threshold`` argument / ``--threshold`` means "threshold" at that
+value), the same rule for multi-rater and single-rater models, and written as
+``<output>/samples/<case>_sample<i>.nii.gz`` (i from 1; uint8 0/1 for multi-rater models; the label map of the
+sample otherwise).
 
 Samples of a window are drawn with seeds NNDIFF_SEED + i (so sample i is one draw per window, blended across
 overlapping windows). With several folds, sample i comes from fold i mod F (all folds contribute, every sample is
