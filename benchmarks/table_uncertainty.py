@@ -256,14 +256,13 @@ def supports_samples(run, trainer: str) -> bool:
 
 
 def stock_trainer(run) -> str:
-    from .table import HEADS
-    return f"{HEADS[0][1]}_{run.args.variant}"
+    return f"{registry.HEADS[0].trainer}_{run.args.variant}"  # stock nnU-Net: the registry's first head
 
 
 def learned_heads(run) -> tuple[list[tuple[str, str, dict]], list[dict]]:
     """([(head, trainer, chosen setting)] of the diffusion heads that learned, [{trainer, reason}] of those that did
     not), from the table's ``default <trainer>`` records (:func:`benchmarks.table.learned`)."""
-    from .table import LEARNED_FLOOR, learned
+    from .table_stats import LEARNED_FLOOR, learned
     ok, skipped = [], []
     for head, cls in run.heads:
         if not registry.head(head).diffusion:
@@ -299,7 +298,7 @@ def measure_uncertainty(run) -> None:
     """The uncertainty section's rows (state keys "uncertainty <trainer> <map label>"), then "uncertainty section"
     listing them: stock's softmax entropy and mirror-TTA variance, and each learned head's entropy at its chosen
     sampler with :data:`UNCERTAINTY_SAMPLES` samples."""
-    from .table import setting_label
+    from .table_stats import setting_label
     if run.state.done("uncertainty section"):
         return
     stock = stock_trainer(run)
@@ -416,7 +415,7 @@ def ensemble_settings(run) -> list[tuple[str, list[tuple[str, str, object]]]]:
     """(name, [(member trainer, label, change)]) of the section: the two stock models first (the reference), stock
     alone (one model, half the compute: context, not an ensemble), then stock + each learned head at the setting of
     its held-out row (its chosen default)."""
-    from .table import setting_label
+    from .table_stats import setting_label
     stock = stock_trainer(run)
     out = [("two stock nnU-Net models", [(stock, "stock", None), (second_stock(run), "stock", None)]),
            ("stock nnU-Net alone", [(stock, "stock", None)])]
@@ -432,7 +431,7 @@ def measure_ensembles(run) -> None:
     predictions with probabilities (:func:`probabilities`), :func:`equal_compute` against the two stock models,
     nnU-Net's ensembling (:func:`ensemble_folder`), the table's evaluation; then "ensemble section" listing them."""
     from .accuracy import evaluate_cases
-    from .table import per_case
+    from .table_stats import per_case
     if run.state.done("ensemble section"):
         return
     raw, cases, _ = heldout_inputs(run)
@@ -471,7 +470,7 @@ def ensemble_result(run) -> dict | None:
     (trainer, setting, optimiser steps, prediction seconds), training steps, seconds per case, Dice and HD95 per region
     (mean, bootstrap interval) and the paired test against the two-stock ensemble (``benchmarks.table.score_against``),
     the per-case values kept."""
-    from .table import score_against
+    from .table_stats import score_against
     sec = run.state.records.get("ensemble section")
     if sec is None:
         return None
@@ -499,7 +498,7 @@ def _f(v, digits: int = 3) -> str:
 def uncertainty_markdown(section: dict | None) -> str:
     """The uncertainty section's table: one row per map and region: voxel AUROC for the errors, AURC (optimal), ECE,
     Brier, Spearman rho of mean uncertainty against Dice (p), samples, s / case and x stock."""
-    from .table import p_text
+    from .table_stats import p_text
     if not section:
         return "(the uncertainty section has not been measured yet)"
     head = ["uncertainty map", "setting", "region", "AUROC (errors)", "AURC (optimal)", "ECE", "Brier",
@@ -518,7 +517,7 @@ def uncertainty_markdown(section: dict | None) -> str:
 def ensemble_markdown(section: dict | None) -> str:
     """The ensemble section's table: one row per ensemble, its members and training steps, Dice and HD95 per region
     as mean [95 % interval], the paired test against the two-stock ensemble, s / case and x stock alone."""
-    from .table import _ci, p_text
+    from .table_stats import _ci, p_text
     if not section:
         return "(the ensemble section has not been measured yet)"
     regions = section["regions"]
