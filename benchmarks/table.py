@@ -758,20 +758,13 @@ class TableRun:
         may end before its schedule, by a stop rule its checkpoint records (issue 33), else it must take the table's
         budget."""
         from nnunet_diffusion import config
-        from nnunet_diffusion.environment import train_fold
         variant = variant or self.args.variant
         key = f"train {trainer}" + (f" fold {fold}" if fold else "")
         if self.state.done(key):
             return
-        fold_dir = self.model_folder(trainer) / f"fold_{fold}"
-        load = [round(x, 2) for x in os.getloadavg()]
-        name = f"train_{trainer}" + (f"_fold{fold}" if fold else "")
-        attempt = len(list(self.logs.glob(f"{name}.*.log")))
-        env = dict(self.env, **final_validation_env(trainer))
         spec = config.spec(head, variant)
-        train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log",
-                   "[table]", spec.total_epochs, self.args.device, npz=not registry.head(head).diffusion)
-        final = fold_dir / "checkpoint_final.pth"
+        final, load = self._run_training(trainer, fold, dict(self.env, **final_validation_env(trainer)),
+                                         spec.total_epochs, "[table]", npz=not registry.head(head).diffusion)
         b, stop = training_budget(final), early_stop_of(final)
         if plateau:
             if b.steps > spec.optimizer_steps or (b.steps < spec.optimizer_steps and not stop):
@@ -779,10 +772,22 @@ class TableRun:
                                  f"{spec.optimizer_steps} nor a recorded stop rule")
         elif b.steps != self.budget:
             raise SystemExit(f"{trainer} trained {b.steps} optimiser steps, not the table's {self.budget}")
-        # the machine's load average (1, 5, 15 min) before and after: wall times taken beside other work say so
-        self.state.record(key, {"steps": b.steps, "seconds": b.seconds, "load_average_before": load,
-                                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        self.state.record(key, {"steps": b.steps, "seconds": b.seconds, **load,
                                 **({"cap_steps": spec.optimizer_steps, "early_stop": stop} if plateau else {})})
+
+    def _run_training(self, trainer: str, fold, env: dict, epochs: int, tag: str, npz: bool = False):
+        """``nnUNetv2_train`` of ``trainer`` on ``fold`` (resumed with ``--c`` from its last checkpoint; each attempt's
+        log in logs/train_<trainer>[_fold<f>].<attempt>.log); returns its checkpoint_final.pth and the machine's load
+        average (1, 5, 15 min) before and after: wall times taken beside other work say so."""
+        from nnunet_diffusion.environment import train_fold
+        fold_dir = self.model_folder(trainer) / f"fold_{fold}"
+        name = f"train_{trainer}" + (f"_fold{fold}" if fold else "")
+        attempt = len(list(self.logs.glob(f"{name}.*.log")))
+        before = [round(x, 2) for x in os.getloadavg()]
+        train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log", tag,
+                   epochs, self.args.device, npz=npz)
+        return fold_dir / "checkpoint_final.pth", {"load_average_before": before,
+                                                   "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
     # -------------------------------------------------------------- measuring
     def _measure(self, key: str, trainer: str, cases: list[str], change=None, checkpoint="checkpoint_final.pth",
@@ -920,7 +925,6 @@ class TableRun:
         source of :data:`REFINERS`, and the stock model trained the refiner's extra optimiser steps longer
         (:data:`STOCK_LONGER`); each recorded like the table's trainings, with the baseline's budget beside its own."""
         from nnunet_diffusion import config
-        from nnunet_diffusion.environment import train_fold
         stock = f"{HEADS[0][1]}_{self.args.variant}"
         base = self.state.get(f"train {stock}")
         for label, variant in REFINERS.items():
@@ -928,27 +932,19 @@ class TableRun:
             key = f"train refiner {trainer}"
             if self.state.done(key):
                 continue
-            fold_dir = self.model_folder(trainer) / "fold_0"
-            load = [round(x, 2) for x in os.getloadavg()]
-            attempt = len(list(self.logs.glob(f"train_{trainer}.*.log")))
             env = dict(self.env, **final_validation_env(trainer), NNDIFF_BASELINE=stock)
-            spec = config.spec("nndm", variant)
-            train_fold(DATASET_ID, "3d_fullres", 0, trainer, fold_dir, env, self.logs / f"train_{trainer}.{attempt}.log",
-                       "[table refiner]", config.total_epochs(spec, from_baseline=True), self.args.device)
-            own = training_budget(fold_dir / "checkpoint_final.pth")
+            epochs = config.total_epochs(config.spec("nndm", variant), from_baseline=True)
+            final, load = self._run_training(trainer, 0, env, epochs, "[table refiner]")
+            own = training_budget(final)
             self.state.record(key, {"source": label, "refiner_steps": own.steps - base["steps"],
-                                    "steps": own.steps, "seconds": own.seconds - base["seconds"],
-                                    "load_average_before": load,
-                                    "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+                                    "steps": own.steps, "seconds": own.seconds - base["seconds"], **load})
         longer = f"{HEADS[0][1]}_{STOCK_LONGER}"
         key = f"train {longer}"
         if not self.state.done(key):
-            fold_dir = self.model_folder(longer) / "fold_0"
-            attempt = len(list(self.logs.glob(f"train_{longer}.*.log")))
-            train_fold(DATASET_ID, "3d_fullres", 0, longer, fold_dir, self.env, self.logs / f"train_{longer}.{attempt}.log",
-                       "[table refiner]", config.spec("nnunet", STOCK_LONGER).total_epochs, self.args.device)
-            b = training_budget(fold_dir / "checkpoint_final.pth")
-            self.state.record(key, {"steps": b.steps, "seconds": b.seconds})
+            final, load = self._run_training(longer, 0, self.env, config.spec("nnunet", STOCK_LONGER).total_epochs,
+                                             "[table refiner]")
+            b = training_budget(final)
+            self.state.record(key, {"steps": b.steps, "seconds": b.seconds, **load})
 
     def refiner_settings(self) -> list[tuple[str, str, object]]:
         """(trainer, label, change) of the refiner section on the held-out cases: stock fold 0 (the reference), the
