@@ -359,11 +359,18 @@ def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv
     def labels(path):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
+    def same_segmentation(a, b) -> bool:
+        """Label for label, up to float rounding: the two processes' sliding windows may sum in another order, and
+        this 8-step model has voxels at probability 0.5, where that flips a label (seen once in a full e2e run, the
+        test alone passing); a wrong pipeline differs in far more than 0.1 % of the voxels."""
+        x, y = labels(a), labels(b)
+        return x.shape == y.shape and np.mean(x != y) <= 1e-3
+
     out = tmp_path / "raw"
     assert predict_raw_cases(_predictor(folder), inputs, out) > 0
     assert sorted(finished_cases(out, cases)) == cases
     for c in cases:
-        assert np.array_equal(labels(out / f"{c}.nii.gz"), labels(ref / f"{c}.nii.gz")), c
+        assert same_segmentation(out / f"{c}.nii.gz", ref / f"{c}.nii.gz"), c
     kept = (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns
     (out / f"{cases[1]}.seconds").unlink()
     (out / f"{cases[1]}.nii.gz").unlink()
@@ -373,7 +380,7 @@ def test_an_interrupted_measurement_resumes_at_the_next_case_and_matches_nnunetv
     assert (out / f"{cases[0]}.nii.gz").stat().st_mtime_ns == kept  # not predicted again
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[held out]")]
     assert len(lines) == 1 and lines[0].startswith("[held out]: case 2/2 ")  # the one case predicted, after the kept
-    assert np.array_equal(labels(out / f"{cases[1]}.nii.gz"), labels(ref / f"{cases[1]}.nii.gz"))
+    assert same_segmentation(out / f"{cases[1]}.nii.gz", ref / f"{cases[1]}.nii.gz")
 
     val = json.loads((trained.preprocessed / "splits_final.json").read_text())[0]["val"]
     pre = tmp_path / "preprocessed"
