@@ -134,6 +134,15 @@ def predict_raw_cases(p, inputs: dict[str, list[str]], out_dir: Path, progress: 
     as set), one case at a time in this process: read with the plans' reader, then nnU-Net's
     ``predict_single_npy_array`` (preprocessing, sliding window, export). Returns seconds per case, each the time of
     that call (reading excluded). Resumable like :func:`predict_cases` with ``resume``."""
+    return raw_case_loop(p, inputs, out_dir, lambda image, props, case: p.predict_single_npy_array(
+        image, props, None, str(out_dir / case), False), progress=progress)
+
+
+def raw_case_loop(p, inputs: dict[str, list[str]], out_dir: Path, timed, save=None, progress: str = "") -> float:
+    """The resumable per-case loop of :func:`predict_raw_cases` and its variants: each case not yet finished in
+    ``out_dir`` is read with the plans' reader, ``timed(image, props, case)`` is timed, ``save(case, its result)``
+    (if given) runs after the clock stops, and the seconds are recorded (``<case>.seconds``). Returns seconds per
+    case."""
     seconds = finished_cases(out_dir, list(inputs))
     out_dir.mkdir(parents=True, exist_ok=True)
     reader = p.plans_manager.image_reader_writer_class()
@@ -142,8 +151,10 @@ def predict_raw_cases(p, inputs: dict[str, list[str]], out_dir: Path, progress: 
             continue
         image, props = reader.read_images(files)
         t0 = time.perf_counter()
-        p.predict_single_npy_array(image, props, None, str(out_dir / case), False)
+        result = timed(image, props, case)
         seconds[case] = time.perf_counter() - t0
+        if save is not None:
+            save(case, result)
         _record_case(out_dir, case, seconds[case])
         if progress:
             print(f"{progress}: case {len(seconds)}/{len(inputs)} {seconds[case]:.1f} s", flush=True)

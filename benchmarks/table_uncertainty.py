@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -91,21 +90,10 @@ def predict_probabilities(p, inputs: dict[str, list[str]], out_dir: Path, progre
     ``predict_single_npy_array(..., save_or_return_probabilities=True)`` writes ``<case>.nii.gz``, ``<case>.npz``
     (fused probabilities on the image's grid) and ``<case>.pkl``; dataset.json and plans.json beside them. Returns
     seconds per case (reading excluded); resumable per case (``<case>.seconds``)."""
-    from .accuracy import _record_case, finished_cases
-    seconds = finished_cases(out_dir, list(inputs))
+    from .accuracy import raw_case_loop
     write_folder_jsons(p, out_dir)
-    reader = p.plans_manager.image_reader_writer_class()
-    for case, files in inputs.items():
-        if case in seconds:
-            continue
-        image, props = reader.read_images(files)
-        t0 = time.perf_counter()
-        p.predict_single_npy_array(image, props, None, str(out_dir / case), True)
-        seconds[case] = time.perf_counter() - t0
-        _record_case(out_dir, case, seconds[case])
-        if progress:
-            print(f"{progress}: case {len(seconds)}/{len(inputs)} {seconds[case]:.1f} s", flush=True)
-    return sum(seconds.values()) / len(inputs)
+    return raw_case_loop(p, inputs, out_dir, lambda image, props, case: p.predict_single_npy_array(
+        image, props, None, str(out_dir / case), True), progress=progress)
 
 
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -164,23 +152,13 @@ def predict_mirror_variance(p, inputs: dict[str, list[str]], out_dir: Path, prog
     from nnunet_diffusion.atomic import atomic_path
     from nnunet_diffusion.evaluation.uncertainty_quality import mirror_variance
 
-    from .accuracy import _record_case, finished_cases
-    seconds = finished_cases(out_dir, list(inputs))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reader = p.plans_manager.image_reader_writer_class()
-    for case, files in inputs.items():
-        if case in seconds:
-            continue
-        image, props = reader.read_images(files)
-        t0 = time.perf_counter()
-        variance = mirror_variance(mirror_probabilities(p, image, props))
-        seconds[case] = time.perf_counter() - t0
+    from .accuracy import raw_case_loop
+
+    def save(case, variance):
         with atomic_path(out_dir / f"{case}.npz", suffix=".npz") as tmp:
             np.savez_compressed(tmp, variance=variance)
-        _record_case(out_dir, case, seconds[case])
-        if progress:
-            print(f"{progress}: case {len(seconds)}/{len(inputs)} {seconds[case]:.1f} s", flush=True)
-    return sum(seconds.values()) / len(inputs)
+    return raw_case_loop(p, inputs, out_dir, lambda image, props, case: mirror_variance(
+        mirror_probabilities(p, image, props)), save=save, progress=progress)
 
 
 def probabilities(run, trainer: str, label: str, change=None) -> dict:
