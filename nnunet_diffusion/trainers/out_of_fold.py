@@ -39,19 +39,7 @@ def out_of_fold_sources(splits: list[dict], fold: int | str) -> dict[str, int]:
     map for every case it loads, online validation included). Fold "all" (nnU-Net's training on every case) takes
     every case, each predicted by the fold that held it out. A case that is in no fold's validation set, or that
     the fold meant to predict it trained on, is an error: its prediction would not be out of fold."""
-    if fold == "all":
-        out = {}
-        for g, split in enumerate(splits):
-            for case in split["val"]:
-                if case in out:
-                    raise NNDiffConfigError(f"splits_final.json: case {case} is in the validation sets of folds "
-                                            f"{out[case]} and {g}")
-                if case in split["train"]:
-                    raise NNDiffConfigError(f"splits_final.json: case {case} is both trained on and held out by fold "
-                                            f"{g}")
-                out[case] = g
-        return out
-    if not isinstance(fold, int) or not 0 <= fold < len(splits):
+    if fold != "all" and (not isinstance(fold, int) or not 0 <= fold < len(splits)):
         raise NNDiffConfigError(f"fold {fold} is not in splits_final.json (it has {len(splits)} folds)")
     held_out_by = {}
     for g, split in enumerate(splits):
@@ -60,6 +48,12 @@ def out_of_fold_sources(splits: list[dict], fold: int | str) -> dict[str, int]:
                 raise NNDiffConfigError(f"splits_final.json: case {case} is in the validation sets of folds "
                                         f"{held_out_by[case]} and {g}")
             held_out_by[case] = g
+    if fold == "all":
+        for case, g in held_out_by.items():
+            if case in splits[g]["train"]:
+                raise NNDiffConfigError(f"splits_final.json: case {case} is both trained on and held out by fold "
+                                        f"{g}")
+        return held_out_by
     out = {}
     for case in splits[fold]["train"]:
         g = held_out_by.get(case)
