@@ -170,6 +170,12 @@ def sampling_grid(steps: list[int], samples: list[int], samples_steps: int) -> l
     return grid
 
 
+def needs_all_heads(heads) -> bool:
+    """Whether ``nndiff demo`` must train all heads (``--all-heads``) for ``heads``: not when the demo's own heads
+    (stock nnU-Net and NNDM) are all that is asked for."""
+    return any(not registry.head(h).demo_default for h in heads)
+
+
 def demo_parser(doc: str) -> argparse.ArgumentParser:
     """The options of every script that measures ``nndiff demo``'s models: their folder, variant and heads."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,7 +200,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
-    run_demo(workdir, variant=args.variant, all_heads=True)  # trains what is missing; reuses what is there
+    run_demo(workdir, variant=args.variant, all_heads=needs_all_heads(args.heads))  # trains what is missing
     use_demo_workdir(workdir)
     import torch
 

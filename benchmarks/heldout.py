@@ -23,7 +23,8 @@ from pathlib import Path
 
 from nnunet_diffusion import registry
 
-from .accuracy import _predictor, demo_parser, evaluate_cases, fast_options, mean_metrics, use_demo_workdir
+from .accuracy import (_predictor, demo_parser, evaluate_cases, fast_options, mean_metrics, needs_all_heads,
+                       use_demo_workdir)
 from .speed import FAST
 from .speed import TRAINERS as HEADS
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         ap.error(f"--cases must be at least 2; got {args.cases}")
     workdir = args.workdir.resolve()
     from nnunet_diffusion.demo import DATASET, run_demo
-    run_demo(workdir, variant=args.variant, all_heads=True)  # trains what is missing; reuses what is there
+    run_demo(workdir, variant=args.variant, all_heads=needs_all_heads(args.heads))  # trains what is missing
     use_demo_workdir(workdir)
     from nnunet_diffusion.evaluation.evaluate import write_text_atomic
     raw, phantoms = make_heldout(workdir, args.cases, args.seed)

@@ -201,12 +201,33 @@ def run_demo(workdir: Path, fresh: bool = False, variant: str = "demo", all_head
     print(f"  the same in BraTS format (labels 1, 2, 4, BraTS names), ready to submit: {submission}")
     if residual_maps:
         print(f"  ReCoSeg residual maps |synthetic T1ce - T1ce| (NIfTI and PNG): {recoseg_pred / 'residuals'}")
+    for h in entries:
+        if h.refinement_toggle:
+            print(refiner_source_line(fold0(results, trainers[h.name]) / "checkpoint_final.pth", trainers[h.name]))
     print("Semi-synthetic and trained for minutes: this shows the road works, not what the heads achieve on BraTS; "
           "the equal-budget comparison on held-out cases is `make table`.")
     write_text_atomic(workdir / "demo_results.json", json.dumps(
         {"seconds": timings, "total_seconds": total, "variant": variant, "all_heads": all_heads,
          "budgets": {t: {"steps": b.steps, "seconds": b.seconds} for t, b in budgets.items()}}, indent=2))
     return 0
+
+
+SOURCE_WHY = {
+    "backbone": "its backbone's own output on its training patches (in-sample): the out-of-fold source needs a stock "
+                "nnU-Net trained on all five folds (NNDIFF_BASELINE), five more trainings than the demo's 10 minutes "
+                "allow; `make table`'s refiner section compares the sources on top of a plateaued nnU-Net",
+    "dropout": "its frozen backbone's output under feature dropout",
+    "oof": "a trained nnU-Net's out-of-fold predictions of its training cases (NNDIFF_BASELINE's five folds)",
+}
+
+
+def refiner_source_line(checkpoint: Path, trainer: str) -> str:
+    """Which residual source the refiner of ``trainer`` trained on, from its final checkpoint (issue 32: the demo
+    says which)."""
+    import torch
+    recorded = torch.load(checkpoint, map_location="cpu", weights_only=False).get("trainer_config") or {}
+    source = recorded.get("residual_source_used", "?")
+    return f"  {trainer}'s refiner trained on residuals e = y - y_hat from {SOURCE_WHY.get(source, source)}."
 
 
 def comparison_table(summary: dict, method_trainer: dict, budgets: dict) -> list[str]:

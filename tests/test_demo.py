@@ -80,6 +80,13 @@ def test_comparison_table_names_each_rows_budget_and_puts_lesionwise_beside_lega
     assert lines[7] == "N_refine_off: below stock nnU-Net in WT, TC (legacy Dice)."  # ET equal: neither
 
 
+def test_the_refiner_source_line_names_the_source_its_checkpoint_recorded(tmp_path):
+    for source, words in (("backbone", "in-sample"), ("oof", "out-of-fold"), ("dropout", "feature dropout")):
+        torch.save({"trainer_config": {"residual_source_used": source}}, tmp_path / "c.pth")
+        line = demo.refiner_source_line(tmp_path / "c.pth", "nnUNetTrainerNNDM_demo")
+        assert line.strip().startswith("nnUNetTrainerNNDM_demo's refiner trained on") and words in line
+
+
 def test_cli_and_demo_do_not_import_each_other():
     def imported(module):
         tree = ast.parse((ROOT / "nnunet_diffusion" / f"{module}.py").read_text())
@@ -123,6 +130,8 @@ def test_demo_end_to_end_trains_stock_and_nndm_at_equal_steps_and_says_where_out
     assert {r[0] for r in rows} == {"nnUNetTrainer_tiny", "nnUNetTrainerNNDM_tiny", "nnUNetTrainerNNDM_tiny_refine_off"}
     assert all(r[1] == "8" for r in rows) and all(len(r) == 3 + 6 for r in rows)  # legacy + lesion-wise Dice
     assert all(0 <= float(v) <= 100 for r in rows for v in r[3:])  # every cell a Dice in percent
+    # which residuals NNDM's refiner trained on (issue 32): a demo has no five-fold baseline, so its own backbone's
+    assert "nnUNetTrainerNNDM_tiny's refiner trained on residuals e = y - y_hat from its backbone's own output" in out
 
     # the outputs it names exist, and the last lines say what to open first
     tail = out[out.index("Where the outputs are:"):]

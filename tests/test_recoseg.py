@@ -383,17 +383,28 @@ def test_residual_maps_of_another_source_are_deleted_and_those_of_the_same_kept(
     assert (folder / "source.txt").read_text() == "B"
 
 
-def test_residual_maps_are_drawn_apart_from_the_inference_sampler_and_their_keys_are_training_keys(monkeypatch):
+@pytest.mark.parametrize("residual", [{"residual_sampler": "ddim", "residual_sampling_steps": 2},
+                                      {"residual_sampler": "inference"}], ids=["own sampler", "inference sampler"])
+def test_residual_maps_are_drawn_with_the_keys_they_name_and_those_are_training_keys(monkeypatch, residual):
     """Stage 2 trains on residual maps drawn with residual_sampling(): every config key that changes it changes the
-    trained weights, so nnUNetv2_train --c must refuse a change of it (not a predict-only key); the inference sampler
-    (what `make table` chooses) must not change it."""
+    trained weights, so nnUNetv2_train --c must refuse a change of it (not a predict-only key). With a sampler of
+    their own the inference sampler (what `make table` chooses) must not change them; with residual_sampler =
+    "inference" (issue 32: training and prediction maps drawn alike) the inference sampler and steps are exactly
+    what draws them, and become training keys."""
     from nnunet_diffusion.trainers import TRAINERS
     cls = TRAINERS["nnUNetTrainerReCoSeg_tiny"]
-    hp = cls.hparams()
+    hp = dataclasses.replace(cls.hparams(), **residual)
+    monkeypatch.setattr(cls, "hparams", classmethod(lambda c, s=hp: s))
+    predict_only = cls.predict_only()
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(hp)}
     bump = {bool: lambda v, k: not v, int: lambda v, k: v + 1, float: lambda v, k: v + 0.5,
             str: lambda v, k: next(c for c in choices[k] if c != v) if choices[k] else v + "_other"}
     reference, shaping = cls.residual_sampling(), set()
+    if residual["residual_sampler"] == "inference":
+        inference = cls.sampling_defaults()
+        assert (reference.sampler, reference.steps) == (inference.sampler, inference.steps) == ("ddim", 2)
+    else:
+        assert (reference.sampler, reference.steps) == ("ddim", 2) and hp.sampling_steps == 2
     for key, value in hp.as_dict().items():
         if type(value) not in bump:
             continue
@@ -407,10 +418,113 @@ def test_residual_maps_are_drawn_apart_from_the_inference_sampler_and_their_keys
                 shaping.add(key)
         except NNDiffConfigError:  # an invalid value of a key it reads
             shaping.add(key)
-        monkeypatch.undo()
-    assert {"residual_sampler", "residual_sampling_steps", "tta_refine"} <= shaping
-    assert not shaping & {"sampler", "sampling_steps", "num_samples"}
-    assert not shaping & hp.PREDICT_ONLY
+        monkeypatch.setattr(cls, "hparams", classmethod(lambda c, s=hp: s))
+    if residual["residual_sampler"] == "inference":
+        assert {"residual_sampler", "sampler", "sampling_steps", "tta_refine"} <= shaping
+        assert "residual_sampling_steps" not in shaping
+    else:
+        assert {"residual_sampler", "residual_sampling_steps", "tta_refine"} <= shaping
+        assert not shaping & {"sampler", "sampling_steps", "num_samples"}
+    assert not shaping & predict_only
     too_many = hp.num_train_timesteps + 1
-    with pytest.raises(NNDiffConfigError, match="residual_sampling_steps: must be in 1..num_train_timesteps"):
-        dataclasses.replace(hp, residual_sampling_steps=too_many)
+    if residual["residual_sampler"] != "inference":  # with "inference" the key is not read
+        with pytest.raises(NNDiffConfigError, match="residual_sampling_steps: must be in 1..num_train_timesteps"):
+            dataclasses.replace(hp, residual_sampling_steps=too_many)
+
+
+# ------------------------------------------------------------------------------- issue 32: matched residual maps
+def test_cross_synthesis_chunks_split_the_fold_reproducibly_and_evenly():
+    ids = [f"case_{i:02d}" for i in range(11)]
+    chunks = recoseg.cross_synthesis_chunks(reversed(ids), 3, seed=4)
+    assert sorted(chunks) == ids  # every training case in exactly one chunk
+    sizes = sorted(list(chunks.values()).count(k) for k in range(3))
+    assert sizes == [3, 4, 4]
+    assert chunks == recoseg.cross_synthesis_chunks(ids, 3, seed=4)  # a resume draws the same chunks
+    assert any(recoseg.cross_synthesis_chunks(ids, 3, seed=s) != chunks for s in range(5, 9))  # the seed matters
+    with pytest.raises(ValueError, match="2 training case"):
+        recoseg.cross_synthesis_chunks(["a", "b"], 3, seed=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        recoseg.cross_synthesis_chunks(ids, 1, seed=0)
+
+
+def test_a_synthesiser_never_trains_on_a_case_of_its_own_chunk_and_the_steps_are_shared():
+    chunks = {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert recoseg.choose_synthesiser(["a", "b"], chunks, 2, [0, 5]) == (1, [0, 1])  # only synthesiser 1 may
+    assert recoseg.choose_synthesiser(["c", "d"], chunks, 2, [5, 0]) == (0, [0, 1])
+    assert recoseg.choose_synthesiser(["a", "c"], chunks, 2, [3, 2]) == (1, [0])  # fewer steps; its case only
+    assert recoseg.choose_synthesiser(["a", "c"], chunks, 2, [2, 2]) == (0, [1])  # a tie: the lowest index
+    assert recoseg.choose_synthesiser(["unlabelled__x", "a"], chunks, 2, [0, 0]) == (0, [0])  # in no chunk: open
+    rng = np.random.default_rng(0)
+    steps = [0, 0, 0]
+    chunks3 = {f"c{i}": i % 3 for i in range(9)}
+    for _ in range(600):
+        keys = list(rng.choice(sorted(chunks3), 2))
+        k, keep = recoseg.choose_synthesiser(keys, chunks3, 3, steps)
+        assert keep and all(chunks3[keys[i]] != k for i in keep)
+        steps[k] += 1
+    assert max(steps) - min(steps) <= 1  # the stage's steps shared evenly
+
+
+def test_cross_synthesis_trains_each_synthesiser_on_cases_it_may_see_and_draws_each_map_with_the_blind_one(
+        planned, nnunet_paths, monkeypatch):
+    """The tiny variant (the defaults' "cross", 2 splits, maps drawn with the inference sampler): a stage-1 step
+    updates only the synthesiser it chose, on samples outside its chunk; after stage 1 every training case's map is
+    drawn by the synthesiser blind to its chunk, the validation cases' by synthesiser 0 (the one prediction uses),
+    all with the inference sampler; the steps per synthesiser survive a checkpoint."""
+    from nnunet_diffusion.trainers import recoseg as module
+    t = make_trainer(planned, module.nnUNetTrainerReCoSeg_tiny, 0)
+    t.initialize()
+    net = t.unwrapped_network()
+    assert len(net.synthesizers()) == 2 and t.synthesis_splits == 2
+    chunks = t.cross_chunks()
+    train_ids, val_ids = t.do_split()
+    assert sorted(chunks) == sorted(train_ids) and not set(chunks) & set(val_ids)
+    by_chunk = {k: sorted(c for c, j in chunks.items() if j == k) for k in range(2)}
+    patch = list(t.configuration_manager.patch_size)
+
+    def weights(k):
+        return torch.cat([p.detach().flatten().clone() for p in net.synthesizers()[k].parameters()])
+
+    t.current_epoch = 0
+    for batch_keys, want in ([by_chunk[0][0], by_chunk[0][1]], 1), ([by_chunk[1][0], by_chunk[0][0]], 0):
+        before = [weights(0), weights(1)]
+        steps = list(t.cross_steps)
+        t.train_step({"data": torch.randn(2, 4, *patch), "target": None, "keys": np.array(batch_keys)})
+        after = [weights(0), weights(1)]
+        assert not torch.equal(before[want], after[want]) and torch.equal(before[1 - want], after[1 - want])
+        assert t.cross_steps[want] == steps[want] + 1
+    assert t.cross_steps == [1, 1]
+    assert t.extra_checkpoint_state()["recoseg_cross_steps"] == [1, 1]
+
+    drawn = []
+
+    def record(network, load_case, identifiers, folder, patch_size, device, progress=True):
+        drawn.append((network.active_synthesizer, sorted(identifiers), network.sampling.sampler,
+                      network.sampling.steps))
+        return list(identifiers)
+
+    monkeypatch.setattr(recoseg_residuals, "precompute_residuals", record)
+    t.ensure_residuals(list(train_ids) + list(val_ids))
+    assert drawn == [(0, sorted(by_chunk[0] + list(val_ids)), "ddim", 2), (1, by_chunk[1], "ddim", 2)]
+    assert net.active_synthesizer == 0  # prediction synthesises with synthesiser 0
+
+
+def test_the_network_synthesises_with_the_synthesiser_it_is_told_to_use():
+    torch.manual_seed(0)
+    opts = SamplingOptions(True, 2, "ddim", 1, 0, "window", "mean")
+    nets = [TimeConditionedUNet(3, 4, 1, (4, 8), [(2, 2, 2)], 1) for _ in range(2)]
+    for p in (p for n in nets for p in n.parameters()):  # the output layer starts at 0: make them differ
+        p.data.normal_(0, 0.1)
+    net = ReCoSegNetwork(nets[0], _LastChannel(), SCHEDULE, opts, 4, prediction_type="sample",
+                         cross_synthesizers=nets[1:]).eval()
+    net.target_channel.fill_(1)
+    window = torch.randn(1, 4, 8, 8, 8)
+    first = net.synthesise_window(window)
+    with net.using(1):
+        second = net.synthesise_window(window)
+    assert not torch.allclose(first, second)
+    assert torch.equal(net.synthesise_window(window), first)  # back to synthesiser 0 after the block
+    with pytest.raises(ValueError, match="synthesiser 2 does not exist"):
+        with net.using(2):
+            pass
+    assert {k.split(".")[0] for k in net.state_dict()} >= {"synthesizer", "cross_synthesizers"}  # checkpointed

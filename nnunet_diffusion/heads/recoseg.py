@@ -12,6 +12,11 @@ The paper numbers no equations; each function names the step of §2 it implement
   concatenate the residual map with the original input modalities ... and feed them into a lightweight 2D
   U-Net"); the abstract's and conclusion's "attention cues" name the residual's role, and no gating of features by
   r is described, so none is implemented.
+- Matched residuals (issue 32, ours): the paper computes "training and test residuals alike", but a synthesiser
+  that trained on a case reproduces it better than an unseen one (``benchmarks/recoseg_gap.py``: mean r in
+  enhancing tumour 3x smaller on its own training cases). ``cross_synthesis_chunks`` / ``choose_synthesiser``
+  give every training case a synthesiser that never saw it, as nnU-Net's cascade trains its second stage on
+  out-of-fold predictions.
 - Whole cases: ``residual_inputs`` forms (x as the segmenter sees it, r) from a case and its synthetic T1ce; the
   synthetic T1ce of a whole case is the Gaussian blend of per-window syntheses (``inference.recoseg_residuals.
   case_residual``, the one function both stage 2's training residuals and the prediction use).
@@ -30,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..diffusion import NoiseSchedule, noise_prediction_loss, sample
@@ -115,6 +121,38 @@ def synthesise(denoiser, schedule: NoiseSchedule, x: torch.Tensor, target: int, 
                   generator=gen, device=x.device, clip=clip, prediction_type=prediction_type)
 
 
+# ------------------------------------------------------------------------------------------------ matched residuals
+def cross_synthesis_chunks(identifiers: Iterable[str], splits: int, seed: int) -> dict[str, int]:
+    """Out-of-fold synthesis inside one fold (``synthesis_cases = "cross"``, issue 32; ours, the paper does not say
+    which synthesiser makes the training residuals): the fold's training cases split into ``splits`` chunks of
+    (nearly) equal size, drawn by a generator seeded with ``seed`` (the fold), so a run and its resume agree.
+    Synthesiser k never trains on chunk k and makes the residual maps of chunk k's cases, so every training residual
+    comes from a synthesiser that did not see the case, as at prediction. Returns {case: chunk}; a fold with fewer
+    cases than ``splits`` is a ValueError."""
+    ids = sorted(identifiers)
+    if splits < 2:
+        raise ValueError(f"synthesis_splits must be at least 2; got {splits}")
+    if len(ids) < splits:
+        raise ValueError(f"{len(ids)} training case(s) cannot be split into synthesis_splits = {splits} chunks")
+    order = np.random.RandomState(int(seed)).permutation(len(ids))
+    return {ids[i]: rank % splits for rank, i in enumerate(order)}
+
+
+def choose_synthesiser(keys: Sequence[str], chunks: dict[str, int], splits: int,
+                       steps_done: Sequence[int]) -> tuple[int, list[int]]:
+    """Which synthesiser one stage-1 iteration trains, and on which samples of the batch (``keys``: the case of
+    each sample): synthesiser k may see every sample whose case is not in chunk k (a case in no chunk, e.g. an
+    unlabelled image, is open to all); among those with at least one such sample, the one with the fewest steps so
+    far (``steps_done``; the lowest k on a tie), so the stage's optimiser steps are shared evenly and the table's
+    budget stays the same. Returns (k, indices of its samples)."""
+    allowed = [[i for i, key in enumerate(keys) if chunks.get(key, -1) != k] for k in range(splits)]
+    open_ = [k for k in range(splits) if allowed[k]]
+    if not open_:
+        raise ValueError(f"no synthesiser may train on a batch of cases {list(keys)}")
+    k = min(open_, key=lambda j: (steps_done[j], j))
+    return k, allowed[k]
+
+
 def residual_map(synthetic: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """ReCoSeg §2: r = |T1ce_synth − T1ce| (voxel-wise absolute difference, float32)."""
     return (synthetic.float() - real.float()).abs()
@@ -156,13 +194,18 @@ def residual_inputs(x: torch.Tensor, synthetic: torch.Tensor, target: int,
 
 # ------------------------------------------------------------------------------------------------ trainer config
 SEGMENTERS = ("planned", "light")
+SYNTHESIS_CASES = ("all", "unlabelled", "cross")
+INFERENCE = "inference"  # residual_sampler: draw the training maps with the shipped inference sampler
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReCoSegSpec(DiffusionSpec):
     """trainer_configs/recoseg.toml: the synthesiser (stage 1) and the segmenter on its residual maps (stage 2).
     The training residual maps are drawn with ``residual_sampler``/``residual_sampling_steps``, which shape what the
-    segmenter learns: they are training keys, unlike the inference sampler."""
+    segmenter learns: they are training keys, unlike the inference sampler. ``residual_sampler = "inference"``
+    draws them with the inference sampler itself (``sampler``, ``sampling_steps``), which then becomes a training
+    key too (the trainer's ``predict_only``). ``synthesis_cases = "cross"`` trains ``synthesis_splits``
+    synthesisers, each blind to one chunk of the fold's training cases (:func:`cross_synthesis_chunks`)."""
     HEAD: ClassVar[str] = "recoseg"
     # the segmenter trains on residual maps drawn with the trainer's residual_sampling(), which takes tta_refine from
     # the inference keys: for ReCoSeg that key changes the trained weights, and a resumed training must keep it
@@ -172,7 +215,8 @@ class ReCoSegSpec(DiffusionSpec):
     stage2_epochs: int = key(min=0)
     target_channel: str = key()
     unlabelled_folder: str = key()
-    synthesis_cases: str = key(choices=("all", "unlabelled"))
+    synthesis_cases: str = key(choices=SYNTHESIS_CASES)
+    synthesis_splits: int = key(min=2)
     label_fraction: float = key(min=0, max=1, min_open=True)
     synthesis_lr: float = key(min=0, min_open=True)
     synthesis_grad_clip: float = key(min=0, min_open=True)
@@ -181,11 +225,11 @@ class ReCoSegSpec(DiffusionSpec):
     synthesis_clip: float = key(min=0, doc="0: no clipping")
     segmenter: str = key(choices=SEGMENTERS)
     light_width: float = key(min=0, min_open=True)
-    residual_sampler: str = key(choices=SAMPLERS)
+    residual_sampler: str = key(choices=(*SAMPLERS, INFERENCE))
     residual_sampling_steps: int = key(min=1)
 
     def check(self) -> None:
         super().check()
-        if self.residual_sampling_steps > self.num_train_timesteps:
+        if self.residual_sampler != INFERENCE and self.residual_sampling_steps > self.num_train_timesteps:
             self.fail("residual_sampling_steps", f"must be in 1..num_train_timesteps ({self.num_train_timesteps}); "
                                                  f"got {self.residual_sampling_steps}")

@@ -15,12 +15,17 @@ Calls:
 - ``forward(x)`` with C channels in eval mode (a direct call, not from nnU-Net's predictor): each batch element is
   taken as a whole case of one window, through the same ``case_input``.
 
+With ``synthesis_cases = "cross"`` (issue 32) the network also holds ``cross_synthesizers``: synthesiser k ≥ 1,
+each blind to one chunk of the fold's training cases, which makes only the training residual maps of that chunk
+(``using``); ``synthesizer`` (k = 0) makes chunk 0's and every other map, and is the one prediction uses.
+
 The synthesis target's channel index is a persistent buffer (``build_network_architecture`` is not given
 dataset.json; the trainer fills it from the channel names and the checkpoint carries it to the predictor).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -41,11 +46,14 @@ class ReCoSegNetwork(SamplingNetwork):
 
     def __init__(self, synthesizer: nn.Module, segmenter: nn.Module, schedule: NoiseSchedule,
                  sampling: SamplingOptions, num_input_channels: int, prediction_type: str = "epsilon",
-                 clip: float | None = None, region_based: bool = False, overrides=None):
+                 clip: float | None = None, region_based: bool = False, overrides=None,
+                 cross_synthesizers: Sequence[nn.Module] = ()):
         super().__init__(schedule, sampling, region_based, overrides)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         self.synthesizer = synthesizer
+        self.cross_synthesizers = nn.ModuleList(cross_synthesizers)
+        self.active_synthesizer = 0  # which synthesiser synthesise_window uses (``using``); 0 outside training
         self.segmenter = segmenter
         self.num_input_channels = int(num_input_channels)
         self.prediction_type = prediction_type
@@ -75,14 +83,37 @@ class ReCoSegNetwork(SamplingNetwork):
                                     f"{self.num_input_channels} input channels (0..{self.num_input_channels - 1})")
         return tuple(self.sampling.missing)
 
-    def forward(self, x: torch.Tensor, mode: str | None = None, tie_frozen: bool = False):
+    def synthesizers(self) -> list[nn.Module]:
+        """Synthesiser 0 (``synthesizer``, the one prediction uses), then the cross synthesisers 1 .. K − 1."""
+        return [self.synthesizer, *self.cross_synthesizers]
+
+    @contextmanager
+    def using(self, k: int):
+        """Synthesise with synthesiser ``k`` inside the block (the training residual maps of chunk k)."""
+        if not 0 <= k < len(self.synthesizers()):
+            raise ValueError(f"synthesiser {k} does not exist; this network has {len(self.synthesizers())}")
+        before, self.active_synthesizer = self.active_synthesizer, int(k)
+        try:
+            yield self
+        finally:
+            self.active_synthesizer = before
+
+    def forward(self, x: torch.Tensor, mode: str | None = None, tie_frozen: bool = False, synthesizer: int = 0):
         if mode == "synthesis_loss":
-            loss = recoseg.synthesis_loss(self.synthesizer, self.schedule, x, self.target,
+            nets = self.synthesizers()
+            loss = recoseg.synthesis_loss(nets[synthesizer], self.schedule, x, self.target,
                                           prediction_type=self.prediction_type)
-            return loss + (_zero(self.segmenter, x) if tie_frozen else 0.0)
+            if tie_frozen:  # DDP: every parameter takes part in every backward
+                for m in [self.segmenter, *(n for k, n in enumerate(nets) if k != synthesizer)]:
+                    loss = loss + _zero(m, x)
+            return loss
         if mode == "segment":
             out = self.segmenter(x)
-            return out, (_zero(self.synthesizer, x) if tie_frozen else x.new_zeros((), dtype=torch.float32))
+            zero = x.new_zeros((), dtype=torch.float32)
+            if tie_frozen:
+                for m in self.synthesizers():
+                    zero = zero + _zero(m, x)
+            return out, zero
         if mode is not None:
             raise ValueError(f"unknown mode {mode!r}")
         c = x.shape[1]
@@ -103,7 +134,7 @@ class ReCoSegNetwork(SamplingNetwork):
         """ŝ_0 for one window (1, C, *patch) → (1, 1, *patch) (ReCoSeg §2 stage 1, ``heads.recoseg.synthesise``
         with the current sampling options). Missing condition channels are already zero (``case_residual``)."""
         opts = self.sampling
-        return recoseg.synthesise(self.synthesizer, self.schedule, window, self.target, opts.steps, opts.sampler,
+        return recoseg.synthesise(self.synthesizers()[self.active_synthesizer], self.schedule, window, self.target, opts.steps, opts.sampler,
                                   opts.seed, self.prediction_type, self.clip)
 
     @torch.no_grad()

@@ -27,11 +27,15 @@ class ConfiguredTrainer(nnUNetTrainer):
         validated once."""
         return config.spec(cls.head, cls.variant)
 
-    @property
-    def predict_only_keys(self) -> frozenset:
+    @classmethod
+    def predict_only(cls) -> frozenset:
         """Keys that change only prediction, online validation or bookkeeping (the spec's ``PREDICT_ONLY``): a
         training resumed (--c) after one of them changed is still one training (see check_resumed_config)."""
-        return self.hparams().PREDICT_ONLY
+        return cls.hparams().PREDICT_ONLY
+
+    @property
+    def predict_only_keys(self) -> frozenset:
+        return self.predict_only()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

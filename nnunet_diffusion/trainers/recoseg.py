@@ -7,9 +7,14 @@ Stages by epoch (trainer_configs/recoseg.toml):
      (preprocessed once with the plans' own preprocessor, as nnU-Net's predictor does for images without a
      segmentation, into ``<fold folder>/unlabelled/``); ``synthesis_cases = "unlabelled"`` trains it on those
      only, so the residuals stage 2 learns from come from a synthesiser that never saw the case, as at prediction;
+     ``synthesis_cases = "cross"`` (the default, issue 32) trains ``synthesis_splits`` synthesisers instead, each
+     blind to one chunk of the fold's training cases (``heads.recoseg.cross_synthesis_chunks``), which share the
+     stage's optimiser steps (``heads.recoseg.choose_synthesiser``), so the budget stays the same;
   then, once: the residual map r = |synthetic − real T1ce| of every labelled case, computed with the frozen
      synthesiser by ``recoseg_residuals.case_residual`` over the whole preprocessed case and stored in
-     ``<fold folder>/residuals/<case>.npy``;
+     ``<fold folder>/residuals/<case>.npy`` ("cross": by the synthesiser blind to the case's chunk; validation cases
+     and prediction by synthesiser 0), drawn with ``residual_sampler`` ("inference", the default: the sampler
+     prediction uses, so training and prediction maps come from the same distribution);
   2. the segmenter on the modalities ⊕ r with nnU-Net's loss, SGD and poly learning rate, on a ``label_fraction``
      of the fold's training cases (1 = all; the paper's "reduced reliance on dense labels" as a knob). nnU-Net's
      data loader reads r as one more image channel, so cropping and augmentation move image and residual
@@ -39,6 +44,7 @@ from torch import distributed as dist
 from .. import nnunet_compat
 from ..errors import NNDiffCheckpointError, NNDiffConfigError
 from ..heads import recoseg
+from ..heads.recoseg import INFERENCE
 from ..inference import recoseg_residuals
 from ..inference.options import SamplingOptions
 from ..inference.recoseg_network import ReCoSegNetwork
@@ -156,6 +162,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                                     f"synthesiser on unlabelled images only; name their folder with "
                                     f"{UNLABELLED_ENV} or unlabelled_folder")
         self.residual_sampling()  # a bad residual_sampler / residual_sampling_steps stops here, not after stage 1
+        self.synthesis_splits = int(hp.synthesis_splits) if self.synthesis_cases == "cross" else 1
+        self.cross_steps = [0] * self.synthesis_splits  # stage-1 optimiser steps of each synthesiser
+        self._chunks: dict[str, int] | None = None
         self.synthesis_optimizer = None
         self._loader_stage = None
         nnunet_compat.register_log_key(self, "recoseg_stage")
@@ -179,25 +188,54 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         dim = len(configuration_manager.patch_size)
         strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
         channels = list(hp.synthesis_channels)[:len(strides) + 1]
-        synthesizer = TimeConditionedUNet(dim, num_input_channels, 1, channels, strides[:len(channels) - 1],
-                                          int(hp.synthesis_res_blocks))
+        splits = int(hp.synthesis_splits) if hp.synthesis_cases == "cross" else 1
+        synthesizer, *cross = [TimeConditionedUNet(dim, num_input_channels, 1, channels, strides[:len(channels) - 1],
+                                                   int(hp.synthesis_res_blocks)) for _ in range(splits)]
         schedule = cls.schedule()
         clip = float(hp.synthesis_clip) or None
         return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
-                              num_input_channels, prediction_type=hp.prediction_type, clip=clip)
+                              num_input_channels, prediction_type=hp.prediction_type, clip=clip,
+                              cross_synthesizers=cross)
 
     def recorded_config(self) -> dict:
         return dict(super().recorded_config(), unlabelled_folder=self.unlabelled_folder)  # NNDIFF_UNLABELLED included
 
     @classmethod
     def residual_sampling(cls) -> SamplingOptions:
-        """How the training residual maps are drawn: one synthesis per case with the config's ``residual_sampler``
-        and ``residual_sampling_steps``, kept apart from the shipped inference sampler (``sampler``, ...; see
-        trainer_configs/recoseg.toml), so that choosing the inference default never changes what stage 2 trains on."""
+        """How the training residual maps are drawn: one synthesis per case. ``residual_sampler = "inference"``
+        (the default, issue 32): with the shipped inference sampler and steps (``sampler``, ``sampling_steps``), so
+        the maps stage 2 trains on and those it sees at prediction are drawn alike; then those keys shape the
+        trained weights (``predict_only``). Otherwise with ``residual_sampler`` and ``residual_sampling_steps``,
+        kept apart from the inference sampler, so that choosing the inference default never changes what stage 2
+        trains on (trainer_configs/recoseg.toml)."""
         hp = cls.hparams()
-        opts = replace(cls.sampling_defaults(), sampler=hp.residual_sampler,
-                       steps=int(hp.residual_sampling_steps), samples=1, fusion="mean")
+        opts = replace(cls.sampling_defaults(), samples=1, fusion="mean")
+        if hp.residual_sampler != INFERENCE:
+            opts = replace(opts, sampler=hp.residual_sampler, steps=int(hp.residual_sampling_steps))
         return opts.validate(int(hp.num_train_timesteps), source=f"{cls.__name__} residual_sampler/_steps")
+
+    @classmethod
+    def predict_only(cls) -> frozenset:
+        """With ``residual_sampler = "inference"`` the inference sampler and its steps draw the training maps: a
+        resumed training (--c) must keep them."""
+        keys = super().predict_only()
+        return keys - {"sampler", "sampling_steps"} if cls.hparams().residual_sampler == INFERENCE else keys
+
+    def cross_chunks(self) -> dict[str, int]:
+        """{training case: chunk} of ``synthesis_cases = "cross"`` (``heads.recoseg.cross_synthesis_chunks`` of the
+        fold's training cases, seeded with the fold); {} otherwise."""
+        if self._chunks is None:
+            if self.synthesis_splits < 2:
+                self._chunks = {}
+            else:
+                train_ids, _ = self.do_split()
+                try:
+                    self._chunks = recoseg.cross_synthesis_chunks(train_ids, self.synthesis_splits,
+                                                                  zlib.crc32(f"cross {self.fold}".encode()))
+                except ValueError as e:
+                    raise NNDiffConfigError(f"{self.__class__.__name__} fold {self.fold}: synthesis_cases = "
+                                            f"'cross': {e}; lower synthesis_splits") from None
+        return self._chunks
 
     def stage_batches(self, batch: dict) -> list[tuple[str, int, dict]]:
         """Stage 2's batch carries the residual map as one more channel (a stand-in of the right shape)."""
@@ -221,7 +259,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     def configure_optimizers(self):
         net = self.network  # not yet wrapped in DDP/compile when nnU-Net calls this
         optimizer = self.nnunet_sgd(net.segmenter.parameters())
-        self.synthesis_optimizer = torch.optim.Adam(net.synthesizer.parameters(),
+        self.synthesis_optimizer = torch.optim.Adam([p for m in net.synthesizers() for p in m.parameters()],
                                                     lr=float(self.hparams().synthesis_lr))
         return optimizer, StagedLR(self)
 
@@ -276,6 +314,12 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         self._loader_stage = self.stage_of(self.current_epoch)
         kw = {"folder_with_segs_from_previous_stage": self.folder_with_segs_from_previous_stage}
         if self._loader_stage == 1:
+            chunks = self.cross_chunks()
+            if chunks:
+                self.print_to_log_file(f"ReCoSeg stage 1: {self.synthesis_splits} synthesisers, synthesiser k blind to "
+                                       f"chunk k of the training cases: " + "; ".join(
+                                           f"chunk {k}: {sorted(c for c, j in chunks.items() if j == k)}"
+                                           for k in range(self.synthesis_splits)))
             extra = self.ensure_unlabelled(dataset_tr.identifiers + dataset_val.identifiers)
             if not extra:
                 return dataset_tr, dataset_val
@@ -295,14 +339,19 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                 wrapped(self.preprocessed_dataset_folder, dataset_val.identifiers, **kw))
 
     def ensure_residuals(self, identifiers) -> None:
-        """The residual map of every case (each DDP rank computes its share), drawn with :meth:`residual_sampling`."""
+        """The residual map of every case (each DDP rank computes its share), drawn with :meth:`residual_sampling`,
+        by the synthesiser blind to the case ("cross": chunk k's cases by synthesiser k, every other case, the
+        validation cases included, by synthesiser 0; otherwise all by the one synthesiser)."""
         net = self.unwrapped_network()
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         mine = sorted(identifiers)[rank::world]
         opts = self.residual_sampling()
+        chunks = self.cross_chunks()
         if self.local_rank == 0:
+            synthesizers = net.synthesizers()
             stale = recoseg_residuals.discard_other_residuals(
-                self.residual_folder, recoseg_residuals.synthesis_fingerprint(net.synthesizer, opts))
+                self.residual_folder, recoseg_residuals.synthesis_fingerprint(
+                    synthesizers[0] if len(synthesizers) == 1 else torch.nn.ModuleList(synthesizers), opts))
             if stale:
                 self.print_to_log_file(f"ReCoSeg: {stale} residual map(s) of another synthesiser or sampler deleted")
         if self.is_ddp:
@@ -311,12 +360,17 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         net.set_sampling(opts)
         net.eval()
         reader = self.dataset_class(self.preprocessed_dataset_folder, list(mine))
-        autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
+
+        def autocast():
+            return torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
         try:
-            with autocast:  # as nnU-Net's predictor does on CUDA; the sampler's arithmetic stays float32
-                done = recoseg_residuals.precompute_residuals(
-                    net, lambda i: reader.load_case(i)[0][:], mine, self.residual_folder,
-                    self.configuration_manager.patch_size, self.device, progress=self.local_rank == 0)
+            done = []
+            for k in range(self.synthesis_splits):
+                cases = [i for i in mine if chunks.get(i, 0) == k]
+                with autocast(), net.using(k):  # as nnU-Net's predictor does on CUDA; the sampler stays float32
+                    done += recoseg_residuals.precompute_residuals(
+                        net, lambda i: reader.load_case(i)[0][:], cases, self.residual_folder,
+                        self.configuration_manager.patch_size, self.device, progress=self.local_rank == 0)
         finally:
             net.set_sampling(saved_sampling)
             net.train(was_training)
@@ -356,15 +410,23 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         stage = self.stage_of(self.current_epoch)
         data = batch["data"].to(self.device, non_blocking=True)
         net = self.unwrapped_network()
+        k = 0
         if stage == 1:
-            optimizer, params, clip = self.synthesis_optimizer, net.synthesizer.parameters(), \
+            if self.synthesis_splits > 1:  # "cross": the synthesiser with the fewest steps among those allowed
+                keys = batch.get("keys")  # nnU-Net's loader names each sample's case
+                keys = [""] * data.shape[0] if keys is None else list(keys)
+                k, keep = recoseg.choose_synthesiser(keys, self.cross_chunks(), self.synthesis_splits, self.cross_steps)
+                if len(keep) < data.shape[0]:
+                    data = data[keep]
+                self.cross_steps[k] += 1
+            optimizer, params, clip = self.synthesis_optimizer, net.synthesizers()[k].parameters(), \
                 float(self.hparams().synthesis_grad_clip)
         else:
             optimizer, params, clip = self.optimizer, net.segmenter.parameters(), 12.0
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             if stage == 1:
-                loss = self.network(data, mode="synthesis_loss", tie_frozen=self.is_ddp)
+                loss = self.network(data, mode="synthesis_loss", tie_frozen=self.is_ddp, synthesizer=k)
             else:
                 target = batch["target"]
                 target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -415,7 +477,8 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict:
         return {"recoseg_stage_epochs": list(self.stage_epochs), "recoseg_target_channel": self.target_channel,
-                "synthesis_optimizer_state": self.synthesis_optimizer.state_dict()}
+                "synthesis_optimizer_state": self.synthesis_optimizer.state_dict(),
+                "recoseg_cross_steps": list(self.cross_steps)}
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         if "synthesis_optimizer_state" not in state:
@@ -424,6 +487,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
             raise NNDiffCheckpointError(f"checkpoint synthesises channel {state['recoseg_target_channel']}, this "
                                         f"dataset's target channel is {self.target_channel}")
         self.synthesis_optimizer.load_state_dict(state["synthesis_optimizer_state"])
+        self.cross_steps = list(state.get("recoseg_cross_steps", self.cross_steps))
         self.stage_epochs = list(state["recoseg_stage_epochs"])
         self.num_epochs = sum(self.stage_epochs)
 
