@@ -528,3 +528,30 @@ def test_the_network_synthesises_with_the_synthesiser_it_is_told_to_use():
         with net.using(2):
             pass
     assert {k.split(".")[0] for k in net.state_dict()} >= {"synthesizer", "cross_synthesizers"}  # checkpointed
+
+
+def test_a_checkpoint_with_another_number_of_synthesisers_loads_and_predicts_with_synthesiser_0():
+    """A model trained with one synthesiser (synthesis_cases "all", the earlier default) loads into the network the
+    current defaults build (two), and the other way round: prediction needs synthesiser 0 only."""
+    opts = SamplingOptions(True, 2, "ddim", 1, 0, "window", "mean")
+
+    def network(cross):
+        torch.manual_seed(len(cross))
+        nets = [TimeConditionedUNet(3, 4, 1, (4, 8), [(2, 2, 2)], 1) for _ in range(1 + len(cross))]
+        return ReCoSegNetwork(nets[0], _LastChannel(), SCHEDULE, opts, 4, prediction_type="sample",
+                              cross_synthesizers=nets[1:])
+
+    one, two = network([]), network([None])
+    for p in one.parameters():
+        p.data.normal_(0, 0.1)
+    one.target_channel.fill_(1)
+    two.load_state_dict(one.state_dict())
+    assert len(two.cross_synthesizers) == 0
+    window = torch.randn(1, 4, 8, 8, 8)
+    assert torch.equal(two.eval().synthesise_window(window), one.eval().synthesise_window(window))
+    three = network([None, None])
+    one.load_state_dict(three.state_dict())
+    assert len(one.cross_synthesizers) == 2
+    mine, theirs = one.state_dict(), three.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if torch.is_tensor(mine[k]))

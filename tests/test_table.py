@@ -594,6 +594,8 @@ def test_the_plateau_and_x0_rows_come_from_the_heads_trainer_configs_and_their_b
     run.check_extra_budgets()
     kinds = {(h, kind) for h, _, _, kind in run.extra_trainings()}
     assert {(h, k) for h in ("medsegdiff", "modiff", "ddmd") for k in ("plateau", "x0")} <= kinds
+    assert ("recoseg", "in-sample") in kinds  # issue 32: ReCoSeg's in-sample residual maps, for contrast
+    assert run.extra_kind("nnUNetTrainerReCoSeg_table_insample") == "in-sample"
 
 
 def test_plateau_rows_stay_out_of_the_equal_budget_summary_and_say_why_they_stopped():

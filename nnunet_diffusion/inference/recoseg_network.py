@@ -24,6 +24,7 @@ dataset.json; the trainer fills it from the channel names and the checkpoint car
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
@@ -82,6 +83,15 @@ class ReCoSegNetwork(SamplingNetwork):
             raise NNDiffConfigError(f"NNDIFF_MISSING: channel(s) {bad} do not exist; this model has "
                                     f"{self.num_input_channels} input channels (0..{self.num_input_channels - 1})")
         return tuple(self.sampling.missing)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As many cross synthesisers as the checkpoint has (copies of synthesiser 0's architecture, which they
+        share): prediction uses synthesiser 0 only, so a model trained with another ``synthesis_cases`` (e.g. one
+        synthesiser, before "cross" was the default) still loads and predicts as it was trained to."""
+        n = len({k.split(".")[1] for k in state_dict if k.startswith("cross_synthesizers.")})
+        if n != len(self.cross_synthesizers):
+            self.cross_synthesizers = nn.ModuleList(copy.deepcopy(self.synthesizer) for _ in range(n))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def synthesizers(self) -> list[nn.Module]:
         """Synthesiser 0 (``synthesizer``, the one prediction uses), then the cross synthesisers 1 .. K − 1."""
