@@ -543,6 +543,8 @@ def costs_page(results: Path = REPO / "benchmarks" / "results") -> str:
                 lines.append(f"- {p.name}: `python -m benchmarks --part {p.stem}`, rendered in benchmarks/RESULTS.md")
             elif (REPO / "benchmarks" / f"{p.stem}.py").is_file():
                 lines.append(f"- {p.name}: `python -m benchmarks.{p.stem}`")
+            elif isinstance(command := json.loads(p.read_text()).get("command"), str):  # a file that says its command
+                lines.append(f"- {p.name}: `{command}`")
             else:
                 lines.append(f"- {p.name}")
         out += ["## Other stored measurements",
