@@ -272,6 +272,22 @@ def test_apply_defaults_writes_the_chosen_setting_and_its_measurement(tmp_path):
     assert "best: ddim 100 steps x 1 samples, 81.0; the paper's chain ddpm 1000 steps x 5 samples, 80.9" in comment
 
 
+def test_a_head_whose_training_maps_follow_the_inference_sampler_keeps_its_defaults(tmp_path):
+    """ReCoSeg draws its training residual maps with the inference sampler (issue 32): writing another sampler into
+    its [defaults] would change what the next segmenter trains on, a model nobody measured. The sweep is reported,
+    the TOML stays."""
+    (tmp_path / "recoseg.toml").write_text(MADE_UP_TOML)
+    rows = [{"setting": "ddim 1 steps x 1 samples", "dice": 90.5, "tags": []},
+            {"setting": "ddim 2 steps x 1 samples", "dice": 90.7, "tags": ["shipped"]}]
+    d = {"rows": rows, "tolerance": 1.0,
+         "chosen": {"setting": "ddim 1 steps x 1 samples", "sampler": "ddim", "steps": 1, "samples": 1, "dice": 90.5}}
+    result = {"date": "2026-12-01 10:00 UTC", "budget_steps": 2000, "defaults": {"nnUNetTrainerReCoSeg_table": d}}
+    done = table.apply_defaults(result, tmp_path)
+    assert (tmp_path / "recoseg.toml").read_text() == MADE_UP_TOML
+    assert len(done) == 1 and "[defaults] kept" in done[0] and 'residual_sampler = "inference"' in done[0]
+    assert "chosen: ddim 1 steps x 1 samples, 90.5" in done[0]
+
+
 def test_a_head_that_did_not_learn_keeps_its_defaults(tmp_path):
     """All settings near the Dice of random masks: the rule would pick the cheapest on no evidence; the TOML stays."""
     (tmp_path / "medsegdiff.toml").write_text(MADE_UP_TOML)
