@@ -230,3 +230,23 @@ def test_the_papers_2d_regime_trains_and_predicts_on_the_2d_configuration(planne
     cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (planned.raw / "imagesTs").glob("*_0000.nii.gz"))
     assert cases and len(list(out.glob("*.nii.gz"))) == len(cases)
     assert_valid_label_maps(out, planned.raw / "imagesTs", cases)
+
+
+def test_the_tables_slices_regime_trains_and_predicts_on_3d_fullres(planned, tmp_path):
+    """The regime of DDMD's table rows (issue 33 item 4): 2D autoencoders on the axial slices of each 3D patch, AE-2
+    on the tumour-free ones, the 3D denoiser, trained and predicted through the console scripts on 3d_fullres."""
+    trainer = "nnUNetTrainerDDMD_tiny_slices"
+    hp = TRAINERS[trainer].hparams()
+    assert (hp.ae_input, hp.ae2_normal) == ("slices", "patch") == (TRAINERS["nnUNetTrainerDDMD_table"].hparams().ae_input,
+                                                                 TRAINERS["nnUNetTrainerDDMD_table"].hparams().ae2_normal)
+    proc = train(planned.env, trainer, 0)
+    assert "DDMD stage 1 (autoencoders)" in proc.output
+    ckpt = torch.load(model_folder(planned, trainer) / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["current_epoch"] == 3
+    out = tmp_path / "pred"
+    run([BIN / "nnUNetv2_predict", "-i", planned.raw / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
+         "-f", 0, "-tr", trainer, "-device", DEVICE, "-npp", "1", "-nps", "1", "--disable_progress_bar"], planned.env)
+    cases = sorted(f.name[: -len("_0000.nii.gz")] for f in (planned.raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert cases and len(list(out.glob("*.nii.gz"))) == len(cases)
+    assert_valid_label_maps(out, planned.raw / "imagesTs", cases)
