@@ -555,3 +555,23 @@ def test_a_checkpoint_with_another_number_of_synthesisers_loads_and_predicts_wit
     mine, theirs = one.state_dict(), three.state_dict()
     assert list(mine) == list(theirs)
     assert all(torch.equal(mine[k], theirs[k]) for k in mine if torch.is_tensor(mine[k]))
+
+
+def test_a_synthesiser_that_no_rank_trained_gets_no_adam_step():
+    """Under DDP a cross synthesiser that no rank chose this step has gradients of exactly zero (tied into the graph);
+    they are dropped, so Adam does not move it by its momentum. One that some rank trained keeps its gradients."""
+    from nnunet_diffusion.trainers.recoseg import drop_zero_gradients
+    trained, idle = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam([*trained.parameters(), *idle.parameters()], lr=0.1)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss = trained(torch.ones(1, 3)).sum() + (idle(torch.ones(1, 3)).sum() if step == 0 else
+                                                   0.0 * sum(p.sum() for p in idle.parameters()))
+        loss.backward()
+        before = [p.detach().clone() for p in idle.parameters()]
+        drop_zero_gradients([trained, idle])
+        assert all(p.grad is not None for p in trained.parameters())
+        assert all((p.grad is None) == (step == 1) for p in idle.parameters())
+        opt.step()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, idle.parameters()))
+        assert moved == (step == 0)  # step 1: zero gradients and momentum from step 0, yet no move

@@ -93,19 +93,24 @@ class DiffusionTrainer(ConfiguredTrainer):
         self._set_predict_sampling()
         super().perform_actual_validation(save_probabilities)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer, parameters, grad_clip: float) -> None:
+    def backward_and_step(self, loss: torch.Tensor, optimizer, parameters, grad_clip: float,
+                          before_step=None) -> None:
         """Backward, gradient-norm clipping of ``parameters`` and one step of ``optimizer``, through nnU-Net's
-        grad scaler when AMP is on (CUDA)."""
+        grad scaler when AMP is on (CUDA). ``before_step`` (no arguments) runs between clipping and the step."""
         parameters = list(parameters)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            if before_step is not None:
+                before_step()
             self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            if before_step is not None:
+                before_step()
             optimizer.step()
 
     def stop_on_non_finite(self, where: str, losses: dict, hint: str):

@@ -116,6 +116,17 @@ def with_extra_cases(base: type, extra_folder: str, extra_ids) -> type:
                 {"__init__": __init__, "load_case": load_case, "__module__": __name__})
 
 
+def drop_zero_gradients(modules) -> None:
+    """Set the gradients of every module whose gradients are all exactly zero to None, so Adam skips it. Under DDP
+    a cross synthesiser that no rank trained this step gets zeros (tied into the graph by ``_zero``), and Adam would
+    still move it by its momentum; alone, it has no gradient and Adam skips it anyway."""
+    for m in modules:
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        if grads and all(not torch.any(g) for g in grads):
+            for p in m.parameters():
+                p.grad = None
+
+
 class StagedLR:
     """Stage 1: the synthesiser's Adam at ``synthesis_lr`` (constant, paper §2.1), the segmenter's SGD at 0.
     Stage 2: SGD with nnU-Net's poly decay from ``initial_lr`` over stage 2, the synthesiser frozen."""
@@ -419,10 +430,13 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                 if len(keep) < data.shape[0]:
                     data = data[keep]
                 self.cross_steps[k] += 1
-            optimizer, params, clip = self.synthesis_optimizer, net.synthesizers()[k].parameters(), \
+            # every synthesiser's parameters: under DDP the others carry the other ranks' (averaged) gradients, and
+            # every rank must clip the same set so the replicas stay equal; alone, the others have no gradient
+            optimizer, params, clip = self.synthesis_optimizer, [p for m in net.synthesizers() for p in m.parameters()], \
                 float(self.hparams().synthesis_grad_clip)
+            before_step = (lambda: drop_zero_gradients(net.synthesizers())) if self.synthesis_splits > 1 else None
         else:
-            optimizer, params, clip = self.optimizer, net.segmenter.parameters(), 12.0
+            optimizer, params, clip, before_step = self.optimizer, net.segmenter.parameters(), 12.0, None
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             if stage == 1:
@@ -436,7 +450,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         if not torch.isfinite(loss):
             self.stop_on_non_finite(f"ReCoSeg stage {stage}", {"synthesis" if stage == 1 else "segmentation": loss},
                                     "e.g. lower synthesis_lr in trainer_configs/recoseg.toml, check the data")
-        self.backward_and_step(loss, optimizer, params, clip)
+        self.backward_and_step(loss, optimizer, params, clip, before_step)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
