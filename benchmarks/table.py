@@ -176,10 +176,11 @@ def apply_defaults(result: dict, configs: Path) -> list[str]:
                         f"segment in {result['budget_steps']} optimiser steps; its steps-accuracy curve says nothing "
                         "about the sampler a trained model needs")
             continue
-        if getattr(TRAINERS[trainer].hparams(), "residual_sampler", None) == "inference":
-            done.append(f"{path}: [defaults] kept: its training residual maps are drawn with the inference sampler "
-                        f"(residual_sampler = \"inference\"), so moving it would change what the segmenter trains on; "
-                        f"the measured settings are in table.json (chosen: {c['setting']}, {c['dice']:.1f})")
+        if "sampler" not in TRAINERS[trainer].predict_only():  # e.g. ReCoSeg's residual_sampler = "inference"
+            done.append(f"{path}: [defaults] kept: its sampler is a training key (ReCoSeg's residual_sampler = "
+                        f"\"inference\" draws the training residual maps with it), so moving it would change what "
+                        f"the model trains on; the measured settings are in table.json (chosen: {c['setting']}, "
+                        f"{c['dice']:.1f})")
             continue
         paper = [r for r in d["rows"] if "paper" in r.get("tags", [])]
         why = [f"shipped sampler, chosen by `make table` ({result['date']}; {result['budget_steps']} optimiser steps "

@@ -228,6 +228,11 @@ class ReCoSegSpec(DiffusionSpec):
     residual_sampler: str = key(choices=(*SAMPLERS, INFERENCE))
     residual_sampling_steps: int = key(min=1)
 
+    @property
+    def synthesizer_count(self) -> int:
+        """How many synthesisers stage 1 trains (and the network holds): ``synthesis_splits`` with "cross", else 1."""
+        return self.synthesis_splits if self.synthesis_cases == "cross" else 1
+
     def check(self) -> None:
         super().check()
         if self.residual_sampler != INFERENCE and self.residual_sampling_steps > self.num_train_timesteps:

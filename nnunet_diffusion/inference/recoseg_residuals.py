@@ -55,13 +55,15 @@ def residual_file(folder: os.PathLike, identifier: str) -> Path:
 SOURCE_FILE = "source.txt"  # in the residuals folder: the fingerprint of the synthesiser and sampler behind the maps
 
 
-def synthesis_fingerprint(synthesizer: torch.nn.Module, sampling) -> str:
-    """SHA-1 of the synthesiser's weights and the sampling options the residual maps are computed with: maps of
-    the same fingerprint are interchangeable, maps of another are not."""
+def synthesis_fingerprint(synthesizers: torch.nn.Module | Sequence[torch.nn.Module], sampling) -> str:
+    """SHA-1 of the synthesisers' weights (one module, or several in order: ReCoSeg's cross synthesisers) and the
+    sampling options the residual maps are computed with: maps of the same fingerprint are interchangeable, maps of
+    another are not."""
     h = hashlib.sha1(repr(sampling).encode())
-    for name, tensor in sorted(synthesizer.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for synthesizer in [synthesizers] if isinstance(synthesizers, torch.nn.Module) else synthesizers:
+        for name, tensor in sorted(synthesizer.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

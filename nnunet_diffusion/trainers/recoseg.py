@@ -173,7 +173,7 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
                                     f"synthesiser on unlabelled images only; name their folder with "
                                     f"{UNLABELLED_ENV} or unlabelled_folder")
         self.residual_sampling()  # a bad residual_sampler / residual_sampling_steps stops here, not after stage 1
-        self.synthesis_splits = int(hp.synthesis_splits) if self.synthesis_cases == "cross" else 1
+        self.synthesis_splits = hp.synthesizer_count
         self.cross_steps = [0] * self.synthesis_splits  # stage-1 optimiser steps of each synthesiser
         self._chunks: dict[str, int] | None = None
         self.synthesis_optimizer = None
@@ -199,9 +199,8 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         dim = len(configuration_manager.patch_size)
         strides = [tuple(s) for s in configuration_manager.pool_op_kernel_sizes[1:]]
         channels = list(hp.synthesis_channels)[:len(strides) + 1]
-        splits = int(hp.synthesis_splits) if hp.synthesis_cases == "cross" else 1
         synthesizer, *cross = [TimeConditionedUNet(dim, num_input_channels, 1, channels, strides[:len(channels) - 1],
-                                                   int(hp.synthesis_res_blocks)) for _ in range(splits)]
+                                                   int(hp.synthesis_res_blocks)) for _ in range(hp.synthesizer_count)]
         schedule = cls.schedule()
         clip = float(hp.synthesis_clip) or None
         return ReCoSegNetwork(synthesizer, segmenter, schedule, cls.predict_sampling(schedule.num_train_timesteps),
@@ -359,10 +358,8 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
         opts = self.residual_sampling()
         chunks = self.cross_chunks()
         if self.local_rank == 0:
-            synthesizers = net.synthesizers()
             stale = recoseg_residuals.discard_other_residuals(
-                self.residual_folder, recoseg_residuals.synthesis_fingerprint(
-                    synthesizers[0] if len(synthesizers) == 1 else torch.nn.ModuleList(synthesizers), opts))
+                self.residual_folder, recoseg_residuals.synthesis_fingerprint(net.synthesizers(), opts))
             if stale:
                 self.print_to_log_file(f"ReCoSeg: {stale} residual map(s) of another synthesiser or sampler deleted")
         if self.is_ddp:
