@@ -48,7 +48,8 @@ class Spec:
     STAGE_KEYS: ClassVar[tuple] = ("num_epochs",)
     """The keys whose epochs add up to the head's whole schedule (its optimiser budget is their sum x
     ``num_iterations_per_epoch``)."""
-    PREDICT_ONLY: ClassVar[frozenset] = frozenset({"num_val_iterations_per_epoch", "save_every", "keep_snapshots"})
+    PREDICT_ONLY: ClassVar[frozenset] = frozenset({"num_val_iterations_per_epoch", "save_every", "keep_snapshots",
+                                                   "resume_every"})
     """Keys that change only prediction, online validation or bookkeeping, never the trained weights: a training
     resumed (``--c``) after one of them changed is still one training."""
 
@@ -56,7 +57,11 @@ class Spec:
     num_iterations_per_epoch: int = key(min=1)
     num_val_iterations_per_epoch: int = key(min=0)
     save_every: int = key(min=1)
-    keep_snapshots: bool = key(default=False, doc="keep every checkpoint_latest.pth as checkpoint_ep<E>.pth")
+    keep_snapshots: bool = key(default=False, doc="keep the checkpoint_latest.pth of every save_every epochs as "
+                               "checkpoint_ep<E>.pth")
+    resume_every: Optional[int] = key(default=None, min=1, doc="write checkpoint_latest.pth (the point --c resumes "
+                                      "from) every this many epochs, more often than save_every; snapshots "
+                                      "(keep_snapshots) stay at save_every (unset: save_every, nnU-Net's rule)")
     # nnU-Net's own optimiser knobs: unset keeps nnUNetTrainer's value
     initial_lr: Optional[float] = key(default=None, min=0, min_open=True)
     weight_decay: Optional[float] = key(default=None, min=0)

@@ -1,6 +1,7 @@
 """benchmarks/table.py's machinery on small made-up inputs: budget accounting, bootstrap interval, paired test and
 verdict, the default-choosing rule and resume. Expected values are worked out by hand in the comments."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,44 @@ def test_table_state_resumes_from_what_was_recorded(tmp_path):
     again = table.TableState(path)
     assert again.done("train nnUNetTrainer_table") and again.get("train nnUNetTrainer_table")["steps"] == 60
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temporary file left behind
+
+
+def test_resume_every_writes_checkpoint_latest_between_the_snapshots(nnunet_paths, monkeypatch):
+    """A variant with save_every = 4, resume_every = 2 and keep_snapshots: nnU-Net's own rule (its save_every
+    attribute) writes checkpoint_latest.pth every 2 epochs, and only the one after 4 epochs is also kept as
+    checkpoint_ep0004.pth, the snapshot a steps-accuracy curve measures."""
+    from dataclasses import replace
+
+    from conftest import make_trainer
+    from nnunet_diffusion import nnunet_compat
+    from nnunet_diffusion.trainers import TRAINERS
+    base = TRAINERS["nnUNetTrainer_tiny"]
+
+    class nnUNetTrainer_resumeprobe(base):
+        @classmethod
+        def hparams(cls):
+            return replace(base.hparams(), save_every=4, resume_every=2, keep_snapshots=True)
+
+    t = make_trainer(nnunet_paths, nnUNetTrainer_resumeprobe, 0)
+    assert t.save_every == 2
+    written = []
+    monkeypatch.setattr(nnunet_compat, "checkpoint_dict", lambda trainer: {})  # which files, not their contents
+    monkeypatch.setattr(type(t), "_save_atomic", staticmethod(lambda ckpt, f: written.append(Path(f).name)))
+    for done in range(1, 9):
+        t.current_epoch = done - 1  # nnU-Net saves inside on_epoch_end, before it counts the epoch
+        if done % t.save_every == 0:
+            t.save_checkpoint(str(Path(t.output_folder) / "checkpoint_latest.pth"))
+    assert written == ["checkpoint_latest.pth", "checkpoint_latest.pth", "checkpoint_ep0004.pth",
+                       "checkpoint_latest.pth", "checkpoint_latest.pth", "checkpoint_ep0008.pth"]
+
+
+def test_resume_every_is_bookkeeping_and_range_checked():
+    from nnunet_diffusion import config
+    from nnunet_diffusion.spec import SpecError
+    hp = config.spec("nnunet", "table")
+    assert "resume_every" in hp.PREDICT_ONLY  # a resumed training may change it and stay one training
+    with pytest.raises(SpecError, match="resume_every"):
+        type(hp)(**{**hp.as_dict(), "resume_every": 0})
 
 
 @pytest.mark.e2e

@@ -46,6 +46,8 @@ class ConfiguredTrainer(nnUNetTrainer):
         for key in config.TRAINING_KEYS:
             if getattr(hp, key, None) is not None:
                 setattr(self, key, getattr(hp, key))
+        if hp.resume_every:  # nnU-Net's save_every is when checkpoint_latest.pth is written; snapshots keep hp's
+            self.save_every = min(self.save_every, hp.resume_every)
         self.print_to_log_file(f"{self.__class__.__name__}: trainer config {hp.source}: {hp.as_dict()}",
                                also_print_to_console=False)
 
@@ -78,8 +80,9 @@ class ConfiguredTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint dict (same keys, so nnUNetv2_predict and --c read it) plus our state,
         written to a temporary file and renamed into place: an interrupted save never leaves a broken
-        checkpoint behind. With ``keep_snapshots`` (trainer_configs) every checkpoint_latest.pth is also kept
-        as checkpoint_ep<E>.pth (E = epochs done), which nnU-Net's predictor loads by name (``-chk``)."""
+        checkpoint behind. With ``keep_snapshots`` (trainer_configs) the checkpoint_latest.pth of every ``save_every``
+        epochs is also kept as checkpoint_ep<E>.pth (E = epochs done), which nnU-Net's predictor loads by name
+        (``-chk``); ``resume_every`` writes checkpoint_latest.pth in between, without a snapshot."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -92,9 +95,16 @@ class ConfiguredTrainer(nnUNetTrainer):
             "early_stop": self.early_stop,  # why a training ended before num_epochs (None: it did not)
         }
         self._save_atomic(checkpoint, filename)
-        if self.hparams().keep_snapshots and os.path.basename(filename) == "checkpoint_latest.pth":
+        if self.hparams().keep_snapshots and os.path.basename(filename) == "checkpoint_latest.pth" \
+                and self.snapshot_due(self.current_epoch + 1):
             self._save_atomic(checkpoint, os.path.join(os.path.dirname(filename),
                                                        f"checkpoint_ep{self.current_epoch + 1:04d}.pth"))
+
+    def snapshot_due(self, epochs_done: int) -> bool:
+        """Whether the checkpoint_latest.pth written after ``epochs_done`` epochs is also kept as a snapshot
+        (``keep_snapshots``): every ``save_every`` epochs, not at the ``resume_every`` writes in between. A head
+        with a checkpoint of its own between them (ReCoSeg's end of synthesis) adds it."""
+        return epochs_done % self.hparams().save_every == 0
 
     @staticmethod
     def _save_atomic(checkpoint: dict, filename: str) -> None:

@@ -486,6 +486,9 @@ class nnUNetTrainerReCoSeg(DiffusionTrainer):
             nnunet_compat.save_checkpoint_after_epoch_end(self, join(self.output_folder, "checkpoint_latest.pth"))
 
     # ------------------------------------------------------------------ checkpoints
+    def snapshot_due(self, epochs_done: int) -> bool:
+        return super().snapshot_due(epochs_done) or epochs_done == self.stage_epochs[0]  # the synthesis stage's end
+
     def extra_checkpoint_state(self) -> dict:
         return {"recoseg_stage_epochs": list(self.stage_epochs), "recoseg_target_channel": self.target_channel,
                 "synthesis_optimizer_state": self.synthesis_optimizer.state_dict(),
