@@ -242,6 +242,44 @@ def not_learned_sentence(result: dict) -> str:
             "measured setting, not a default: its trainer config keeps the sampler of its [defaults].")
 
 
+def config_changes(trainer: str, recorded: dict) -> list[str]:
+    """How today's trainer_configs/ differ from ``recorded``, the trainer config ``trainer``'s model trained under
+    (its checkpoint's "trainer_config"): "key old -> new" for each training key (predict-only keys, which the table
+    sets per row, left out), "key (added since) = new" for a key the model predates. [] when it would train the same."""
+    from nnunet_diffusion.trainers import TRAINERS
+    cls = TRAINERS.get(trainer)
+    if cls is None:
+        return ["(no such trainer today)"]
+    now, skip = cls.hparams().as_dict(), cls.predict_only()
+    keys = [k for k in cls.hparams().keys() if k not in skip]
+    out = []
+    for k in keys:
+        if k not in recorded:
+            if k in now:
+                out.append(f"{k} (added since) = {now[k]!r}")
+        elif recorded[k] != now.get(k):
+            out.append(f"{k} {recorded[k]!r} -> {now.get(k, '(unset)')!r}")
+    return out
+
+
+def config_sentence(result: dict) -> str:
+    """Whether the table's models trained under today's trainer_configs/ ("" when every one did): a table.json that
+    records no configs (a run before they were recorded), or the trainers whose config changed since, with the keys."""
+    recorded = result.get("trainer_configs")
+    if recorded is None:
+        return ("This table.json does not record the trainer configs its models trained under (a run before they "
+                "were recorded): trainer_configs/ may have changed since, and `make table` measures today's.")
+    parts = []
+    for trainer, cfg in sorted(recorded.items()):
+        changes = ["(its checkpoint records no config)"] if cfg is None else config_changes(trainer, cfg)
+        if changes:
+            parts.append(f"{trainer}: {'; '.join(changes)}")
+    if not parts:
+        return ""
+    return ("Trained under other settings than today's trainer_configs/ (its row is the earlier config's; `make "
+            f"table` measures today's): {'. '.join(parts)}.")
+
+
 def markdown(result: dict) -> str:
     """The table of ``table.json``: one row per trainer and setting, Dice (%) and HD95 (mm) per region as mean
     [95 % bootstrap interval], the paired test against stock per region, prediction seconds per case and x stock,
@@ -503,7 +541,9 @@ def section(result: dict, png_name: str) -> list[str]:
            + " points: a region still rising by more than a point is not fully plateaued, and the heads' rows are "
            "as far from their own plateaus as their curves show."))]
     footnote = not_learned_sentence(result)
-    return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *budget,
+    drift = config_sentence(result)
+    return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *([para(drift)] if drift else []),
+            *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
                  "paired Wilcoxon signed-rank test of Dice per case (better/worse only where p < 0.05 and the interval "
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
@@ -1031,9 +1071,21 @@ class TableRun:
                 "validation_stock_seconds": self.state.get(
                     f"curve {self.heads[0][1]}_{self.args.variant} checkpoint_final.pth")["seconds_per_case"],
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
-                "rows": rows, "refiner": self.refiner_result(),
+                "rows": rows, "refiner": self.refiner_result(), "trainer_configs": self.trainer_configs(),
                 "uncertainty": table_uncertainty.uncertainty_result(self),
                 "ensembles": table_uncertainty.ensemble_result(self)}
+
+    def trainer_configs(self) -> dict:
+        """{trainer: the trainer config its fold-0 model trained under (checkpoint_final.pth's "trainer_config")}
+        for every trainer the run trained, so the documentation can say when trainer_configs/ changed since."""
+        import torch
+        out = {}
+        for folder in sorted((self.workdir / "nnUNet_results" / self.dataset).glob("*__nnUNetPlans__3d_fullres")):
+            final = folder / "fold_0" / "checkpoint_final.pth"
+            if final.is_file():
+                cfg = torch.load(final, map_location="cpu", weights_only=False).get("trainer_config")
+                out[folder.name.split("__")[0]] = cfg
+        return out
 
     def write(self) -> None:
         from nnunet_diffusion.atomic import write_text_atomic

@@ -686,3 +686,32 @@ def test_apply_defaults_prefers_the_model_trained_to_its_plateau_when_it_learned
     done = table.apply_defaults(result, tmp_path)
     assert done == [f"{tmp_path / 'medsegdiff.toml'}: [defaults] sampler ddim 25 steps x 1 samples"]
     assert "sampling_steps = 25" in (tmp_path / "medsegdiff.toml").read_text()
+
+
+def test_config_changes_name_the_training_keys_that_differ_from_today(monkeypatch):
+    """A model trained with 100 epochs where today's nnUNetTrainer_table has 200, and before initial_lr was recorded;
+    a different save_every (bookkeeping, predict-only) is not a change."""
+    from nnunet_diffusion import config
+    now = config.spec("nnunet", "table").as_dict()
+    assert table.config_changes("nnUNetTrainer_table", dict(now)) == []
+    old = dict(now, num_epochs=100, save_every=7)
+    assert table.config_changes("nnUNetTrainer_table", old) == ["num_epochs 100 -> 200"]
+    import dataclasses
+
+    from nnunet_diffusion.trainers import TRAINERS
+    spec = dataclasses.replace(config.spec("nnunet", "table"), initial_lr=0.01)  # today's sets a key the model predates
+    monkeypatch.setattr(TRAINERS["nnUNetTrainer_table"], "hparams", classmethod(lambda c: spec))
+    assert table.config_changes("nnUNetTrainer_table", now) == ["initial_lr (added since) = 0.01"]
+    assert table.config_changes("nnUNetTrainer_table", dict(now, initial_lr=0.01)) == []
+    assert table.config_changes("nnUNetTrainerGone_table", now) == ["(no such trainer today)"]
+
+
+def test_config_sentence_says_when_the_table_predates_todays_configs():
+    from nnunet_diffusion import config
+    now = config.spec("nnunet", "table").as_dict()
+    assert "does not record the trainer configs" in table.config_sentence({})
+    assert table.config_sentence({"trainer_configs": {"nnUNetTrainer_table": now}}) == ""
+    s = table.config_sentence({"trainer_configs": {"nnUNetTrainer_table": dict(now, num_epochs=100),
+                                                   "nnUNetTrainerNNDM_table": None}})
+    assert "nnUNetTrainer_table: num_epochs 100 -> 200" in s
+    assert "nnUNetTrainerNNDM_table: (its checkpoint records no config)" in s
