@@ -280,6 +280,30 @@ def config_sentence(result: dict) -> str:
             f"table` measures today's): {'. '.join(parts)}.")
 
 
+BUSY_MARK = " ‡"
+BUSY_LOAD = 1.5
+"""A training whose load average at its end (1, 5 or 15 min) exceeded this x the machine's cores ran beside other
+work: the training itself keeps about one core per process busy (nnU-Net's and its augmentation worker's, load ~2 on
+2 cores), so more means something else shared the CPU and its wall time overstates a quiet run's."""
+
+
+def busy(result: dict, b: dict) -> bool:
+    """Did the training recorded as ``b`` (a budget record with "load_average_after") end beside other work?"""
+    cores = result.get("cpu_count") or 2
+    return max(b.get("load_average_after") or [0]) > BUSY_LOAD * cores
+
+
+def busy_sentence(result: dict) -> str:
+    """The footnote of the wall times marked :data:`BUSY_MARK` ("" when none is)."""
+    parts = [f"{t} ({' / '.join(f'{x:g}' for x in b['load_average_after'])})"
+             for t, b in sorted(result.get("budget", {}).items()) if busy(result, b)]
+    if not parts:
+        return ""
+    return (f"{BUSY_MARK.strip()} trained beside other work: its load average (1 / 5 / 15 min) at its end exceeded "
+            f"{BUSY_LOAD:g} x the {result.get('cpu_count') or 2} cores, so its wall time overstates a quiet run's "
+            f"(the optimiser steps, and so the accuracy, are unaffected): {'; '.join(parts)}.")
+
+
 def markdown(result: dict) -> str:
     """The table of ``table.json``: one row per trainer and setting, Dice (%) and HD95 (mm) per region as mean
     [95 % bootstrap interval], the paired test against stock per region, prediction seconds per case and x stock,
@@ -295,7 +319,8 @@ def markdown(result: dict) -> str:
         mark = NOT_LEARNED_MARK if not_learned(result, row["trainer"]) else ""
         steps = str(b["steps"]) + (f" of {b['cap_steps']} ({b['early_stop']['reason'].split(':')[0]})"
                                    if b.get("early_stop") else f" of {b['cap_steps']} (cap)" if "cap_steps" in b else "")
-        cells = [row["trainer"] + mark, row["setting"], steps, f"{b['seconds'] / 60:.0f} min"]
+        cells = [row["trainer"] + mark, row["setting"], steps,
+                 f"{b['seconds'] / 60:.0f} min" + (BUSY_MARK if busy(result, b) else "")]
         cells += [_ci(row["dice"][r], 100) for r in regions] + [_ci(row["hd95"][r]) for r in regions]
         if row.get("against_stock"):
             cells.append("; ".join(f"{r}: {c['verdict']} ({100 * c['mean_difference']:+.1f}, {p_text(c['p_value'])})"
@@ -541,7 +566,7 @@ def section(result: dict, png_name: str) -> list[str]:
            + " points: a region still rising by more than a point is not fully plateaued, and the heads' rows are "
            "as far from their own plateaus as their curves show."))]
     footnote = not_learned_sentence(result)
-    drift = config_sentence(result)
+    drift, loaded = config_sentence(result), busy_sentence(result)
     return [para(summary_sentence(result)), para(f"Taken {provenance_line(result)}."), *([para(drift)] if drift else []),
             *budget,
             para("Dice and HD95: mean over the held-out cases [95 % percentile bootstrap interval]; against stock: the "
@@ -549,7 +574,7 @@ def section(result: dict, png_name: str) -> list[str]:
                  "of the difference excludes 0), the mean difference in Dice points. s / case: nnU-Net's "
                  "predict_single_npy_array per case (preprocessing, sliding window with mirroring, export; reading "
                  f"the files excluded), {timing_runs(result)}."),
-            markdown(result), *([para(footnote)] if footnote else []),
+            markdown(result), *([para(footnote)] if footnote else []), *([para(loaded)] if loaded else []),
             *([para(X0_NOTE)] if any(r.get("kind") == "x0" for r in result["rows"]) else []),
             *([para(PLATEAU_NOTE)] if any(r.get("kind") == "plateau" for r in result["rows"]) else []),
             *([para(INSAMPLE_NOTE)] if any(r.get("kind") == "in-sample" for r in result["rows"]) else []),
@@ -580,7 +605,8 @@ STOCK_LONGER = "table_refiner"  # trainer_configs/nnunet.toml: the table's stock
 
 def refiner_markdown(section: dict | None) -> str:
     """The refiner section's table: one row per trainer and setting, Dice (and lesion-wise Dice) per region as mean
-    [95 % interval], the paired test against stock fold 0, HD95's verdict, steps and s / case."""
+    [95 % interval], the paired test against stock fold 0, HD95's verdict, steps and wall time (a training beside
+    other work marked, :func:`busy`), s / case."""
     if not section:
         return "(the refiner section has not been measured yet)"
     regions = section["regions"]
@@ -592,6 +618,8 @@ def refiner_markdown(section: dict | None) -> str:
         t = row.get("training") or {}
         steps = (f"{t['refiner_steps']} refiner steps on stock's {t['steps'] - t['refiner_steps']}"
                  if "refiner_steps" in t else f"{t.get('steps', '?')} steps")
+        if "seconds" in t:  # the refiner's own wall time (stock's apart); a stock row's whole training
+            steps += f", {t['seconds'] / 60:.0f} min" + (BUSY_MARK if busy(section, t) else "")
         cells = [row["trainer"], row["setting"], steps]
         cells += [_ci(row["dice"][r], 100) for r in regions]
         cells += [_ci(row["lesionwise_dice"][r], 100) if "lesionwise_dice" in row else "-" for r in regions]
@@ -600,6 +628,12 @@ def refiner_markdown(section: dict | None) -> str:
                                for r, c in row["against_stock"].items()) or "(the reference)")
         cells += [f"{row['seconds_per_case']:.2f}", f"{row['seconds_per_case'] / stock_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    loaded = [f"{r['trainer']} ({' / '.join(f'{x:g}' for x in r['training']['load_average_after'])})"
+              for r in section["rows"] if r.get("training") and busy(section, r["training"])]
+    if loaded:
+        lines += ["", f"{BUSY_MARK.strip()} trained beside other work (load average 1 / 5 / 15 min at its end above "
+                  f"{BUSY_LOAD:g} x {section.get('cpu_count') or 2} cores): its wall time overstates a quiet run's: "
+                  + "; ".join(dict.fromkeys(loaded)) + "."]
     return "\n".join(lines)
 
 
@@ -1038,7 +1072,7 @@ class TableRun:
                                                  "interval": bootstrap_interval(v) if v else (math.nan, math.nan),
                                                  "cases": len(v)}
             rows.append(row)
-        return {"regions": regions, "cases": stock["cases"], "rows": rows}
+        return {"regions": regions, "cases": stock["cases"], "rows": rows, "cpu_count": os.cpu_count()}
 
     # -------------------------------------------------------------- output
     def result(self) -> dict:
@@ -1072,6 +1106,7 @@ class TableRun:
                     f"curve {self.heads[0][1]}_{self.args.variant} checkpoint_final.pth")["seconds_per_case"],
                 "defaults": {k[len("default "):]: v for k, v in self.state.records.items() if k.startswith("default ")},
                 "rows": rows, "refiner": self.refiner_result(), "trainer_configs": self.trainer_configs(),
+                "cpu_count": os.cpu_count(),
                 "uncertainty": table_uncertainty.uncertainty_result(self),
                 "ensembles": table_uncertainty.ensemble_result(self)}
 

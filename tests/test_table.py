@@ -1,6 +1,7 @@
 """benchmarks/table.py's machinery on small made-up inputs: budget accounting, bootstrap interval, paired test and
 verdict, the default-choosing rule and resume. Expected values are worked out by hand in the comments."""
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -597,7 +598,7 @@ def test_refiner_section_scores_every_row_against_stock_fold_0(tmp_path):
         return r
     records = {"heldout nnUNetTrainer_table stock": rec("nnUNetTrainer_table", "stock", stock, stock),
                "heldout nnUNetTrainer_table_refiner stock": rec("nnUNetTrainer_table_refiner", "stock", stock),
-               "train nnUNetTrainer_table": {"steps": 2000, "seconds": 100.0}}
+               "train nnUNetTrainer_table": {"steps": 2000, "seconds": 600.0, "load_average_after": [5.4, 5.2, 4.6]}}
     for variant in table.REFINERS.values():
         t = f"nnUNetTrainerNNDM_{variant}"
         # refined: every case 2 points higher than stock (a paired test must call it better); off: stock itself
@@ -605,7 +606,8 @@ def test_refiner_section_scores_every_row_against_stock_fold_0(tmp_path):
         records[f"heldout {t} refined (shipped sampler)"] = rec(t, "refined (shipped sampler)",
                                                                [v + 0.02 for v in stock],
                                                                [math.nan] + [v + 0.02 for v in stock[1:]])
-        records[f"train refiner {t}"] = {"refiner_steps": 520, "steps": 2520, "seconds": 30.0}
+        records[f"train refiner {t}"] = {"refiner_steps": 520, "steps": 2520, "seconds": 750.0,
+                                         "load_average_after": [2.3, 2.3, 2.3]}
     run = _refiner_run(tmp_path, records)
     section = run.refiner_result()
     rows = {(r["trainer"], r["setting"]): r for r in section["rows"]}
@@ -618,9 +620,27 @@ def test_refiner_section_scores_every_row_against_stock_fold_0(tmp_path):
     off = rows[("nnUNetTrainerNNDM_refiner_oof", "refinement off (its backbone)")]
     assert off["against_stock"]["ET"]["verdict"] == "no significant difference"  # identical: p = 1
     assert refined["per_case"]["dice"]["ET"][0] == stock[0] + 0.02  # per-case scores kept for recomputation
-    text = table.refiner_markdown(section)
-    assert "520 refiner steps on stock's 2000" in text and "| nnUNetTrainerNNDM_refiner_oof | refined" in text
+    assert section["cpu_count"] == os.cpu_count()
+    text = table.refiner_markdown(dict(section, cpu_count=2))
+    assert "520 refiner steps on stock's 2000, 12 min |" in text  # 750 s, the refiner's own
+    assert "| nnUNetTrainerNNDM_refiner_oof | refined" in text
+    # stock's load 5.4 at its end on 2 cores: beside other work, marked; the refiners' 2.3 is not
+    assert "2000 steps, 10 min ‡ |" in text and "‡ trained beside other work" in text
+    assert "nnUNetTrainer_table (5.4 / 5.2 / 4.6)." in text
     assert "ET: better (+2.0, p=" in text and "| 2.00 | 2.00 |" in text
+
+
+def test_a_training_that_ended_beside_other_work_is_marked():
+    """On 2 cores a training alone keeps the load near 2; 1.5 x 2 = 3 is the line. A load of 3.3 at its end (15 min)
+    is over it, 2.6 is not; a record without load averages (an older run) is never marked."""
+    result = {"cpu_count": 2, "budget": {"a": {"load_average_after": [2.2, 2.8, 3.3]},
+                                         "b": {"load_average_after": [2.2, 2.3, 2.6]}, "c": {}}}
+    assert table.busy(result, result["budget"]["a"]) and not table.busy(result, result["budget"]["b"])
+    assert not table.busy(result, result["budget"]["c"])
+    assert not table.busy(dict(result, cpu_count=4), result["budget"]["a"])  # 3.3 < 1.5 x 4
+    text = table.busy_sentence(result)
+    assert "a (2.2 / 2.8 / 3.3)" in text and "b (" not in text
+    assert table.busy_sentence({"cpu_count": 2, "budget": {"b": result["budget"]["b"]}}) == ""
 
 
 def test_refiner_section_is_absent_until_every_row_is_measured(tmp_path):
