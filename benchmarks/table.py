@@ -246,20 +246,16 @@ def config_changes(trainer: str, recorded: dict) -> list[str]:
     """How today's trainer_configs/ differ from ``recorded``, the trainer config ``trainer``'s model trained under
     (its checkpoint's "trainer_config"): "key old -> new" for each training key (predict-only keys, which the table
     sets per row, left out), "key (added since) = new" for a key the model predates. [] when it would train the same."""
+    from nnunet_diffusion.spec import config_differences
     from nnunet_diffusion.trainers import TRAINERS
     cls = TRAINERS.get(trainer)
     if cls is None:
         return ["(no such trainer today)"]
-    now, skip = cls.hparams().as_dict(), cls.predict_only()
-    keys = [k for k in cls.hparams().keys() if k not in skip]
-    out = []
-    for k in keys:
-        if k not in recorded:
-            if k in now:
-                out.append(f"{k} (added since) = {now[k]!r}")
-        elif recorded[k] != now.get(k):
-            out.append(f"{k} {recorded[k]!r} -> {now.get(k, '(unset)')!r}")
-    return out
+    hp = cls.hparams()
+    keys = set(hp.keys())  # what a checkpoint records beyond its spec (e.g. NNDM's residual_source_used) left out
+    new, changed = config_differences({k: v for k, v in recorded.items() if k in keys}, hp.as_dict(),
+                                      cls.predict_only())
+    return changed + [f"{k} (added since) = {hp.as_dict()[k]!r}" for k in new]
 
 
 def config_sentence(result: dict) -> str:
@@ -293,10 +289,12 @@ def busy(result: dict, b: dict) -> bool:
     return max(b.get("load_average_after") or [0]) > BUSY_LOAD * cores
 
 
-def busy_sentence(result: dict) -> str:
-    """The footnote of the wall times marked :data:`BUSY_MARK` ("" when none is)."""
+def busy_sentence(result: dict, trainings: dict | None = None) -> str:
+    """The footnote of the wall times marked :data:`BUSY_MARK` ("" when none is): ``trainings`` ({trainer: budget
+    record}, default the equal-budget table's ``result["budget"]``) that :func:`busy` finds, with their loads."""
+    trainings = result.get("budget", {}) if trainings is None else trainings
     parts = [f"{t} ({' / '.join(f'{x:g}' for x in b['load_average_after'])})"
-             for t, b in sorted(result.get("budget", {}).items()) if busy(result, b)]
+             for t, b in sorted(trainings.items()) if busy(result, b)]
     if not parts:
         return ""
     return (f"{BUSY_MARK.strip()} trained beside other work: its load average (1 / 5 / 15 min) at its end exceeded "
@@ -628,13 +626,8 @@ def refiner_markdown(section: dict | None) -> str:
                                for r, c in row["against_stock"].items()) or "(the reference)")
         cells += [f"{row['seconds_per_case']:.2f}", f"{row['seconds_per_case'] / stock_s:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    loaded = [f"{r['trainer']} ({' / '.join(f'{x:g}' for x in r['training']['load_average_after'])})"
-              for r in section["rows"] if r.get("training") and busy(section, r["training"])]
-    if loaded:
-        lines += ["", f"{BUSY_MARK.strip()} trained beside other work (load average 1 / 5 / 15 min at its end above "
-                  f"{BUSY_LOAD:g} x {section.get('cpu_count') or 2} cores): its wall time overstates a quiet run's: "
-                  + "; ".join(dict.fromkeys(loaded)) + "."]
-    return "\n".join(lines)
+    loaded = busy_sentence(section, {r["trainer"]: r["training"] for r in section["rows"] if r.get("training")})
+    return "\n".join(lines + (["", loaded] if loaded else []))
 
 
 DATASET_ID = 503

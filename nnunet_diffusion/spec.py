@@ -40,6 +40,15 @@ def key(*, default=dataclasses.MISSING, min=None, max=None, min_open: bool = Fal
     return field(default=default, metadata=meta)
 
 
+def config_differences(theirs: dict, ours: dict, ignore: frozenset) -> tuple[list[str], list[str]]:
+    """How trainer config ``ours`` differs from ``theirs`` (a checkpoint's recorded one), ``ignore``'s keys apart:
+    the keys ``theirs`` predates (sorted), and "key old -> new" for each key of ``theirs`` whose value differs."""
+    new = sorted(set(ours) - set(theirs) - ignore)
+    changed = [f"{k} {theirs[k]!r} -> {ours.get(k, '(unset)')!r}"
+               for k in sorted(set(theirs) - ignore) if theirs[k] != ours.get(k)]
+    return new, changed
+
+
 @dataclass(frozen=True, kw_only=True)
 class Spec:
     """nnU-Net's training-length knobs, which every trainer of the package has. ``source`` names the TOML file and

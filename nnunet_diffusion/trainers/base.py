@@ -10,7 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .. import config, nnunet_compat
 from ..errors import NNDiffCheckpointError
-from ..spec import Spec, description
+from ..spec import Spec, config_differences, description
 from .early_stop import StopRule, StopTraining, stop_reason
 
 
@@ -150,12 +150,10 @@ class ConfiguredTrainer(nnUNetTrainer):
                                    "nnunet_diffusion): resuming without comparing configs")
             return
         ours = self.recorded_config()
-        new = sorted(set(ours) - set(theirs) - self.predict_only_keys)
+        new, changed = config_differences(theirs, ours, self.predict_only_keys)
         if new:
             self.print_to_log_file(f"{filename} predates the trainer config key(s) {new}: resuming with their values "
                                    f"{[ours[k] for k in new]}")
-        changed = [f"{k} {theirs[k]!r} -> {ours.get(k, '(unset)')!r}"
-                   for k in sorted(set(theirs) - self.predict_only_keys) if theirs[k] != ours.get(k)]
         if changed:
             raise NNDiffCheckpointError(
                 f"{filename} was written under another {self.head} trainer config ({'; '.join(changed)}): resuming "
