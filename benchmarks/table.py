@@ -707,8 +707,17 @@ def main(argv=None) -> int:
         raise SystemExit(str(e)) from None
     run.prepare()
     stock = f"{HEADS[0][1]}_{args.variant}"
-    for fold in range(5):  # stock nnU-Net's 5-fold CV: fold 0 is the reference row, all five feed the refiner
-        run.train("nnunet", stock, fold)
+    run.train("nnunet", stock, 0)  # stock's fold 0: the reference row of every section
+    if not (args.stock_folds_only or args.refiner == "only"):
+        # the heads before stock's folds 1-4 (which only the refiner section needs): the rows no earlier run
+        # measured come first, so a run cut off for good (its machine lost) has measured the most it could
+        for head, cls in heads:
+            run.train(head, f"{cls}_{args.variant}")
+        for head, cls, variant, kind in run.extra_trainings():  # issue 33: own plateau, x0
+            run.train(head, f"{cls}_{variant}", variant=variant, plateau=kind == "plateau")
+    if args.stock_folds_only or args.refiner != "off":
+        for fold in range(1, 5):  # stock nnU-Net's 5-fold CV: all five feed the refiner's out-of-fold residuals
+            run.train("nnunet", stock, fold)
     if args.stock_folds_only:
         print(f"[table] --stock-folds-only: {stock}'s five folds are trained", flush=True)
         return 0
@@ -718,10 +727,6 @@ def main(argv=None) -> int:
         if args.refiner == "only":
             print(refiner_markdown(run.refiner_result()))
             return 0
-    for head, cls in heads:
-        run.train(head, f"{cls}_{args.variant}")
-    for head, cls, variant, kind in run.extra_trainings():  # issue 33: own plateau, x0
-        run.train(head, f"{cls}_{variant}", variant=variant, plateau=kind == "plateau")
     table_uncertainty.train_second_stock(run)  # issue 34: the two-stock ensemble's second model
     for head, cls in heads:
         run.curve(head, f"{cls}_{args.variant}")

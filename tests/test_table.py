@@ -735,3 +735,63 @@ def test_config_sentence_says_when_the_table_predates_todays_configs():
                                                    "nnUNetTrainerNNDM_table": None}})
     assert "nnUNetTrainer_table: num_epochs 100 -> 200" in s
     assert "nnUNetTrainerNNDM_table: (its checkpoint records no config)" in s
+
+
+class _OrderRecorder:
+    """A TableRun that records which trainings main() asks for, in order, and trains nothing."""
+    calls: list = []
+
+    def __init__(self, args, heads, budget):
+        self.heads = heads
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def train(self, head, trainer, fold=0, **kw):
+        _OrderRecorder.calls.append((trainer, fold))
+
+    def extra_trainings(self):
+        return [("medsegdiff", "nnUNetTrainerMedSegDiff", "table_plateau", "plateau")]
+
+    def refiner_trainings(self):
+        _OrderRecorder.calls.append(("refiners", None))
+
+    def refiner_result(self):
+        return None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], ["stock 0", "heads", "stock 1-4", "refiners"]),
+    (["--refiner", "off"], ["stock 0", "heads"]),
+    (["--refiner", "only"], ["stock 0", "stock 1-4", "refiners"]),
+    (["--stock-folds-only"], ["stock 0", "stock 1-4"]),
+])
+def test_the_table_trains_stock_fold_0_then_the_heads_before_the_folds_only_the_refiner_needs(monkeypatch, argv,
+                                                                                                  expected):
+    monkeypatch.setattr(table, "TableRun", _OrderRecorder)
+    monkeypatch.setattr(table, "planned_budget", lambda *a: 2000)
+    monkeypatch.setattr(table, "refiner_markdown", lambda section: "")
+    monkeypatch.setattr(table.table_uncertainty, "train_second_stock", lambda run: None)
+    monkeypatch.setattr(table.table_uncertainty, "measure", lambda run: None)
+    _OrderRecorder.calls = []
+    assert table.main(argv) == 0
+
+    def phase(call):
+        trainer, fold = call
+        if trainer == "refiners":
+            return "refiners"
+        if trainer == "nnUNetTrainer_table":
+            return "stock 0" if fold == 0 else "stock 1-4"
+        return "heads"
+    phases = []
+    for call in _OrderRecorder.calls:
+        if not phases or phases[-1] != phase(call):
+            phases.append(phase(call))
+    assert phases == expected
+    # (the heads' loop names stock again: its fold 0 is recorded done by then, and skipped)
+    assert list(dict.fromkeys(f for t, f in _OrderRecorder.calls if t == "nnUNetTrainer_table")) == (
+        [0] if "stock 1-4" not in expected else [0, 1, 2, 3, 4])
+    if "heads" in expected:  # every head at the equal budget, then its extra trainings
+        trained = [t for t, _ in _OrderRecorder.calls]
+        assert {f"{cls}_table" for _, cls in table.HEADS[1:]} <= set(trained)
+        assert "nnUNetTrainerMedSegDiff_table_plateau" in trained
