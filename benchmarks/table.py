@@ -713,8 +713,10 @@ def main(argv=None) -> int:
         # measured come first, so a run cut off for good (its machine lost) has measured the most it could
         for head, cls in heads:
             run.train(head, f"{cls}_{args.variant}")
+            run.measure_training(head, cls)
         for head, cls, variant, kind in run.extra_trainings():  # issue 33: own plateau, x0
             run.train(head, f"{cls}_{variant}", variant=variant, plateau=kind == "plateau")
+            run.measure_training(head, cls, variant, kind)
     if args.stock_folds_only or args.refiner != "off":
         for fold in range(1, 5):  # stock nnU-Net's 5-fold CV: all five feed the refiner's out-of-fold residuals
             run.train("nnunet", stock, fold)
@@ -728,16 +730,7 @@ def main(argv=None) -> int:
             print(refiner_markdown(run.refiner_result()))
             return 0
     table_uncertainty.train_second_stock(run)  # issue 34: the two-stock ensemble's second model
-    for head, cls in heads:
-        run.curve(head, f"{cls}_{args.variant}")
-    for head, cls, variant, _ in run.extra_trainings():
-        run.curve(head, f"{cls}_{variant}")
-    for head, cls in heads:
-        run.choose_default(head, cls, f"{cls}_{args.variant}")
-    for head, cls, variant, kind in run.extra_trainings():
-        if kind == "plateau":  # its own sampler sweep: a model trained longer may want another chain
-            run.choose_default(head, cls, f"{cls}_{variant}")
-    run.heldout()
+    run.heldout()  # measures nothing the loops above measured (each row is recorded in state.json as it is taken)
     table_uncertainty.measure(run)  # issue 34: uncertainty quality and ensembles at equal compute
     run.write()
     return 0
@@ -954,31 +947,43 @@ class TableRun:
 
     def heldout_settings(self) -> list[tuple[str, str, object]]:
         """(trainer, label, change) on the held-out cases: stock, NNDM with its refinement off, every head at its
-        chosen default."""
+        chosen default, then the issue-33 rows (:meth:`heldout_settings_of` each)."""
+        return [s for head, cls in self.heads for s in self.heldout_settings_of(head, cls, self.args.variant)] + [
+            s for head, cls, variant, kind in self.extra_trainings()
+            for s in self.heldout_settings_of(head, cls, variant, kind)]
+
+    def heldout_settings_of(self, head: str, cls: str, variant: str, kind: str | None = None
+                            ) -> list[tuple[str, str, object]]:
+        """(trainer, label, change) of one training on the held-out cases: stock as it is; a head at the equal
+        budget at its chosen default (NNDM also with its refinement off); a plateau row at the sampler chosen on its
+        own steps-accuracy curve; an x0 or in-sample row at its trainer config's own sampler."""
         from dataclasses import replace
-        out = []
-        for head, cls in self.heads:
-            trainer = f"{cls}_{self.args.variant}"
-            if not registry.head(head).diffusion:
-                out.append((trainer, "stock", None))
-                continue
+
+        from nnunet_diffusion.trainers import TRAINERS
+        trainer = f"{cls}_{variant}"
+        if not registry.head(head).diffusion:
+            return [(trainer, "stock", None)]
+        if kind in (None, "plateau"):
             c = heldout_choice(self.state.get(f"default {trainer}"))
             change = (lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"]))
-            if registry.head(head).refinement_toggle:
-                out.append((trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False)))
-            out.append((trainer, c["setting"], change))
-        from nnunet_diffusion.trainers import TRAINERS
-        for head, cls, variant, kind in self.extra_trainings():
-            trainer = f"{cls}_{variant}"
             if kind == "plateau":  # the sampler chosen on this model's own steps-accuracy curve
-                c = heldout_choice(self.state.get(f"default {trainer}"))
-                out.append((trainer, f"own plateau, {c['setting']}",
-                            lambda o, c=c: replace(o, sampler=c["sampler"], steps=c["steps"], samples=c["samples"])))
-            else:  # its trainer config's own sampler
-                o = TRAINERS[trainer].sampling_defaults()
-                label = "x0 (NOT the paper's)" if kind == "x0" else "in-sample residual maps"
-                out.append((trainer, f"{label}, {setting_label((o.sampler, o.steps, o.samples))}", None))
-        return out
+                return [(trainer, f"own plateau, {c['setting']}", change)]
+            off = [(trainer, "refinement off (its backbone)", lambda o: replace(o, refine=False))]
+            return (off if registry.head(head).refinement_toggle else []) + [(trainer, c["setting"], change)]
+        o = TRAINERS[trainer].sampling_defaults()
+        label = "x0 (NOT the paper's)" if kind == "x0" else "in-sample residual maps"
+        return [(trainer, f"{label}, {setting_label((o.sampler, o.steps, o.samples))}", None)]
+
+    def measure_training(self, head: str, cls: str, variant: str | None = None, kind: str | None = None) -> None:
+        """Everything the table measures of one training, as soon as it is trained: its curve, its sampler sweep
+        (equal-budget and plateau rows) and its held-out rows. The same measurements as measuring every training
+        at the end, so a run cut off for good has the trained heads' numbers in state.json."""
+        variant = variant or self.args.variant
+        trainer = f"{cls}_{variant}"
+        self.curve(head, trainer)
+        if kind in (None, "plateau"):
+            self.choose_default(head, cls, trainer)
+        self.heldout(self.heldout_settings_of(head, cls, variant, kind))
 
     def heldout(self, settings=None) -> None:
         """Every setting of ``settings`` (default :meth:`heldout_settings`: (trainer, label, change)) on the held-out

@@ -756,6 +756,9 @@ class _OrderRecorder:
     def refiner_trainings(self):
         _OrderRecorder.calls.append(("refiners", None))
 
+    def measure_training(self, head, cls, variant=None, kind=None):
+        _OrderRecorder.calls.append(("measure", f"{cls}_{variant or 'table'}"))
+
     def refiner_result(self):
         return None
 
@@ -776,6 +779,14 @@ def test_the_table_trains_stock_fold_0_then_the_heads_before_the_folds_only_the_
     _OrderRecorder.calls = []
     assert table.main(argv) == 0
 
+    measured = [c for c in _OrderRecorder.calls if c[0] == "measure"]
+    for i, (trainer, _) in enumerate(_OrderRecorder.calls):  # every head is measured as soon as it is trained
+        if trainer not in ("measure", "refiners", "nnUNetTrainer_table"):
+            assert _OrderRecorder.calls[i + 1] == ("measure", trainer)
+    if "heads" not in expected:
+        assert not measured
+    _OrderRecorder.calls = [c for c in _OrderRecorder.calls if c[0] != "measure"]
+
     def phase(call):
         trainer, fold = call
         if trainer == "refiners":
@@ -795,3 +806,30 @@ def test_the_table_trains_stock_fold_0_then_the_heads_before_the_folds_only_the_
         trained = [t for t, _ in _OrderRecorder.calls]
         assert {f"{cls}_table" for _, cls in table.HEADS[1:]} <= set(trained)
         assert "nnUNetTrainerMedSegDiff_table_plateau" in trained
+
+
+def test_heldout_settings_of_one_training_are_its_rows_of_the_whole_list(tmp_path):
+    from nnunet_diffusion.inference.options import SamplingOptions
+    chosen = {"setting": "ddim 10 steps x 1 samples", "sampler": "ddim", "steps": 10, "samples": 1, "cost": 10,
+              "dice": 80.0}
+    plateau = dict(chosen, setting="ddim 5 steps x 4 samples", steps=5, samples=4, cost=20)
+    run = _refiner_run(tmp_path, {"default nnUNetTrainerNNDM_table": {"rows": [chosen], "chosen": chosen,
+                                                                       "tolerance": 1.0},
+                                  "default nnUNetTrainerMedSegDiff_table_plateau": {
+                                      "rows": [plateau], "chosen": plateau, "tolerance": 1.0}})
+    run.heads = [("nnunet", "nnUNetTrainer"), ("nndm", "nnUNetTrainerNNDM")]
+    stock = run.heldout_settings_of("nnunet", "nnUNetTrainer", "table")
+    assert [(t, label, change) for t, label, change in stock] == [("nnUNetTrainer_table", "stock", None)]
+    nndm = run.heldout_settings_of("nndm", "nnUNetTrainerNNDM", "table")
+    assert [label for _, label, _ in nndm] == ["refinement off (its backbone)", "ddim 10 steps x 1 samples"]
+    o = SamplingOptions(sampler="ddpm", steps=100, samples=5)
+    assert nndm[0][2](o).refine is False
+    assert (nndm[1][2](o).sampler, nndm[1][2](o).steps, nndm[1][2](o).samples) == ("ddim", 10, 1)
+    own = run.heldout_settings_of("medsegdiff", "nnUNetTrainerMedSegDiff", "table_plateau", "plateau")
+    assert [(t, label) for t, label, _ in own] == [("nnUNetTrainerMedSegDiff_table_plateau",
+                                                     "own plateau, ddim 5 steps x 4 samples")]
+    x0 = run.heldout_settings_of("medsegdiff", "nnUNetTrainerMedSegDiff", "table_x0", "x0")
+    assert x0[0][1].startswith("x0 (NOT the paper's), ") and x0[0][2] is None
+    # the whole list is the heads' rows in order (the extra rows of these two heads: none is declared for NNDM)
+    assert [label for _, label, _ in run.heldout_settings()] == ["stock", "refinement off (its backbone)",
+                                                                  "ddim 10 steps x 1 samples"]
