@@ -278,28 +278,38 @@ def config_sentence(result: dict) -> str:
 
 BUSY_MARK = " ‡"
 BUSY_LOAD = 1.5
-"""A training whose load average at its end (1, 5 or 15 min) exceeded this x the machine's cores ran beside other
-work: the training itself keeps about one core per process busy (nnU-Net's and its augmentation worker's, load ~2 on
-2 cores), so more means something else shared the CPU and its wall time overstates a quiet run's."""
+"""A training whose load average exceeded this x the machine's cores ran beside other work: at its end (1, 5 or
+15 min), or during it (the 5-min load sampled as each epoch starts, every attempt of a resumed training; runs since
+2026-12-07 record it). The training itself keeps about one core per process busy (nnU-Net's and its augmentation
+worker's, load ~2 on 2 cores), so more means something else shared the CPU and its wall time overstates a quiet
+run's."""
 
 
 def busy(result: dict, b: dict) -> bool:
-    """Did the training recorded as ``b`` (a budget record with "load_average_after") end beside other work?"""
+    """Did the training recorded as ``b`` (a budget record with "load_average_after" and, in newer runs,
+    "load_average_5min_max") run beside other work?"""
     cores = result.get("cpu_count") or 2
-    return max(b.get("load_average_after") or [0]) > BUSY_LOAD * cores
+    return max((b.get("load_average_after") or []) + [b.get("load_average_5min_max") or 0]) > BUSY_LOAD * cores
 
 
 def busy_sentence(result: dict, trainings: dict | None = None) -> str:
     """The footnote of the wall times marked :data:`BUSY_MARK` ("" when none is): ``trainings`` ({trainer: budget
     record}, default the equal-budget table's ``result["budget"]``) that :func:`busy` finds, with their loads."""
     trainings = result.get("budget", {}) if trainings is None else trainings
-    parts = [f"{t} ({' / '.join(f'{x:g}' for x in b['load_average_after'])})"
-             for t, b in sorted(trainings.items()) if busy(result, b)]
+
+    def loads(b):
+        end = (f"{' / '.join(f'{x:g}' for x in b['load_average_after'])} at its end"
+               if b.get("load_average_after") else "")
+        during = (f"5-min load up to {b['load_average_5min_max']:g} during it"
+                  if b.get("load_average_5min_max") is not None else "")
+        return "; ".join(x for x in (end, during) if x)
+    parts = [f"{t} ({loads(b)})" for t, b in sorted(trainings.items()) if busy(result, b)]
     if not parts:
         return ""
-    return (f"{BUSY_MARK.strip()} trained beside other work: its load average (1 / 5 / 15 min) at its end exceeded "
-            f"{BUSY_LOAD:g} x the {result.get('cpu_count') or 2} cores, so its wall time overstates a quiet run's "
-            f"(the optimiser steps, and so the accuracy, are unaffected): {'; '.join(parts)}.")
+    return (f"{BUSY_MARK.strip()} trained beside other work: its load average (1 / 5 / 15 min) at its end, or its "
+            f"5-min load sampled at every epoch, exceeded {BUSY_LOAD:g} x the {result.get('cpu_count') or 2} cores, "
+            f"so its wall time overstates a quiet run's (the optimiser steps, and so the accuracy, are unaffected): "
+            f"{'; '.join(parts)}.")
 
 
 def markdown(result: dict) -> str:
@@ -858,16 +868,26 @@ class TableRun:
     def _run_training(self, trainer: str, fold, env: dict, epochs: int, tag: str, npz: bool = False):
         """``nnUNetv2_train`` of ``trainer`` on ``fold`` (resumed with ``--c`` from its last checkpoint; each attempt's
         log in logs/train_<trainer>[_fold<f>].<attempt>.log); returns its checkpoint_final.pth and the machine's load
-        average (1, 5, 15 min) before and after: wall times taken beside other work say so."""
+        average (1, 5, 15 min) before and after, and the highest 5-min load sampled as each epoch started (every
+        attempt's samples, kept in logs/<name>.<attempt>.loads.json as they are taken): wall times taken beside
+        other work say so."""
         from nnunet_diffusion.environment import train_fold
         fold_dir = self.model_folder(trainer) / f"fold_{fold}"
         name = f"train_{trainer}" + (f"_fold{fold}" if fold else "")
         attempt = len(list(self.logs.glob(f"{name}.*.log")))
         before = [round(x, 2) for x in os.getloadavg()]
+        samples, sidecar = [], self.logs / f"{name}.{attempt}.loads.json"
+
+        def sample():
+            samples.append(round(os.getloadavg()[1], 2))
+            sidecar.write_text(json.dumps(samples))
         train_fold(DATASET_ID, "3d_fullres", fold, trainer, fold_dir, env, self.logs / f"{name}.{attempt}.log", tag,
-                   epochs, self.args.device, npz=npz)
-        return fold_dir / "checkpoint_final.pth", {"load_average_before": before,
-                                                   "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+                   epochs, self.args.device, npz=npz, on_epoch=sample)
+        load = {"load_average_before": before, "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+        sampled = [x for f in self.logs.glob(f"{name}.*.loads.json") for x in json.loads(f.read_text())]
+        if sampled:
+            load["load_average_5min_max"] = max(sampled)
+        return fold_dir / "checkpoint_final.pth", load
 
     # -------------------------------------------------------------- measuring
     def _measure(self, key: str, trainer: str, cases: list[str], change=None, checkpoint="checkpoint_final.pth",

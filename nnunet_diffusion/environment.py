@@ -39,10 +39,10 @@ def environment_with_trainers(env: dict | None = None) -> dict:
 
 
 def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern: str | None = None,
-               initial: int = 0) -> float:
+               initial: int = 0, on_match=None) -> float:
     """Run ``cmd``, its output into ``log`` line by line (``tail -f`` shows what the bar does not, e.g. ReCoSeg's
     residual maps between two epochs), a progress bar (starting at ``initial``) advanced on every line matching
-    ``pattern``."""
+    ``pattern``, where ``on_match()`` (if given) is called too."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     regex = re.compile(pattern) if pattern else None
@@ -56,6 +56,8 @@ def run_logged(cmd, env, log: Path, desc: str, total: int | None = None, pattern
                 f.write(line)
                 if regex and regex.search(line):
                     bar.update(1)
+                    if on_match is not None:
+                        on_match()
             proc.wait()
         except BaseException:
             proc.kill()
@@ -80,11 +82,12 @@ def workdir_environment(workdir: Path) -> dict:
 
 
 def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Path, env: dict, log: Path, label: str,
-               epochs: int, device: str = "cpu", npz: bool = False) -> float | None:
+               epochs: int, device: str = "cpu", npz: bool = False, on_epoch=None) -> float | None:
     """``nnUNetv2_train`` of one fold with a progress bar per epoch, resumed (``--c``) from its
     checkpoint_latest.pth if an earlier run was interrupted; nothing (None) when ``fold_dir`` already holds
     checkpoint_final.pth. ``npz``: nnU-Net's ``--npz`` (the final validation also keeps each case's probabilities,
-    what a second stage trained on out-of-fold predictions reads). Returns the run's seconds."""
+    what a second stage trained on out-of-fold predictions reads). ``on_epoch()`` is called as each epoch starts.
+    Returns the run's seconds."""
     if (fold_dir / "checkpoint_final.pth").is_file():
         return None
     latest = fold_dir / "checkpoint_latest.pth"
@@ -95,4 +98,4 @@ def train_fold(dataset_id, configuration: str, fold, trainer: str, fold_dir: Pat
     return run_logged([BIN / "nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", device,
                        *(["--npz"] if npz else []), *(["--c"] if latest.is_file() else [])], env, log,
                       f"{label} nnUNetv2_train -tr {trainer}{' --c (resumed)' if latest.is_file() else ''}", epochs,
-                      r"Epoch \d+$", initial=done)
+                      r"Epoch \d+$", initial=done, on_match=on_epoch)

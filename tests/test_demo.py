@@ -168,7 +168,10 @@ def test_a_logged_run_counts_matching_lines_from_where_an_interrupted_run_stoppe
     from nnunet_diffusion.environment import run_logged
     log = tmp_path / "logs" / "run.log"
     cmd = [sys.executable, "-c", "print('Epoch 3'); print('train_loss 0.5'); print('Epoch 4')"]
-    assert run_logged(cmd, dict(os.environ), log, "resumed", total=5, pattern=r"Epoch \d+$", initial=3) >= 0
+    seen = []  # on_match: called once per matching line, as it arrives (the table samples the load there)
+    assert run_logged(cmd, dict(os.environ), log, "resumed", total=5, pattern=r"Epoch \d+$", initial=3,
+                      on_match=lambda: seen.append(log.read_text().splitlines()[-1])) >= 0
     assert log.read_text().splitlines() == ["Epoch 3", "train_loss 0.5", "Epoch 4"]
+    assert seen == ["Epoch 3", "Epoch 4"]
     bar = capsys.readouterr().err
     assert bar.lstrip("\r").startswith("resumed:  60%") and "5/5" in bar and "0/5" not in bar  # 3 + 2 lines

@@ -1,5 +1,6 @@
 """benchmarks/table.py's machinery on small made-up inputs: budget accounting, bootstrap interval, paired test and
 verdict, the default-choosing rule and resume. Expected values are worked out by hand in the comments."""
+import json
 import math
 import os
 from pathlib import Path
@@ -626,7 +627,7 @@ def test_refiner_section_scores_every_row_against_stock_fold_0(tmp_path):
     assert "| nnUNetTrainerNNDM_refiner_oof | refined" in text
     # stock's load 5.4 at its end on 2 cores: beside other work, marked; the refiners' 2.3 is not
     assert "2000 steps, 10 min ‡ |" in text and "‡ trained beside other work" in text
-    assert "nnUNetTrainer_table (5.4 / 5.2 / 4.6)." in text
+    assert "nnUNetTrainer_table (5.4 / 5.2 / 4.6 at its end)." in text
     assert "ET: better (+2.0, p=" in text and "| 2.00 | 2.00 |" in text
 
 
@@ -639,8 +640,37 @@ def test_a_training_that_ended_beside_other_work_is_marked():
     assert not table.busy(result, result["budget"]["c"])
     assert not table.busy(dict(result, cpu_count=4), result["budget"]["a"])  # 3.3 < 1.5 x 4
     text = table.busy_sentence(result)
-    assert "a (2.2 / 2.8 / 3.3)" in text and "b (" not in text
+    assert "a (2.2 / 2.8 / 3.3 at its end)" in text and "b (" not in text
     assert table.busy_sentence({"cpu_count": 2, "budget": {"b": result["budget"]["b"]}}) == ""
+    # a training that shared the CPU for a while but ended alone: the 5-min load sampled at each epoch marks it
+    d = {"load_average_after": [2.2, 2.3, 2.4], "load_average_5min_max": 3.6}
+    assert table.busy(result, d) and not table.busy(result, dict(d, load_average_5min_max=2.5))
+    text = table.busy_sentence({"cpu_count": 2, "budget": {"d": d}})
+    assert "d (2.2 / 2.3 / 2.4 at its end; 5-min load up to 3.6 during it)" in text
+
+
+def test_a_table_training_keeps_the_load_sampled_at_each_epoch_of_every_attempt(tmp_path, monkeypatch):
+    """_run_training samples the 5-min load as each epoch starts, into logs/<name>.<attempt>.loads.json as it goes
+    (an interrupted attempt keeps its samples), and records the highest of every attempt."""
+    import nnunet_diffusion.environment as environment
+    run = _refiner_run(tmp_path, {})
+    run.logs = tmp_path / "logs"
+    run.logs.mkdir()
+    run.args.device = "cpu"
+    run.model_folder = lambda trainer: tmp_path / trainer
+    (run.logs / "train_T.0.log").write_text("an interrupted attempt\n")
+    (run.logs / "train_T.0.loads.json").write_text("[3.9, 2.1]")
+    loads = iter([(2.0, 2.2, 2.0), (2.0, 2.4, 2.0), (2.0, 2.3, 2.0), (2.1, 2.3, 2.2)])
+    monkeypatch.setattr(table.os, "getloadavg", lambda: next(loads))
+
+    def fake_train_fold(*args, on_epoch=None, **kw):  # nnUNetv2_train is not what is tested: two epochs
+        on_epoch()
+        on_epoch()
+    monkeypatch.setattr(environment, "train_fold", fake_train_fold)
+    _, load = run._run_training("T", 0, {}, 2, "[t]")
+    assert json.loads((run.logs / "train_T.1.loads.json").read_text()) == [2.4, 2.3]
+    assert load == {"load_average_before": [2.0, 2.2, 2.0], "load_average_after": [2.1, 2.3, 2.2],
+                    "load_average_5min_max": 3.9}
 
 
 def test_refiner_section_is_absent_until_every_row_is_measured(tmp_path):
